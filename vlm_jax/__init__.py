@@ -1,0 +1,32 @@
+"""vlm_jax: PaliGemma-style vision-language models in JAX. Entry point: `vlm_jax.load(path)`."""
+import os
+
+from vlm_jax.api import Model
+
+__all__ = ["Model", "load"]
+
+
+def load(path: str, dtype: str | None = None, config: str | None = None) -> Model:
+  """Loads a model from a HuggingFace PaliGemma directory, a big_vision `.npz` (with `config`, a model config
+  name such as "paligemma_3b_224"), or a vlm_jax checkpoint directory. `dtype` (float32 | bfloat16) sets
+  both the stored params and the compute dtype; by default params keep float32 computation.
+  """
+  from vlm_jax import checkpoint
+  from vlm_jax.convert import big_vision, hf
+  from vlm_jax.models.registry import get_model_config
+  named = get_model_config(config) if config else None
+  if os.path.isfile(path) and path.endswith(".npz"):
+    if named is None:
+      raise ValueError(f"{path} is a big_vision .npz: pass config=NAME (e.g. 'paligemma_3b_224').")
+    cfg, params, tok = named, big_vision.load(path, named), None
+  elif checkpoint.is_model_dir(path):
+    cfg, params, tok = checkpoint.load_model(path, named)
+  elif os.path.isfile(os.path.join(path, "config.json")):
+    cfg, params, tok = hf.load(path, named)
+  elif not os.path.exists(path):
+    raise FileNotFoundError(f"No such file or directory: {path}")
+  else:
+    raise ValueError(f"{path} is neither a HF PaliGemma directory (config.json + *.safetensors), a vlm_jax "
+                     "checkpoint (vlm_config.json + params/) nor a big_vision .npz file.")
+  model = Model(cfg, params, tok)
+  return model.with_dtype(dtype) if dtype else model

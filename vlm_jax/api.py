@@ -1,0 +1,124 @@
+"""`Model`: a config, its params and (optionally) a tokenizer, with jitted logits / generation / saving."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax import decode as decode_lib
+from vlm_jax.data.image import to_model_input
+from vlm_jax.models.vlm import PaliGemma, VLMConfig
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _logits(cfg, params, images, tokens, mask_ar, mask_input):
+  return PaliGemma(cfg).apply(params, images, tokens, mask_ar, mask_input)
+
+
+def _check_batch(name, x, ndim, batch=None):
+  x = np.asarray(x)
+  if x.ndim != ndim:
+    raise ValueError(f"{name} must have rank {ndim}, got shape {x.shape}.")
+  if batch is not None and x.shape[0] != batch:
+    raise ValueError(f"{name} has batch size {x.shape[0]}, expected {batch}.")
+  return x
+
+
+class Model:
+  """A loaded vision-language model. Params are a pytree {"params": {"img": ..., "llm": ...}}."""
+
+  def __init__(self, config: VLMConfig, params, tokenizer=None):
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+
+  @property
+  def image_size(self) -> int:
+    return self.config.img.image_size
+
+  def with_dtype(self, dtype: str) -> "Model":
+    """The same model with params stored and computed in `dtype` (float32 | bfloat16)."""
+    cfg = dataclasses.replace(self.config, img=dataclasses.replace(self.config.img, dtype=dtype),
+                              llm=dataclasses.replace(self.config.llm, dtype=dtype))
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), self.params)
+    return Model(cfg, params, self.tokenizer)
+
+  def _images(self, images, batch):
+    if images is None:
+      return None
+    if isinstance(images, (np.ndarray, jax.Array)) and np.asarray(images).dtype != np.uint8:
+      images = _check_batch("images", images, 4, batch)
+      if images.shape[1:] == (self.image_size, self.image_size, 3):
+        return jnp.asarray(images, jnp.float32)
+    out = to_model_input(images, self.image_size)
+    if out.shape[0] != batch:
+      raise ValueError(f"images has batch size {out.shape[0]}, expected {batch}.")
+    return jnp.asarray(out)
+
+  def logits(self, images, tokens, mask_ar, mask_input=None):
+    """float32 [B,T,V] logits of the text positions (image tokens come first and are not returned)."""
+    tokens = _check_batch("tokens", tokens, 2)
+    b = tokens.shape[0]
+    mask_ar = _check_batch("mask_ar", mask_ar, 2, b)
+    if mask_ar.shape != tokens.shape:
+      raise ValueError(f"mask_ar shape {mask_ar.shape} != tokens shape {tokens.shape}.")
+    if mask_input is None:
+      mask_input = np.ones_like(tokens)
+    return _logits(self.config, self.params, self._images(images, b), jnp.asarray(tokens, jnp.int32),
+                   jnp.asarray(mask_ar, jnp.int32), jnp.asarray(mask_input, jnp.int32))
+
+  def generate_ids(self, images, prefix_tokens, max_new_tokens: int = 32, prefix_mask=None, *, sampler="greedy",
+                   temperature=None, top_k=0, top_p=1.0, seed=0, eos_id=None, pad_id=None, logits_mask=None):
+    """int32 [B, max_new_tokens] continuations of the text prefixes, pad after EOS.
+
+    prefix_tokens: int32 [B,T] (BOS, prompt, separator), right-padded; prefix_mask marks the real tokens
+    (default: tokens != pad). sampler "greedy" | "sample" (with temperature, top_k, top_p, seed).
+    """
+    prefix_tokens = _check_batch("prefix_tokens", prefix_tokens, 2)
+    pad_id = self._special("pad_id", 0) if pad_id is None else pad_id
+    eos_id = self._special("eos_id", 1) if eos_id is None else eos_id
+    if prefix_mask is None:
+      prefix_mask = prefix_tokens != pad_id
+    prefix_mask = _check_batch("prefix_mask", prefix_mask, 2, prefix_tokens.shape[0])
+    if not np.all(prefix_mask.sum(-1) > 0):
+      raise ValueError("every row needs at least one prefix token (e.g. BOS).")
+    kw = {} if temperature is None else {"temperature": temperature}
+    sampling = decode_lib.Sampling.make(sampler, top_k=top_k, top_p=top_p, **kw)
+    return decode_lib.decode(
+        self.config, self.params, self._images(images, prefix_tokens.shape[0]),
+        jnp.asarray(prefix_tokens, jnp.int32), jnp.asarray(prefix_mask, jnp.int32), jax.random.key(seed),
+        max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
+        logits_mask_V=None if logits_mask is None else jnp.asarray(logits_mask, bool))
+
+  def generate(self, images, prompts, max_new_tokens: int = 32, **sampling) -> list[str]:
+    """Decoded strings for a batch of images (arrays or PIL images, any size/mode) and prompts."""
+    tok = self._require_tokenizer()
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    rows = [tok.encode_prefix(p) for p in prompts]
+    width = max(len(r) for r in rows)
+    prefix = np.full((len(rows), width), tok.pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+      prefix[i, :len(r)], mask[i, :len(r)] = r, 1
+    ids = self.generate_ids(images, prefix, max_new_tokens, prefix_mask=mask, **sampling)
+    return [tok.decode(row) for row in np.asarray(ids)]
+
+  def _special(self, name, default):
+    return getattr(self.tokenizer, name) if self.tokenizer is not None else default
+
+  def _require_tokenizer(self):
+    if self.tokenizer is None:
+      raise ValueError("This model has no tokenizer: load one with a tokenizer.model, or use generate_ids.")
+    return self.tokenizer
+
+  def save(self, out_dir: str):
+    """A vlm_jax checkpoint directory (config JSON, Orbax params, tokenizer model if any)."""
+    from vlm_jax import checkpoint
+    checkpoint.save_model(out_dir, self.config, self.params, self.tokenizer)
+
+  def save_hf(self, out_dir: str, dtype: str | None = None):
+    """A HuggingFace PaliGemmaForConditionalGeneration directory with the same logits."""
+    from vlm_jax.convert import hf
+    hf.save(out_dir, self.config, self.params, self.tokenizer, dtype=dtype)

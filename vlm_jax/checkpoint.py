@@ -1,0 +1,72 @@
+"""vlm_jax model checkpoints: `vlm_config.json` + Orbax `params/` (+ `tokenizer.model`), written atomically."""
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vlm_jax import treeutil
+from vlm_jax.models.registry import config_from_dict, config_to_dict
+
+CONFIG_FILE = "vlm_config.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def is_model_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "params"))
+
+
+def save_model(out_dir: str, config, params, tokenizer=None):
+  """Writes into a temporary sibling directory, then renames: a crash never leaves half a checkpoint."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory.")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir), dir=parent)
+  try:
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(config_to_dict(config), f, indent=2)
+    if tokenizer is not None:
+      with open(os.path.join(tmp, TOKENIZER_FILE), "wb") as f:
+        f.write(tokenizer.model_bytes())
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "params"), params)
+      ckptr.wait_until_finished()
+    if os.path.exists(out_dir):
+      os.rmdir(out_dir)
+    os.replace(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_config(path: str):
+  file = os.path.join(path, CONFIG_FILE)
+  try:
+    with open(file) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file}: malformed JSON ({e}).") from e
+  return config_from_dict(d, source=file)
+
+
+def load_model(path: str, config=None, dtype: str | None = None):
+  """(config, params, tokenizer-or-None) from a `save_model` directory, params cast to `dtype` if given."""
+  from vlm_jax.models.vlm import init_params
+  from vlm_jax.tokenizer import Tokenizer
+  path = os.path.abspath(path)
+  config = config or load_config(path)
+  expected = jax.eval_shape(lambda: init_params(config))
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(os.path.join(path, "params"))
+    found = treeutil.flatten(getattr(meta, "item_metadata", meta) or {})
+    treeutil.check_shapes(treeutil.flatten(expected), {k: np.empty(v.shape, np.int8) for k, v in found.items()},
+                          f"checkpoint {path}")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), expected)
+    params = ckptr.restore(os.path.join(path, "params"), target)
+  tok_file = os.path.join(path, TOKENIZER_FILE)
+  return config, params, Tokenizer(tok_file) if os.path.isfile(tok_file) else None
+

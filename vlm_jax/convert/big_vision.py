@@ -1,0 +1,47 @@
+"""big_vision `.npz` checkpoints: flat "/"-joined keys (`params/img/...` or `img/...`), layers stacked on axis 0.
+
+Our param names mirror big_vision's, so import is a rename-free load plus two fixes: bfloat16 arrays come
+back from numpy as void (itemsize 2) and are viewed as bfloat16 again, and the `params/` prefix is optional.
+"""
+import os
+import zipfile
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from vlm_jax import treeutil
+from vlm_jax.progress import progress
+
+
+def recover_dtype(a: np.ndarray) -> np.ndarray:
+  """numpy saves bfloat16 as void of itemsize 2: view it back as bfloat16."""
+  if a.dtype.type is np.void and a.dtype.itemsize == 2:
+    return a.view(ml_dtypes.bfloat16)
+  return a
+
+
+def read_npz(path: str) -> dict:
+  """{name without 'params/': array} from a big_vision .npz, with a clear error for a broken file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No such checkpoint file: {path}")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      names = list(npz.files)
+      out = {}
+      for name in progress(names, desc=f"reading {os.path.basename(path)}", total_bytes=os.path.getsize(path)):
+        out[name.removeprefix("params/")] = recover_dtype(npz[name])
+  except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+    raise ValueError(f"{path} is not a readable .npz checkpoint (truncated or corrupt?): {e}") from e
+  return out
+
+
+def load(path: str, config, dtype: str | None = None):
+  """Params {"params": {...}} for `config` from a big_vision .npz, checked key by key against the model."""
+  from vlm_jax.models.vlm import init_params
+  flat = read_npz(path)
+  expected = treeutil.flatten(jax.eval_shape(lambda: init_params(config))["params"])
+  treeutil.check_shapes(expected, flat, f"big_vision checkpoint {path}")
+  flat = {k: np.asarray(v, dtype or expected[k].dtype) for k, v in flat.items()}
+  return {"params": treeutil.unflatten(flat)}
+

@@ -1,0 +1,337 @@
+"""HuggingFace `PaliGemmaForConditionalGeneration` directories <-> vlm_jax params.
+
+HF stores one tensor per layer in PyTorch layouts ([out, in] linears, [D,3,p,p] convs); we stack layers on
+axis 0 in big_vision's layouts. Every rule below is an exact reshape/transpose, so a round trip is
+bit-identical. Key prefixes differ between transformers versions and the hub files
+(`model.vision_tower.` / `vision_tower.vision_model.` / `language_model.model.`); `canonical_name` maps them
+all onto one layout before conversion.
+"""
+import glob
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from vlm_jax import treeutil
+from vlm_jax.convert import safetensors_io
+from vlm_jax.models.gemma import GemmaConfig
+from vlm_jax.models.vit import ViTConfig
+from vlm_jax.models.vlm import VLMConfig
+
+V = "vision_tower."
+T = "language_model."
+# HF config fields with no safe default: a config.json without them is rejected, naming the field.
+REQUIRED_TEXT = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size")
+REQUIRED_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_fast", "gelu_new")
+
+
+def canonical_name(name: str) -> str:
+  for old, new in (("model.", ""), ("vision_tower.vision_model.", V), ("language_model.model.", T),
+                   ("language_model.lm_head.", "lm_head.")):
+    if name.startswith(old):
+      name = new + name[len(old):]
+  return name
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> VLMConfig:
+  """Our model config from a PaliGemma config.json dict (HF defaults for the fields HF may omit)."""
+  if hf.get("model_type", "paligemma") != "paligemma":
+    raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not 'paligemma'.")
+  for part, required in (("text_config", REQUIRED_TEXT), ("vision_config", REQUIRED_VISION)):
+    if not isinstance(hf.get(part), dict):
+      raise ValueError(f"{source}: missing field '{part}'.")
+    if missing := [k for k in required if k not in hf[part]]:
+      raise ValueError(f"{source}: missing field(s) {', '.join(part + '.' + k for k in missing)}.")
+  t, v = hf["text_config"], hf["vision_config"]
+  text_type = t.get("model_type", "gemma")
+  if text_type not in ("gemma", "gemma2"):
+    raise ValueError(f"{source}: text_config.model_type {text_type!r} is not supported (gemma, gemma2).")
+  if v.get("vision_use_head", False):
+    raise ValueError(f"{source}: vision_config.vision_use_head=true is not a PaliGemma vision tower.")
+  act = t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh"
+  if act not in GELU_TANH:
+    raise ValueError(f"{source}: text_config activation {act!r} is not tanh-GELU.")
+  gemma2 = text_type == "gemma2"
+  rope = (t.get("rope_parameters") or {}).get("rope_theta", t.get("rope_theta", 10000.0))
+  sliding = None
+  if gemma2:
+    n_layers = t["num_hidden_layers"]
+    layer_types = t.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                           for i in range(n_layers)]
+    alternating = [("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(n_layers)]
+    if layer_types == alternating:
+      sliding = t.get("sliding_window", 4096)
+    elif any(lt != "full_attention" for lt in layer_types):
+      raise ValueError(f"{source}: text_config.layer_types {layer_types} is neither alternating nor all global.")
+  width = t["hidden_size"]
+  if hf.get("projection_dim", width) != width:
+    raise ValueError(f"{source}: projection_dim {hf['projection_dim']} != text hidden_size {width}.")
+  llm = GemmaConfig(
+      width=width, depth=t["num_hidden_layers"], mlp_dim=t["intermediate_size"],
+      num_heads=t["num_attention_heads"], num_kv_heads=t["num_key_value_heads"],
+      head_dim=t.get("head_dim", 256), vocab_size=t["vocab_size"], rope_base=float(rope),
+      norm_eps=t.get("rms_norm_eps", 1e-6),
+      query_pre_attn_scalar=t.get("query_pre_attn_scalar", 256) if gemma2 else None,
+      attn_logits_softcap=t.get("attn_logit_softcapping", 50.0) if gemma2 else None,
+      final_logits_softcap=t.get("final_logit_softcapping", 30.0) if gemma2 else None,
+      post_norms=gemma2, sliding_window=sliding)
+  img = ViTConfig(width=v["hidden_size"], depth=v["num_hidden_layers"], mlp_dim=v["intermediate_size"],
+                  num_heads=v["num_attention_heads"], patch_size=v["patch_size"],
+                  image_size=v.get("image_size", 224), layernorm_eps=v.get("layer_norm_eps", 1e-6),
+                  pool="none", head_dim_out=width)
+  return VLMConfig(img=img, llm=llm, name=hf.get("_name_or_path", ""))
+
+
+def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> dict:
+  img, llm = cfg.img, cfg.llm
+  if img.pool != "none":
+    raise ValueError(f"HF PaliGemma has no pooled vision tower; this model uses pool={img.pool!r}.")
+  gemma2 = llm.post_norms
+  text = {
+      "model_type": "gemma2" if gemma2 else "gemma", "hidden_size": llm.width, "intermediate_size": llm.mlp_dim,
+      "num_hidden_layers": llm.depth, "num_attention_heads": llm.num_heads,
+      "num_key_value_heads": llm.num_kv_heads, "head_dim": llm.head_dim, "vocab_size": llm.vocab_size,
+      "rms_norm_eps": llm.norm_eps, "rope_parameters": {"rope_theta": llm.rope_base, "rope_type": "default"},
+      "hidden_activation" if gemma2 else "hidden_act": "gelu_pytorch_tanh", "num_image_tokens": img.num_patches,
+      "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
+      "max_position_embeddings": 8192, "attention_bias": False,
+  }
+  if gemma2:
+    text.update(query_pre_attn_scalar=llm.query_pre_attn_scalar or llm.head_dim,
+                attn_logit_softcapping=llm.attn_logits_softcap, final_logit_softcapping=llm.final_logits_softcap,
+                sliding_window=llm.sliding_window or 4096,
+                layer_types=[("sliding_attention" if llm.sliding_window and i % 2 == 0 else "full_attention")
+                             for i in range(llm.depth)])
+  elif llm.attn_logits_softcap or llm.final_logits_softcap or llm.sliding_window or llm.query_pre_attn_scalar:
+    raise ValueError("Gemma 2 features (soft-caps, sliding window, query_pre_attn_scalar) need post_norms=True "
+                     "to be expressed as a HF gemma2 text config.")
+  vision = {"model_type": "siglip_vision_model", "hidden_size": img.width, "intermediate_size": img.mlp_dim,
+            "num_hidden_layers": img.depth, "num_attention_heads": img.num_heads, "patch_size": img.patch_size,
+            "image_size": img.image_size, "layer_norm_eps": img.layernorm_eps, "hidden_act": "gelu_pytorch_tanh",
+            "num_image_tokens": img.num_patches, "projection_dim": llm.width, "vision_use_head": False}
+  return {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
+          "text_config": text, "vision_config": vision, "projection_dim": llm.width, "hidden_size": llm.width,
+          "image_token_index": llm.vocab_size, "vocab_size": llm.vocab_size, "tie_word_embeddings": True,
+          "dtype": dtype}
+
+
+# ---------------------------------------------------------------------------------------------- params
+
+
+def _stack(fn, n):
+  return np.stack([fn(i) for i in range(n)])
+
+
+def params_from_hf(sd: dict, cfg: VLMConfig) -> dict:
+  """Flat {"img/...": array} params from canonical-named HF tensors (numpy, any float dtype)."""
+  img, llm = cfg.img, cfg.llm
+  n, k, h, d = llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.width
+  nv, dv = img.num_heads, img.width
+  get = sd.__getitem__
+  vl = lambda i, name: get(f"{V}encoder.layers.{i}.{name}")
+  tl = lambda i, name: get(f"{T}layers.{i}.{name}")
+  enc = "img/Transformer/encoderblock/"
+  out = {
+      "img/embedding/kernel": get(V + "embeddings.patch_embedding.weight").transpose(2, 3, 1, 0),
+      "img/embedding/bias": get(V + "embeddings.patch_embedding.bias"),
+      "img/pos_embedding": get(V + "embeddings.position_embedding.weight")[None],
+      "img/Transformer/encoder_norm/scale": get(V + "post_layernorm.weight"),
+      "img/Transformer/encoder_norm/bias": get(V + "post_layernorm.bias"),
+      "img/head/kernel": get("multi_modal_projector.linear.weight").T,
+      "img/head/bias": get("multi_modal_projector.linear.bias"),
+      "llm/embedder/input_embedding": get(T + "embed_tokens.weight"),
+      "llm/final_norm/scale": get(T + "norm.weight"),
+  }
+  for ours, theirs in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
+    out[f"{enc}{ours}/scale"] = _stack(lambda i: vl(i, f"{theirs}.weight"), img.depth)
+    out[f"{enc}{ours}/bias"] = _stack(lambda i: vl(i, f"{theirs}.bias"), img.depth)
+  mha = enc + "MultiHeadDotProductAttention_0/"
+  for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+    out[f"{mha}{ours}/kernel"] = _stack(lambda i: vl(i, f"self_attn.{theirs}.weight").T.reshape(dv, nv, -1),
+                                        img.depth)
+    out[f"{mha}{ours}/bias"] = _stack(lambda i: vl(i, f"self_attn.{theirs}.bias").reshape(nv, -1), img.depth)
+  out[mha + "out/kernel"] = _stack(lambda i: vl(i, "self_attn.out_proj.weight").T.reshape(nv, -1, dv), img.depth)
+  out[mha + "out/bias"] = _stack(lambda i: vl(i, "self_attn.out_proj.bias"), img.depth)
+  for ours, theirs in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+    out[f"{enc}MlpBlock_0/{ours}/kernel"] = _stack(lambda i: vl(i, f"mlp.{theirs}.weight").T, img.depth)
+    out[f"{enc}MlpBlock_0/{ours}/bias"] = _stack(lambda i: vl(i, f"mlp.{theirs}.bias"), img.depth)
+
+  heads = lambda w, m: w.reshape(m, h, d).transpose(0, 2, 1)  # [m*h, d] -> [m, d, h]
+  lay = "llm/layers/"
+  q = _stack(lambda i: heads(tl(i, "self_attn.q_proj.weight"), n), llm.depth)
+  kv = _stack(lambda i: np.stack([heads(tl(i, "self_attn.k_proj.weight"), k),
+                                  heads(tl(i, "self_attn.v_proj.weight"), k)]), llm.depth)
+  if n == k:
+    out[lay + "attn/qkv_einsum/w"] = np.concatenate([q[:, None], kv], axis=1)
+  else:
+    out[lay + "attn/q_einsum/w"], out[lay + "attn/kv_einsum/w"] = q, kv
+  out[lay + "attn/attn_vec_einsum/w"] = _stack(lambda i: tl(i, "self_attn.o_proj.weight").T.reshape(n, h, d),
+                                               llm.depth)
+  out[lay + "mlp/gating_einsum"] = _stack(lambda i: np.stack([tl(i, "mlp.gate_proj.weight").T,
+                                                              tl(i, "mlp.up_proj.weight").T]), llm.depth)
+  out[lay + "mlp/linear"] = _stack(lambda i: tl(i, "mlp.down_proj.weight").T, llm.depth)
+  for ours, theirs in _norm_names(llm):
+    out[f"{lay}{ours}/scale"] = _stack(lambda i: tl(i, f"{theirs}.weight"), llm.depth)
+  return out
+
+
+def _norm_names(llm: GemmaConfig):
+  """(ours, HF) per-layer norm names; HF's Gemma 1 `post_attention_layernorm` is the pre-FFW norm."""
+  if llm.post_norms:
+    return (("pre_attention_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+            ("pre_ffw_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm"))
+  return (("pre_attention_norm", "input_layernorm"), ("pre_ffw_norm", "post_attention_layernorm"))
+
+
+def params_to_hf(flat: dict, cfg: VLMConfig) -> dict:
+  """Inverse of `params_from_hf`: HF state-dict names (`model.` prefix) -> numpy arrays."""
+  img, llm = cfg.img, cfg.llm
+  n, k, h, d = llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.width
+  dv = img.width
+  out = {
+      V + "embeddings.patch_embedding.weight": flat["img/embedding/kernel"].transpose(3, 2, 0, 1),
+      V + "embeddings.patch_embedding.bias": flat["img/embedding/bias"],
+      V + "embeddings.position_embedding.weight": flat["img/pos_embedding"][0],
+      V + "post_layernorm.weight": flat["img/Transformer/encoder_norm/scale"],
+      V + "post_layernorm.bias": flat["img/Transformer/encoder_norm/bias"],
+      "multi_modal_projector.linear.weight": flat["img/head/kernel"].T,
+      "multi_modal_projector.linear.bias": flat["img/head/bias"],
+      T + "embed_tokens.weight": flat["llm/embedder/input_embedding"],
+      T + "norm.weight": flat["llm/final_norm/scale"],
+  }
+  enc = "img/Transformer/encoderblock/"
+  mha = enc + "MultiHeadDotProductAttention_0/"
+  for i in range(img.depth):
+    p = f"{V}encoder.layers.{i}."
+    for ours, theirs in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
+      out[p + theirs + ".weight"] = flat[f"{enc}{ours}/scale"][i]
+      out[p + theirs + ".bias"] = flat[f"{enc}{ours}/bias"][i]
+    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+      out[f"{p}self_attn.{theirs}.weight"] = flat[f"{mha}{ours}/kernel"][i].reshape(dv, dv).T
+      out[f"{p}self_attn.{theirs}.bias"] = flat[f"{mha}{ours}/bias"][i].reshape(dv)
+    out[p + "self_attn.out_proj.weight"] = flat[mha + "out/kernel"][i].reshape(dv, dv).T
+    out[p + "self_attn.out_proj.bias"] = flat[mha + "out/bias"][i]
+    for ours, theirs in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+      out[f"{p}mlp.{theirs}.weight"] = flat[f"{enc}MlpBlock_0/{ours}/kernel"][i].T
+      out[f"{p}mlp.{theirs}.bias"] = flat[f"{enc}MlpBlock_0/{ours}/bias"][i]
+
+  lay = "llm/layers/"
+  if n == k:
+    qkv = flat[lay + "attn/qkv_einsum/w"]
+    q, kv = qkv[:, 0], qkv[:, 1:]
+  else:
+    q, kv = flat[lay + "attn/q_einsum/w"], flat[lay + "attn/kv_einsum/w"]
+  unheads = lambda w: w.transpose(0, 2, 1).reshape(-1, d)  # [m, d, h] -> [m*h, d]
+  for i in range(llm.depth):
+    p = f"{T}layers.{i}."
+    out[p + "self_attn.q_proj.weight"] = unheads(q[i])
+    out[p + "self_attn.k_proj.weight"] = unheads(kv[i, 0])
+    out[p + "self_attn.v_proj.weight"] = unheads(kv[i, 1])
+    out[p + "self_attn.o_proj.weight"] = flat[lay + "attn/attn_vec_einsum/w"][i].reshape(n * h, d).T
+    out[p + "mlp.gate_proj.weight"] = flat[lay + "mlp/gating_einsum"][i, 0].T
+    out[p + "mlp.up_proj.weight"] = flat[lay + "mlp/gating_einsum"][i, 1].T
+    out[p + "mlp.down_proj.weight"] = flat[lay + "mlp/linear"][i].T
+    for ours, theirs in _norm_names(llm):
+      out[f"{p}{theirs}.weight"] = flat[f"{lay}{ours}/scale"][i]
+  return {"model." + name: a for name, a in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def read_config(path: str) -> VLMConfig:
+  file = os.path.join(path, "config.json")
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{path} has no config.json: not a HuggingFace model directory.")
+  try:
+    with open(file) as f:
+      hf = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file}: malformed JSON ({e}).") from e
+  return config_from_hf(hf, source=file)
+
+
+def read_tensors(path: str) -> dict:
+  """All tensors of a HF directory (single file or sharded with an index), canonical names."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+    files = [os.path.join(path, fn) for fn in files]
+  else:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  if not files:
+    raise FileNotFoundError(f"{path} has no *.safetensors files.")
+  tensors = {}
+  for fn in files:
+    if not os.path.isfile(fn):
+      raise FileNotFoundError(f"{fn} is listed in {index} but missing.")
+    tensors.update(safetensors_io.read(fn))
+  return {canonical_name(k): v for k, v in tensors.items()}
+
+
+def load(path: str, config: VLMConfig | None = None, dtype: str | None = None):
+  """(config, params, tokenizer-or-None) from a HF PaliGemma directory; shapes checked key by key."""
+  from vlm_jax.models.vlm import init_params
+  from vlm_jax.tokenizer import Tokenizer
+  config = config or read_config(path)
+  sd = read_tensors(path)
+  template = treeutil.flatten(jax.eval_shape(lambda: init_params(config))["params"])
+  expected_hf = jax.eval_shape(lambda flat: params_to_hf(flat, config), template)
+  expected_hf = {canonical_name(k): v for k, v in expected_hf.items()}
+  lm_head = sd.pop("lm_head.weight", None)
+  if lm_head is not None and not np.array_equal(lm_head, sd.get(T + "embed_tokens.weight")):
+    raise ValueError(f"{path}: lm_head.weight differs from the input embedding; only tied heads are supported.")
+  treeutil.check_shapes(expected_hf, sd, f"HF checkpoint {path}")
+  flat = params_from_hf(sd, config)
+  params = {k: np.asarray(v, dtype or template[k].dtype) for k, v in flat.items()}
+  tok_file = os.path.join(path, "tokenizer.model")
+  return config, {"params": treeutil.unflatten(params)}, Tokenizer(tok_file) if os.path.isfile(tok_file) else None
+
+
+def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | None = None,
+         max_shard_bytes: int = 4 << 30):
+  """Writes config.json, (sharded) model.safetensors and tokenizer files into `out_dir`."""
+  dtype = dtype or config.llm.dtype
+  flat = {k: np.asarray(jax.device_get(v)) for k, v in treeutil.flatten(params["params"]).items()}
+  tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in params_to_hf(flat, config).items()}
+  os.makedirs(out_dir, exist_ok=True)
+  shards, current, size = [], {}, 0
+  for name, a in tensors.items():
+    if current and size + a.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = a
+    size += a.nbytes
+  shards.append(current)
+  meta = {"format": "pt"}
+  if len(shards) == 1:
+    safetensors_io.write(os.path.join(out_dir, "model.safetensors"), shards[0], meta)
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      safetensors_io.write(os.path.join(out_dir, fn), shard, meta)
+      weight_map.update({name: fn for name in shard})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map},
+                f, indent=2)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config_to_hf(config, dtype), f, indent=2)
+  special = {"pad": 0, "eos": 1, "bos": 2}
+  if tokenizer is not None:
+    special = {"pad": tokenizer.pad_id, "eos": tokenizer.eos_id, "bos": tokenizer.bos_id}
+  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+    json.dump({f"{k}_token_id": v for k, v in special.items()}, f, indent=2)
+  if tokenizer is not None:
+    shutil.copyfile(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                 **{f"{k}_token": tokenizer.sp.IdToPiece(v) for k, v in special.items()}}, f, indent=2)

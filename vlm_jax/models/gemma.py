@@ -1,0 +1,216 @@
+"""Gemma 1 and Gemma 2 decoders, layers stacked with `nn.scan`, with an optional KV cache.
+
+Param names follow big_vision's `models/ppp/gemma.py` (`embedder/input_embedding`, `layers/attn/q_einsum/w`,
+...). Axis letters: B batch, T query length, S key length, D width, N query heads, K kv heads,
+G query heads per kv head, H head dim, F mlp width, V vocab, L layers.
+
+The cache is a plain dict {"k": [L,B,S,K,H], "v": [L,B,S,K,H]}; new keys and values are written at one
+shared slot index for the whole batch (`cache_index`), and which slots a query may see is given by the mask,
+so rows of different lengths share one cache.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.vit import remat_block
+
+NEG_INF = -2.3819763e38  # big_vision's mask value: finite, so a fully masked row gives no NaN.
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  vocab_size: int = 257152
+  query_pre_attn_scalar: float | None = None  # None: head_dim
+  attn_logits_softcap: float | None = None
+  final_logits_softcap: float | None = None
+  post_norms: bool = False  # Gemma 2's post-attention and post-ffw norms
+  sliding_window: int | None = None  # Gemma 2 local layers (even indices) see the last `sliding_window` keys.
+  rope_base: float = 10_000.0
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  remat: str = "none"
+
+  @property
+  def query_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+
+VARIANTS = {
+    "gemma_2b": dict(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1, head_dim=256),
+    "gemma_7b": dict(width=3072, depth=28, mlp_dim=24576, num_heads=16, num_kv_heads=16, head_dim=256),
+    **{name: dict(kw, attn_logits_softcap=50.0, final_logits_softcap=30.0, post_norms=True) for name, kw in {
+        "gemma2_2b": dict(width=2304, depth=26, mlp_dim=9216, num_heads=8, num_kv_heads=4, head_dim=256),
+        "gemma2_9b": dict(width=3584, depth=42, mlp_dim=14336, num_heads=16, num_kv_heads=8, head_dim=256),
+        "gemma2_27b": dict(width=4608, depth=46, mlp_dim=36864, num_heads=32, num_kv_heads=16, head_dim=128,
+                           query_pre_attn_scalar=4608 / 32),
+    }.items()},
+}
+
+
+def gemma_config(variant: str, **kw) -> GemmaConfig:
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown Gemma variant {variant!r}; known: {sorted(VARIANTS)}.")
+  return GemmaConfig(**{**VARIANTS[variant], **kw})
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
+    var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    normed = x.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
+    return (normed * (1 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x_BTNH, positions_BT, base):
+  """Rotary embedding, split-half convention (first half of H pairs with the second)."""
+  h = x_BTNH.shape[-1]
+  freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angle_BTh = positions_BT[..., None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle_BTh)[:, :, None], jnp.cos(angle_BTh)[:, :, None]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+def softcap(x, cap):
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class Attention(nn.Module):
+  cfg: GemmaConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
+    init = nn.initializers.normal(stddev=d ** -0.5)
+    if n == k:  # big_vision stores one fused projection when heads are not grouped.
+      w = self.param("qkv_einsum", lambda *a: {"w": init(*a)}, (3, n, d, h))["w"].astype(dtype)
+      q_BTNH, k_BTKH, v_BTKH = jnp.einsum("BTD,CNDH->CBTNH", x_BTD, w)
+    else:
+      wq = self.param("q_einsum", lambda *a: {"w": init(*a)}, (n, d, h))["w"].astype(dtype)
+      wkv = self.param("kv_einsum", lambda *a: {"w": init(*a)}, (2, k, d, h))["w"].astype(dtype)
+      q_BTNH = jnp.einsum("BTD,NDH->BTNH", x_BTD, wq)
+      k_BTKH, v_BTKH = jnp.einsum("BTD,CKDH->CBTKH", x_BTD, wkv)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_base) * jnp.asarray(cfg.query_scale, dtype)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_base)
+
+    if cache is not None:
+      new_cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTKH.astype(cache["k"].dtype),
+                                                            cache_index, axis=1),
+                   "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTKH.astype(cache["v"].dtype),
+                                                            cache_index, axis=1)}
+      k_BSKH, v_BSKH = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
+    else:
+      new_cache, k_BSKH, v_BSKH = None, k_BTKH, v_BTKH
+
+    b, t = x_BTD.shape[:2]
+    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    logits_BKGTS = softcap(logits_BKGTS, cfg.attn_logits_softcap)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, NEG_INF)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dtype)
+    out_BTNH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH).reshape(b, t, n, h)
+    w_out = self.param("attn_vec_einsum", lambda *a: {"w": init(*a)}, (n, h, d))["w"].astype(dtype)
+    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_out), new_cache
+
+
+class FeedForward(nn.Module):
+  cfg: GemmaConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    init = nn.initializers.normal(stddev=cfg.width ** -0.5)
+    w_gating = self.param("gating_einsum", init, (2, cfg.width, cfg.mlp_dim)).astype(dtype)
+    w_linear = self.param("linear", init, (cfg.mlp_dim, cfg.width)).astype(dtype)
+    gate_BTF, up_BTF = jnp.einsum("BTD,CDF->CBTF", x_BTD, w_gating)
+    return jnp.einsum("BTF,FD->BTD", nn.gelu(gate_BTF, approximate=True) * up_BTF, w_linear)
+
+
+class Block(nn.Module):
+  cfg: GemmaConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, scanned, positions_BT, mask_BTS, local_mask_BTS, cache_index):
+    layer_idx, cache = scanned
+    cfg = self.cfg
+    if cfg.sliding_window:  # Gemma 2 alternates local (even layers) and global attention.
+      mask_BTS = jnp.where(layer_idx % 2 == 0, local_mask_BTS, mask_BTS)
+    y = RMSNorm(cfg.norm_eps, name="pre_attention_norm")(x_BTD)
+    y, new_cache = Attention(cfg, name="attn")(y, positions_BT, mask_BTS, cache, cache_index)
+    if cfg.post_norms:
+      y = RMSNorm(cfg.norm_eps, name="post_attention_norm")(y)
+    x_BTD = x_BTD + y
+    y = RMSNorm(cfg.norm_eps, name="pre_ffw_norm")(x_BTD)
+    y = FeedForward(cfg, name="mlp")(y)
+    if cfg.post_norms:
+      y = RMSNorm(cfg.norm_eps, name="post_ffw_norm")(y)
+    return x_BTD + y, new_cache
+
+
+class Gemma(nn.Module):
+  """Decoder over already-embedded inputs; `embed` and `logits` are the two ends."""
+  cfg: GemmaConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedder = Embedder(cfg, name="embedder")
+    block = nn.scan(remat_block(Block, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth)
+    self.layers = block(cfg, name="layers")
+    self.final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
+
+  def embed(self, tokens_BT):
+    return self.embedder.encode(tokens_BT)
+
+  def logits(self, x_BTD):
+    return softcap(self.embedder.decode(x_BTD), self.cfg.final_logits_softcap)
+
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, cache_index=0, key_positions_BS=None,
+               same_block_BTS=None):
+    """Runs the layers: returns (final-normed hidden [B,T,D], updated cache or None).
+
+    mask_BTS says which keys each query sees (keys are the cache slots when a cache is given).
+    key_positions_BS (the position of each key; default: positions_BT) drives Gemma 2's sliding window, which,
+    as in transformers, does not cut inside a bidirectional block (same_block_BTS).
+    """
+    cfg = self.cfg
+    x_BTD = x_BTD.astype(jnp.dtype(cfg.dtype))
+    local_mask_BTS = mask_BTS
+    if cfg.sliding_window:
+      kpos_BS = positions_BT if key_positions_BS is None else key_positions_BS
+      in_window_BTS = positions_BT[:, :, None] - kpos_BS[:, None, :] < cfg.sliding_window
+      if same_block_BTS is not None:
+        in_window_BTS |= same_block_BTS
+      local_mask_BTS = mask_BTS & in_window_BTS
+    x_BTD, new_cache = self.layers(x_BTD, (jnp.arange(cfg.depth), cache), positions_BT, mask_BTS,
+                                   local_mask_BTS, cache_index)
+    return self.final_norm(x_BTD), new_cache
+
+
+class Embedder(nn.Module):
+  cfg: GemmaConfig
+
+  def setup(self):
+    self.input_embedding = self.param("input_embedding", nn.initializers.normal(stddev=1.0),
+                                      (self.cfg.vocab_size, self.cfg.width))
+
+  def encode(self, tokens_BT):
+    dtype = jnp.dtype(self.cfg.dtype)
+    x_BTD = self.input_embedding[tokens_BT].astype(dtype)
+    return x_BTD * jnp.sqrt(jnp.asarray(self.cfg.width, dtype)).astype(dtype)
+
+  def decode(self, x_BTD):
+    return jnp.einsum("BTD,VD->BTV", x_BTD, self.input_embedding.astype(x_BTD.dtype),
+                      preferred_element_type=jnp.float32)

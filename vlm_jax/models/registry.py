@@ -1,0 +1,73 @@
+"""Named model configs and (de)serialisation of model configs to JSON."""
+import dataclasses
+
+from vlm_jax.models.gemma import GemmaConfig, gemma_config
+from vlm_jax.models.vit import ViTConfig, vit_config
+from vlm_jax.models.vlm import VLMConfig
+
+PALIGEMMA_VOCAB = 256_000 + 1024 + 128  # Gemma + <locNNNN> + <segNNN>
+
+
+def paligemma(llm_variant: str, res: int, name: str) -> VLMConfig:
+  llm = gemma_config(llm_variant, vocab_size=PALIGEMMA_VOCAB)
+  img = vit_config("So400m/14", image_size=res, pool="none", head_dim_out=llm.width)
+  return VLMConfig(img=img, llm=llm, name=name)
+
+
+def tiny(gemma2: bool = False) -> VLMConfig:
+  """A few-thousand-parameter model for tests: every code path, seconds to compile."""
+  img = vit_config("mu/14", image_size=28, head_dim_out=64)
+  llm = GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16, vocab_size=512)
+  if gemma2:
+    llm = dataclasses.replace(llm, num_kv_heads=2, attn_logits_softcap=50.0, final_logits_softcap=30.0,
+                              post_norms=True, query_pre_attn_scalar=24)
+  return VLMConfig(img=img, llm=llm, name="tiny_gemma2" if gemma2 else "tiny")
+
+
+CONFIGS = {
+    **{f"paligemma_3b_{r}": (lambda r=r: paligemma("gemma_2b", r, f"paligemma_3b_{r}")) for r in (224, 448, 896)},
+    **{f"paligemma2_{size}_{r}": (lambda v=v, r=r, size=size: paligemma(v, r, f"paligemma2_{size}_{r}"))
+       for size, v in (("3b", "gemma2_2b"), ("10b", "gemma2_9b"), ("28b", "gemma2_27b")) for r in (224, 448, 896)},
+    "tiny": tiny,
+    "tiny_gemma2": lambda: tiny(gemma2=True),
+}
+
+
+def get_model_config(name: str, **overrides) -> VLMConfig:
+  """A named config; overrides apply to the LLM and image configs (e.g. dtype='bfloat16', remat='full')."""
+  if name not in CONFIGS:
+    raise ValueError(f"Unknown model config {name!r}; known: {', '.join(sorted(CONFIGS))}.")
+  return with_overrides(CONFIGS[name](), **overrides)
+
+
+def with_overrides(cfg: VLMConfig, **overrides) -> VLMConfig:
+  """Applies dtype / remat (and any field both sub-configs share) to the image and language configs."""
+  for key in overrides:
+    if key not in {f.name for f in dataclasses.fields(ViTConfig)} & {f.name for f in dataclasses.fields(GemmaConfig)}:
+      raise ValueError(f"Unknown model override {key!r}; allowed: dtype, remat.")
+  return dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, **overrides),
+                             llm=dataclasses.replace(cfg.llm, **overrides))
+
+
+def config_to_dict(cfg: VLMConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict, source: str = "config") -> VLMConfig:
+  """Inverse of `config_to_dict`, naming the missing or unknown key on failure."""
+  def build(cls, sub, where):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if not isinstance(sub, dict):
+      raise ValueError(f"{source}: '{where}' must be an object.")
+    if missing := sorted(required - set(sub)):
+      raise ValueError(f"{source}: '{where}' is missing {missing}.")
+    if unknown := sorted(set(sub) - fields):
+      raise ValueError(f"{source}: '{where}' has unknown keys {unknown}.")
+    return cls(**sub)
+  for key in ("img", "llm"):
+    if key not in d:
+      raise ValueError(f"{source}: missing '{key}'.")
+  return VLMConfig(img=build(ViTConfig, d["img"], "img"), llm=build(GemmaConfig, d["llm"], "llm"),
+                   name=d.get("name", ""))

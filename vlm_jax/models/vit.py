@@ -1,0 +1,204 @@
+"""SigLIP / big_vision ViT image encoder.
+
+Param names follow big_vision's `models/vit.py` with `scan=True` (blocks stacked on axis 0 under
+`Transformer/encoderblock`), so a big_vision checkpoint loads by name. Axis letters used below:
+B batch, P patches (image tokens), D width, N heads, H head dim, F mlp width, L layers.
+"""
+import dataclasses
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# width, depth, mlp_dim, num_heads (big_vision's decode_variant table).
+VARIANTS = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "g-opt": (1536, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "G-opt": (1536, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int = 14
+  image_size: int = 224
+  pool: str = "none"  # none | map | gap
+  head_dim_out: int | None = None  # Dense `head` (the PaliGemma projector) output width; None: no head.
+  layernorm_eps: float = 1e-6
+  dtype: str = "float32"  # compute dtype
+  remat: str = "none"  # none | full | dots
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid ** 2
+
+
+def vit_config(variant: str, **kw) -> ViTConfig:
+  """`vit_config("So400m/14", image_size=224)`: a big_vision variant string to a config."""
+  m = re.fullmatch(r"([A-Za-z0-9-]+)(?:/(\d+))?", variant)
+  if not m or m.group(1) not in VARIANTS:
+    raise ValueError(f"Unknown ViT variant {variant!r}; known: {sorted(VARIANTS)} (optionally '/patch').")
+  width, depth, mlp, heads = VARIANTS[m.group(1)]
+  if m.group(2):
+    kw.setdefault("patch_size", int(m.group(2)))
+  return ViTConfig(width=width, depth=depth, mlp_dim=mlp, num_heads=heads, **kw)
+
+
+def _linear_align_corners(x, new_len, axis):
+  """Linear interpolation along `axis` with the end samples aligned (scipy.ndimage.zoom order=1)."""
+  old_len = x.shape[axis]
+  src = jnp.linspace(0.0, old_len - 1.0, new_len) if new_len > 1 else jnp.zeros((1,))
+  lo = jnp.clip(jnp.floor(src).astype(jnp.int32), 0, old_len - 1)
+  hi = jnp.clip(lo + 1, 0, old_len - 1)
+  shape = [1] * x.ndim
+  shape[axis] = new_len
+  frac = (src - lo).reshape(shape)
+  return jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
+
+
+def resample_posemb(posemb_1PD: jax.Array, new_grid: int) -> jax.Array:
+  """Bilinear resampling of a square grid of learned position embeddings to `new_grid`².
+
+  Corner-aligned, as big_vision's `resample_posemb` (scipy zoom, order 1), so resampled checkpoints agree.
+  """
+  posemb_1PD = jnp.asarray(posemb_1PD)
+  old_grid = int(round(np.sqrt(posemb_1PD.shape[1])))
+  if old_grid ** 2 != posemb_1PD.shape[1]:
+    raise ValueError(f"pos_embedding has {posemb_1PD.shape[1]} tokens, not a square grid.")
+  if old_grid == new_grid:
+    return posemb_1PD
+  d = posemb_1PD.shape[-1]
+  grid = posemb_1PD.reshape(old_grid, old_grid, d).astype(jnp.float32)
+  grid = _linear_align_corners(_linear_align_corners(grid, new_grid, 0), new_grid, 1)
+  return grid.reshape(1, new_grid * new_grid, d).astype(posemb_1PD.dtype)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
+    x = nn.gelu(x, approximate=True)
+    return nn.Dense(d, dtype=self.dtype, name="Dense_1")(x)
+
+
+class MultiHeadAttention(nn.Module):
+  """Flax MHA's param layout (query/key/value/out DenseGeneral), float32 softmax."""
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_in_BTD, kv_in_BSD):
+    d = q_in_BTD.shape[-1]
+    h = d // self.num_heads
+    proj = lambda name: nn.DenseGeneral((self.num_heads, h), dtype=self.dtype, name=name)
+    q_BTNH = proj("query")(q_in_BTD)
+    k_BSNH = proj("key")(kv_in_BSD)
+    v_BSNH = proj("value")(kv_in_BSD)
+    logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
+    probs_BNTS = jax.nn.softmax(logits_BNTS * h ** -0.5, axis=-1).astype(self.dtype)
+    out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
+    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out_BTNH)
+
+
+class EncoderBlock(nn.Module):
+  cfg: ViTConfig
+
+  @nn.compact
+  def __call__(self, x, _):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    ln = lambda name: nn.LayerNorm(epsilon=cfg.layernorm_eps, dtype=dtype, name=name)
+    y = ln("LayerNorm_0")(x)
+    x = x + MultiHeadAttention(cfg.num_heads, dtype, name="MultiHeadDotProductAttention_0")(y, y)
+    y = ln("LayerNorm_1")(x)
+    x = x + MlpBlock(cfg.mlp_dim, dtype, name="MlpBlock_0")(y)
+    return x, None
+
+
+def remat_block(block_cls, remat: str):
+  if remat == "none":
+    return block_cls
+  policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+  if remat not in policies:
+    raise ValueError(f"Unknown remat policy {remat!r}; use none | full | dots.")
+  return nn.remat(block_cls, prevent_cse=False, policy=policies[remat])
+
+
+class Encoder(nn.Module):
+  cfg: ViTConfig
+
+  @nn.compact
+  def __call__(self, x_BPD):
+    block = nn.scan(remat_block(EncoderBlock, self.cfg.remat), variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=self.cfg.depth)
+    x_BPD, _ = block(self.cfg, name="encoderblock")(x_BPD, None)
+    return nn.LayerNorm(epsilon=self.cfg.layernorm_eps, dtype=jnp.dtype(self.cfg.dtype), name="encoder_norm")(x_BPD)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: one learned probe attends to all tokens."""
+  cfg: ViTConfig
+
+  @nn.compact
+  def __call__(self, x_BPD):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x_BPD.shape[-1]))
+    probe_B1D = jnp.tile(probe, (x_BPD.shape[0], 1, 1)).astype(dtype)
+    x = MultiHeadAttention(cfg.num_heads, dtype, name="MultiHeadDotProductAttention_0")(probe_B1D, x_BPD)
+    y = nn.LayerNorm(epsilon=cfg.layernorm_eps, dtype=dtype, name="LayerNorm_0")(x)
+    x = x + MlpBlock(cfg.mlp_dim, dtype, name="MlpBlock_0")(y)
+    return x[:, 0]
+
+
+class ViT(nn.Module):
+  """images [B,H,W,3] in [-1, 1] -> tokens [B,P,D'] (pool none) or [B,D'] (map / gap)."""
+  cfg: ViTConfig
+
+  @nn.compact
+  def __call__(self, images_BHWC):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    if images_BHWC.ndim != 4 or images_BHWC.shape[-1] != 3:
+      raise ValueError(f"images must be [B,H,W,3], got shape {images_BHWC.shape}.")
+    p = cfg.patch_size
+    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="embedding")(
+        images_BHWC.astype(dtype))
+    b, gh, gw, d = x.shape
+    x_BPD = x.reshape(b, gh * gw, d)
+    posemb = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(d)), (1, cfg.num_patches, d))
+    if gh * gw != cfg.num_patches:
+      raise ValueError(f"images of {images_BHWC.shape[1]}x{images_BHWC.shape[2]} give {gh}x{gw} patches; "
+                       f"the model expects {cfg.image_size}x{cfg.image_size} ({cfg.grid}x{cfg.grid} patches).")
+    x_BPD = x_BPD + posemb.astype(dtype)
+    x_BPD = Encoder(cfg, name="Transformer")(x_BPD)
+    if cfg.pool == "map":
+      x_BPD = MAPHead(cfg, name="MAPHead_0")(x_BPD)
+    elif cfg.pool == "gap":
+      x_BPD = jnp.mean(x_BPD, axis=1)
+    elif cfg.pool != "none":
+      raise ValueError(f"Unknown pool {cfg.pool!r}; use none | map | gap.")
+    if cfg.head_dim_out:
+      x_BPD = nn.Dense(cfg.head_dim_out, dtype=dtype, name="head")(x_BPD)
+    return x_BPD

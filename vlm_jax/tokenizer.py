@@ -1,0 +1,47 @@
+"""SentencePiece tokenizer wrapper (Gemma's, or the small one shipped for the synthetic data).
+
+`<locNNNN>` and `<segNNN>` are user-defined pieces in PaliGemma's vocabulary: SentencePiece keeps them as
+single ids in encode and decode.
+"""
+import os
+
+import sentencepiece as spm
+
+
+class Tokenizer:
+
+  def __init__(self, model_path: str):
+    if not os.path.isfile(model_path):
+      raise FileNotFoundError(f"No tokenizer model at {model_path}.")
+    self.path = model_path
+    self.sp = spm.SentencePieceProcessor()
+    try:
+      self.sp.Load(model_path)
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f"{model_path} is not a valid SentencePiece model: {e}") from e
+    self.pad_id, self.eos_id, self.bos_id = self.sp.pad_id(), self.sp.eos_id(), self.sp.bos_id()
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.GetPieceSize()
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.EncodeAsIds(text)
+
+  def decode(self, ids) -> str:
+    """Decodes up to the first EOS; pads and the BOS are dropped."""
+    out = []
+    for i in (int(i) for i in ids):
+      if i == self.eos_id:
+        break
+      if i not in (self.pad_id, self.bos_id):
+        out.append(i)
+    return self.sp.DecodeIds(out)
+
+  def encode_prefix(self, prompt: str) -> list[int]:
+    """BOS + prompt + separator "\\n", each part tokenised on its own as big_vision does."""
+    return [self.bos_id] + self.encode(prompt) + self.encode("\n")
+
+  def model_bytes(self) -> bytes:
+    with open(self.path, "rb") as f:
+      return f.read()
