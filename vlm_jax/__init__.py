@@ -6,15 +6,16 @@ from vlm_jax.api import Model
 __all__ = ["Model", "load"]
 
 
-def load(path: str, dtype: str | None = None, config: str | None = None) -> Model:
-  """Loads a model from a HuggingFace PaliGemma directory, a big_vision `.npz` (with `config`, a model config
-  name such as "paligemma_3b_224"), or a vlm_jax checkpoint directory. `dtype` (float32 | bfloat16) sets
-  both the stored params and the compute dtype; by default params keep float32 computation.
+def load(path: str, dtype: str | None = None, config=None) -> Model:
+  """Loads a model from a HuggingFace PaliGemma directory, a big_vision `.npz` (with `config`), or a vlm_jax
+  checkpoint directory. `config`: a model config name such as "paligemma_3b_224" (see
+  `vlm_jax.models.registry.CONFIGS`) or a `VLMConfig`; required for .npz, else it replaces the stored one.
+  `dtype` (float32 | bfloat16) sets both the stored params and the compute dtype; default: as stored.
   """
   from vlm_jax import checkpoint
   from vlm_jax.convert import big_vision, hf
   from vlm_jax.models.registry import get_model_config
-  named = get_model_config(config) if config else None
+  named = get_model_config(config) if isinstance(config, str) else config
   if os.path.isfile(path) and path.endswith(".npz"):
     if named is None:
       raise ValueError(f"{path} is a big_vision .npz: pass config=NAME (e.g. 'paligemma_3b_224').")

@@ -65,7 +65,8 @@ def load_model(path: str, config=None, dtype: str | None = None):
     found = treeutil.flatten(getattr(meta, "item_metadata", meta) or {})
     treeutil.check_shapes(treeutil.flatten(expected), {k: np.empty(v.shape, np.int8) for k, v in found.items()},
                           f"checkpoint {path}")
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), expected)
+    stored = treeutil.unflatten({k: v.dtype for k, v in found.items()})
+    target = jax.tree.map(lambda x, d: jax.ShapeDtypeStruct(x.shape, dtype or d), expected, stored)
     params = ckptr.restore(os.path.join(path, "params"), target)
   tok_file = os.path.join(path, TOKENIZER_FILE)
   return config, params, Tokenizer(tok_file) if os.path.isfile(tok_file) else None

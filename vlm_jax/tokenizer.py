@@ -29,12 +29,13 @@ class Tokenizer:
     return self.sp.EncodeAsIds(text)
 
   def decode(self, ids) -> str:
-    """Decodes up to the first EOS; pads and the BOS are dropped."""
+    """Decodes up to the first EOS; pads, the BOS and ids past the vocabulary (models often pad their
+    embedding table beyond the tokenizer's size) are dropped."""
     out = []
     for i in (int(i) for i in ids):
       if i == self.eos_id:
         break
-      if i not in (self.pad_id, self.bos_id):
+      if i not in (self.pad_id, self.bos_id) and 0 <= i < self.vocab_size:
         out.append(i)
     return self.sp.DecodeIds(out)
 

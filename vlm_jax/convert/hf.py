@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -100,11 +101,14 @@ def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> dict:
       "num_key_value_heads": llm.num_kv_heads, "head_dim": llm.head_dim, "vocab_size": llm.vocab_size,
       "rms_norm_eps": llm.norm_eps, "rope_parameters": {"rope_theta": llm.rope_base, "rope_type": "default"},
       "hidden_activation" if gemma2 else "hidden_act": "gelu_pytorch_tanh", "num_image_tokens": img.num_patches,
-      "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
+      "tie_word_embeddings": True,
       "max_position_embeddings": 8192, "attention_bias": False,
   }
   if gemma2:
-    text.update(query_pre_attn_scalar=llm.query_pre_attn_scalar or llm.head_dim,
+    scalar = llm.query_pre_attn_scalar or llm.head_dim
+    if float(scalar) != int(scalar):
+      raise ValueError(f"query_pre_attn_scalar={scalar} is not an integer, which HF Gemma 2 configs require.")
+    text.update(query_pre_attn_scalar=int(scalar),
                 attn_logit_softcapping=llm.attn_logits_softcap, final_logit_softcapping=llm.final_logits_softcap,
                 sliding_window=llm.sliding_window or 4096,
                 layer_types=[("sliding_attention" if llm.sliding_window and i % 2 == 0 else "full_attention")
@@ -298,11 +302,29 @@ def load(path: str, config: VLMConfig | None = None, dtype: str | None = None):
 
 def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | None = None,
          max_shard_bytes: int = 4 << 30):
-  """Writes config.json, (sharded) model.safetensors and tokenizer files into `out_dir`."""
+  """Writes config.json, (sharded) model.safetensors and tokenizer files into a new `out_dir`.
+
+  Everything goes into a temporary sibling first and is renamed at the end: no half-written export.
+  """
   dtype = dtype or config.llm.dtype
+  hf_config = config_to_hf(config, dtype)  # before any writing: a config HF cannot express fails early
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory.")
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir), dir=os.path.dirname(out_dir))
+  try:
+    _write_hf_files(tmp, hf_config, config, params, tokenizer, dtype, max_shard_bytes)
+    if os.path.exists(out_dir):
+      os.rmdir(out_dir)
+    os.replace(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_hf_files(out_dir, hf_config, config, params, tokenizer, dtype, max_shard_bytes):
   flat = {k: np.asarray(jax.device_get(v)) for k, v in treeutil.flatten(params["params"]).items()}
   tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in params_to_hf(flat, config).items()}
-  os.makedirs(out_dir, exist_ok=True)
   shards, current, size = [], {}, 0
   for name, a in tensors.items():
     if current and size + a.nbytes > max_shard_bytes:
@@ -323,11 +345,12 @@ def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | N
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map},
                 f, indent=2)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config_to_hf(config, dtype), f, indent=2)
   special = {"pad": 0, "eos": 1, "bos": 2}
   if tokenizer is not None:
     special = {"pad": tokenizer.pad_id, "eos": tokenizer.eos_id, "bos": tokenizer.bos_id}
+  hf_config["text_config"].update({f"{k}_token_id": v for k, v in special.items()})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
     json.dump({f"{k}_token_id": v for k, v in special.items()}, f, indent=2)
   if tokenizer is not None:

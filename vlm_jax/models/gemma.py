@@ -28,7 +28,7 @@ class GemmaConfig:
   num_kv_heads: int
   head_dim: int
   vocab_size: int = 257152
-  query_pre_attn_scalar: float | None = None  # None: head_dim
+  query_pre_attn_scalar: int | None = None  # None: head_dim
   attn_logits_softcap: float | None = None
   final_logits_softcap: float | None = None
   post_norms: bool = False  # Gemma 2's post-attention and post-ffw norms
@@ -50,7 +50,7 @@ VARIANTS = {
         "gemma2_2b": dict(width=2304, depth=26, mlp_dim=9216, num_heads=8, num_kv_heads=4, head_dim=256),
         "gemma2_9b": dict(width=3584, depth=42, mlp_dim=14336, num_heads=16, num_kv_heads=8, head_dim=256),
         "gemma2_27b": dict(width=4608, depth=46, mlp_dim=36864, num_heads=32, num_kv_heads=16, head_dim=128,
-                           query_pre_attn_scalar=4608 / 32),
+                           query_pre_attn_scalar=4608 // 32),
     }.items()},
 }
 

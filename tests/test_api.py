@@ -1,0 +1,80 @@
+"""The public API: load / save round trips, generate on raw images, the tokenizer and its <loc> tokens."""
+import numpy as np
+import pytest
+from PIL import Image
+
+import vlm_jax
+from vlm_jax.api import Model
+from vlm_jax.models.registry import get_model_config
+from vlm_jax.models.vlm import init_params
+from vlm_jax.tokenizer import Tokenizer
+from tests.test_model import randomize
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_file):
+  cfg = get_model_config("tiny")
+  return Model(cfg, randomize(init_params(cfg), seed=4), Tokenizer(tokenizer_file))
+
+
+def test_loc_tokens_are_single_ids(tokenizer_file):
+  tok = Tokenizer(tokenizer_file)
+  answer = "<loc0064><loc0128><loc0512><loc0960> circle"
+  ids = tok.encode(answer)
+  assert [tok.sp.IdToPiece(i) for i in ids[:4]] == ["<loc0064>", "<loc0128>", "<loc0512>", "<loc0960>"]
+  assert tok.decode(ids) == answer
+  assert tok.decode(ids + [tok.eos_id, 7, 8]) == answer  # stops at EOS
+
+
+def test_generate_accepts_pil_and_uint8_of_any_size_and_mode(model):
+  rs = np.random.RandomState(0)
+  rgb = rs.randint(0, 255, (40, 60, 3)).astype(np.uint8)
+  images = [Image.fromarray(rgb), Image.fromarray(rgb).convert("L"), Image.fromarray(rgb).convert("RGBA"),
+            rgb[:, :, :1].squeeze(-1)]
+  out = model.generate(images, ["caption en", "what colour", "detect circle", "how many"], max_new_tokens=4)
+  assert len(out) == 4 and all(isinstance(s, str) for s in out)
+  # An RGB PIL image and its uint8 array are the same input.
+  a = model.generate([Image.fromarray(rgb)], "caption en", max_new_tokens=5)
+  b = model.generate(rgb[None], "caption en", max_new_tokens=5)
+  assert a == b
+
+
+def test_generate_uses_the_same_prefix_as_generate_ids(model):
+  tok = model.tokenizer
+  images = np.zeros((1, 28, 28, 3), np.uint8)
+  ids = model.generate_ids(images, np.array([tok.encode_prefix("caption en")]), 6)
+  assert model.generate(images, "caption en", max_new_tokens=6) == [tok.decode(np.asarray(ids)[0])]
+
+
+def test_vlm_jax_checkpoint_round_trip(model, tmp_path):
+  model.save(str(tmp_path / "ck"))
+  loaded = vlm_jax.load(str(tmp_path / "ck"))
+  assert loaded.config == model.config and loaded.tokenizer is not None
+  tokens, mask_ar = np.array([[2, 5, 6, 7]]), np.array([[0, 0, 1, 1]])
+  images = np.zeros((1, 28, 28, 3), np.float32)
+  np.testing.assert_array_equal(loaded.logits(images, tokens, mask_ar), model.logits(images, tokens, mask_ar))
+
+
+def test_bfloat16_checkpoint_keeps_its_dtype(model, tmp_path):
+  model.with_dtype("bfloat16").save(str(tmp_path / "bf16"))
+  loaded = vlm_jax.load(str(tmp_path / "bf16"))
+  leaf = loaded.params["params"]["llm"]["final_norm"]["scale"]
+  assert str(leaf.dtype) == "bfloat16" and loaded.config.llm.dtype == "bfloat16"
+  out = loaded.generate(np.zeros((1, 30, 30, 3), np.uint8), "caption en", max_new_tokens=3)  # float32 path in
+  assert len(out) == 1
+
+
+def test_hf_export_carries_a_tokenizer_transformers_reads(model, tmp_path):
+  from transformers import AutoTokenizer
+  model.save_hf(str(tmp_path / "hf"))
+  hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  text = "detect red circle <loc0064><loc0128>"
+  assert hf_tok(text)["input_ids"] == [model.tokenizer.bos_id] + model.tokenizer.encode(text)
+  reloaded = vlm_jax.load(str(tmp_path / "hf"))
+  assert reloaded.tokenizer is not None and reloaded.tokenizer.encode(text) == model.tokenizer.encode(text)
+
+
+def test_generate_without_tokenizer_is_a_clear_error():
+  cfg = get_model_config("tiny")
+  with pytest.raises(ValueError, match="no tokenizer"):
+    Model(cfg, init_params(cfg)).generate(np.zeros((1, 28, 28, 3), np.uint8), "caption en")

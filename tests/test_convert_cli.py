@@ -1,0 +1,140 @@
+"""tools/convert.py run as a user would: a subprocess from the repo root, checked through its output files."""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import hf_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join("tools", "convert.py")
+
+
+def run_cli(*args, timeout=300):
+  """(returncode, stdout, stderr) of the CLI. PYTHONPATH is dropped: the script must find the package itself."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+  p = subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=timeout)
+  return p.returncode, p.stdout, p.stderr
+
+
+def assert_ok(rc, stderr):
+  assert rc == 0, stderr
+  assert "Traceback" not in stderr
+
+
+def assert_user_error(rc, stderr):
+  """A clean failure: status 2, a message, no Python traceback."""
+  assert rc == 2, stderr
+  assert "error:" in stderr
+  assert "Traceback" not in stderr
+
+
+def safetensors_dtypes(path) -> set:
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+  header.pop("__metadata__", None)
+  return {info["dtype"] for info in header.values()}
+
+
+@pytest.fixture(scope="module")
+def hf_gemma(tmp_path_factory):
+  """One saved tiny random HF PaliGemma (Gemma 1 text) and its float32 state dict."""
+  path = tmp_path_factory.mktemp("hf_src")
+  model = hf_models.tiny_paligemma("gemma", seed=0)
+  model.save_pretrained(path)
+  return path, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def bv_npz(tmp_path_factory):
+  """A big_vision-layout .npz (params/img/..., params/llm/...) of random `tiny` params, and those params.
+
+  Shapes come from `init_params` under eval_shape (running it eagerly takes seconds); values are random
+  everywhere, norm scales included, so a dropped or swapped tensor shows up.
+  """
+  import jax
+  from vlm_jax import treeutil
+  from vlm_jax.models.registry import get_model_config
+  from vlm_jax.models.vlm import init_params
+  shapes = treeutil.flatten(jax.eval_shape(lambda: init_params(get_model_config("tiny"))))
+  rs = np.random.RandomState(0)
+  flat = {k: rs.normal(size=v.shape).astype(v.dtype) for k, v in shapes.items()}
+  assert all(k.startswith(("params/img/", "params/llm/")) for k in flat)
+  path = tmp_path_factory.mktemp("bv") / "tiny.npz"
+  np.savez(path, **flat)
+  return path, flat
+
+
+def test_help_mentions_every_flag():
+  rc, out, err = run_cli("--help")
+  assert_ok(rc, err)
+  for word in ("--from", "--to", "--dtype", "--config", "hf", "big_vision", "vlm_jax", "bfloat16", "float32",
+               "tiny", "paligemma_3b_224", "examples"):
+    assert word in out, word
+
+
+def test_hf_to_vlm_jax_to_hf_is_exact(hf_gemma, tmp_path):
+  from transformers import PaliGemmaForConditionalGeneration
+  src, want = hf_gemma
+  ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+  rc, _, err = run_cli("--from", "hf", src, "--to", "vlm_jax", ckpt)
+  assert_ok(rc, err)
+  assert "params" in err and "done in" in err  # the progress lines
+  assert (ckpt / "vlm_config.json").is_file()
+  rc, _, err = run_cli("--from", "vlm_jax", ckpt, "--to", "hf", out)
+  assert_ok(rc, err)
+  got = PaliGemmaForConditionalGeneration.from_pretrained(out).state_dict()
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    assert got[k].dtype == v.dtype, k
+    assert np.array_equal(got[k].numpy(), v.numpy()), k
+
+
+def test_hf_to_hf_bfloat16(hf_gemma, tmp_path):
+  import torch
+  from transformers import PaliGemmaForConditionalGeneration
+  src, want = hf_gemma
+  out = tmp_path / "hf_bf16"
+  rc, _, err = run_cli("--from", "hf", src, "--to", "hf", out, "--dtype", "bfloat16")
+  assert_ok(rc, err)
+  assert safetensors_dtypes(out / "model.safetensors") == {"BF16"}
+  got = PaliGemmaForConditionalGeneration.from_pretrained(out, dtype=torch.bfloat16).state_dict()
+  for k, v in want.items():  # both sides round float32 to nearest-even bfloat16
+    assert torch.equal(got[k], v.to(torch.bfloat16)), k
+
+
+def test_big_vision_with_config(bv_npz, tmp_path):
+  from vlm_jax import checkpoint, treeutil
+  npz, want = bv_npz
+  out = tmp_path / "ckpt"
+  rc, _, err = run_cli("--from", "big_vision", npz, "--to", "vlm_jax", out, "--config", "tiny")
+  assert_ok(rc, err)
+  assert "tiny" in err
+  cfg, params, _ = checkpoint.load_model(str(out))
+  assert cfg.name == "tiny"
+  got = treeutil.flatten(params)
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(np.asarray(got[k]), v, err_msg=k)
+
+
+def test_big_vision_without_config_fails_clearly(bv_npz, tmp_path):
+  rc, _, err = run_cli("--from", "big_vision", bv_npz[0], "--to", "hf", tmp_path / "out")
+  assert_user_error(rc, err)
+  assert "--config" in err
+
+
+def test_mismatched_config_names_key_and_shapes(bv_npz, tmp_path):
+  out = tmp_path / "out"
+  rc, _, err = run_cli("--from", "big_vision", bv_npz[0], "--to", "hf", out, "--config", "tiny_gemma2")
+  assert_user_error(rc, err)
+  assert "expected shape" in err
+  assert "llm/layers/attn/kv_einsum/w" in err  # tiny has 1 KV head, tiny_gemma2 has 2
+  assert not out.exists()

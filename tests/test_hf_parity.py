@@ -1,0 +1,84 @@
+"""vlm_jax against transformers' PaliGemma (an independent implementation) on tiny random models."""
+import numpy as np
+import pytest
+import torch
+
+import vlm_jax
+from vlm_jax.convert import hf, safetensors_io
+from tests import hf_models
+
+TOKENS = np.array([[2, 5, 6, 7, 10, 11, 12, 13, 1], [2, 8, 9, 10, 11, 12, 13, 14, 1]])
+MASK_AR = np.array([[0, 0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1, 1]])
+
+
+def rel_err(ours, theirs):
+  """max |ours - theirs| / max |theirs|: the logits' error relative to their scale."""
+  return float(np.max(np.abs(np.asarray(ours) - theirs)) / np.max(np.abs(theirs)))
+
+
+@pytest.fixture(scope="module")
+def pixels():
+  return np.random.RandomState(1).uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+
+
+def test_hf_to_vlm_jax_logits(hf_dir, pixels):
+  path, torch_model = hf_dir
+  model = vlm_jax.load(path)
+  theirs = hf_models.hf_logits(torch_model, pixels, TOKENS, MASK_AR)
+  assert rel_err(model.logits(pixels, TOKENS, MASK_AR), theirs) < 1e-4
+
+
+def test_greedy_continuations_identical(hf_dir, pixels):
+  path, torch_model = hf_dir
+  model = vlm_jax.load(path)
+  prefix = TOKENS[:, :5]
+  ours = np.asarray(model.generate_ids(pixels, prefix, max_new_tokens=8, eos_id=-1))
+  n = hf_models.N_IMG
+  ids = np.concatenate([np.full((2, n), torch_model.config.image_token_index), prefix], axis=1)
+  with torch.no_grad():
+    out = torch_model.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
+                               token_type_ids=torch.zeros(ids.shape, dtype=torch.long),
+                               attention_mask=torch.ones(ids.shape, dtype=torch.long), max_new_tokens=8,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+  np.testing.assert_array_equal(ours, out[:, ids.shape[1]:].numpy())
+
+
+def test_export_gives_same_logits(hf_dir, pixels, tmp_path):
+  """vlm_jax -> HF: transformers loads our export and computes our logits."""
+  from transformers import PaliGemmaForConditionalGeneration
+  model = vlm_jax.load(hf_dir[0])
+  model.save_hf(str(tmp_path))
+  exported = PaliGemmaForConditionalGeneration.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+  theirs = hf_models.hf_logits(exported, pixels, TOKENS, MASK_AR)
+  assert rel_err(model.logits(pixels, TOKENS, MASK_AR), theirs) < 1e-4
+
+
+def test_round_trip_identical_tensors(hf_dir, tmp_path):
+  path, torch_model = hf_dir
+  vlm_jax.load(path).save_hf(str(tmp_path))
+  ours = {hf.canonical_name(k): v for k, v in safetensors_io.read(str(tmp_path / "model.safetensors")).items()}
+  theirs = {hf.canonical_name(k): v.numpy() for k, v in torch_model.state_dict().items()}
+  theirs.pop("lm_head.weight")  # tied to the input embedding
+  assert sorted(ours) == sorted(theirs)
+  for name in theirs:
+    np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def test_sharded_export_loads(hf_dir, pixels, tmp_path):
+  model = vlm_jax.load(hf_dir[0])
+  hf.save(str(tmp_path), model.config, model.params, max_shard_bytes=20_000)
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  reloaded = vlm_jax.load(str(tmp_path))
+  np.testing.assert_array_equal(reloaded.logits(pixels, TOKENS, MASK_AR), model.logits(pixels, TOKENS, MASK_AR))
+
+
+def test_bfloat16_export_and_load(hf_dir, pixels, tmp_path):
+  model = vlm_jax.load(hf_dir[0])
+  model.save_hf(str(tmp_path), dtype="bfloat16")
+  tensors = safetensors_io.read(str(tmp_path / "model.safetensors"))
+  assert all(str(v.dtype) == "bfloat16" for v in tensors.values())
+  bf16 = vlm_jax.load(str(tmp_path), dtype="bfloat16")
+  # float32 pixels into bfloat16 weights: the model casts, and the logits stay close to float32's.
+  logits = np.asarray(bf16.logits(pixels, TOKENS, MASK_AR))
+  assert logits.dtype == np.float32
+  assert rel_err(logits, np.asarray(model.logits(pixels, TOKENS, MASK_AR))) < 0.1

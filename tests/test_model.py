@@ -1,0 +1,161 @@
+"""Model semantics: prefix-LM masks, the KV-cache path, ragged decoding, position-embedding resampling."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.api import Model
+from vlm_jax.models.registry import get_model_config
+from vlm_jax.models.vit import ViT, resample_posemb, vit_config
+from vlm_jax.models.vlm import PaliGemma, init_params
+
+
+def randomize(params, seed=0):
+  """Every leaf random (norm scales and biases too): a zero-init cannot hide a bug."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny_gemma2_window"])
+def model(request):
+  cfg = get_model_config(request.param.removesuffix("_window"))
+  if request.param.endswith("_window"):
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, sliding_window=3))
+  return Model(cfg, randomize(init_params(cfg)))
+
+
+@pytest.fixture(scope="module")
+def images():
+  return np.random.RandomState(0).uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+
+
+TOKENS = np.array([[2, 5, 6, 7, 8, 9, 10, 11], [2, 12, 13, 14, 15, 16, 17, 18]])
+MASK_AR = np.array([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1]])
+
+
+def test_later_prefix_token_changes_earlier_prefix_logits(model, images):
+  base = np.asarray(model.logits(images, TOKENS, MASK_AR))
+  changed = TOKENS.copy()
+  changed[:, 3] = 40  # last prefix token
+  out = np.asarray(model.logits(images, changed, MASK_AR))
+  assert np.all(np.abs(out[:, :3] - base[:, :3]).max(axis=-1) > 1e-4), "prefix is not bidirectional"
+
+
+def test_suffix_token_never_changes_earlier_positions(model, images):
+  base = np.asarray(model.logits(images, TOKENS, MASK_AR))
+  for t in range(4, 8):
+    changed = TOKENS.copy()
+    changed[:, t] = 41
+    out = np.asarray(model.logits(images, changed, MASK_AR))
+    np.testing.assert_array_equal(out[:, :t], base[:, :t])
+    assert np.abs(out[:, t] - base[:, t]).max() > 1e-4
+
+
+def test_padding_is_never_attended(model, images):
+  mask_input = np.array([[1] * 6 + [0] * 2, [1] * 8])
+  base = np.asarray(model.logits(images, TOKENS, MASK_AR, mask_input))
+  changed = TOKENS.copy()
+  changed[0, 6:] = 77
+  out = np.asarray(model.logits(images, changed, MASK_AR, mask_input))
+  np.testing.assert_array_equal(out[0, :6], base[0, :6])
+
+
+def test_kv_cache_path_equals_full_pass(model, images):
+  """Prefill the prefix, then extend one token at a time: the same logits as one full pass."""
+  full = np.asarray(model.logits(images, TOKENS, MASK_AR))
+  m = PaliGemma(model.config)
+  logits, cache = m.apply(model.params, images, TOKENS[:, :4], MASK_AR[:, :4], None, 4 + 4 + 4,
+                          method=PaliGemma.prefill)
+  steps = [logits]
+  for t in range(4, 8):
+    step_logits, cache = m.apply(model.params, jnp.asarray(TOKENS[:, t:t + 1]), cache, method=PaliGemma.extend)
+    steps.append(step_logits)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4 * np.abs(full).max())
+
+
+def _no_cache_greedy(model, images, prefix, n):
+  """Reference: re-run the full forward pass for every new token."""
+  tokens = list(prefix)
+  for _ in range(n):
+    mask_ar = [0] * len(prefix) + [1] * (len(tokens) - len(prefix))
+    logits = model.logits(images, np.array([tokens]), np.array([mask_ar]))
+    tokens.append(int(np.argmax(logits[0, -1])))
+  return tokens[len(prefix):]
+
+
+def test_cached_decode_equals_no_cache_loop(model, images):
+  prefix = [2, 5, 6, 7]
+  ours = np.asarray(model.generate_ids(images[:1], np.array([prefix]), 6, eos_id=-1))[0]
+  assert list(ours) == _no_cache_greedy(model, images[:1], prefix, 6)
+
+
+def test_ragged_batch_equals_one_by_one(model, images):
+  prefixes = [[2, 5, 6, 7, 8, 9], [2, 12, 13]]
+  batch = np.zeros((2, 6), np.int32)
+  for i, p in enumerate(prefixes):
+    batch[i, :len(p)] = p
+  together = np.asarray(model.generate_ids(images, batch, 7, eos_id=-1))
+  for i, p in enumerate(prefixes):
+    alone = np.asarray(model.generate_ids(images[i:i + 1], np.array([p]), 7, eos_id=-1))
+    np.testing.assert_array_equal(together[i], alone[0])
+
+
+def test_positions_after_eos_are_pad(model, images):
+  greedy = np.asarray(model.generate_ids(images, TOKENS[:, :4], 6, eos_id=-1))
+  eos = int(greedy[0, 2])  # make row 0's third token the EOS
+  out = np.asarray(model.generate_ids(images, TOKENS[:, :4], 6, eos_id=eos))
+  first = int(np.argmax(out[0] == eos))
+  assert first <= 2 and np.all(out[0, first + 1:] == 0)
+
+
+def test_sampling_seeds_reproduce_and_top_k_1_is_greedy(model, images):
+  prefix = TOKENS[:, :4]
+  a = model.generate_ids(images, prefix, 6, sampler="sample", temperature=1.0, seed=3, eos_id=-1)
+  b = model.generate_ids(images, prefix, 6, sampler="sample", temperature=1.0, seed=3, eos_id=-1)
+  np.testing.assert_array_equal(a, b)
+  greedy = model.generate_ids(images, prefix, 6, eos_id=-1)
+  top1 = model.generate_ids(images, prefix, 6, sampler="sample", top_k=1, seed=5, eos_id=-1)
+  np.testing.assert_array_equal(greedy, top1)
+
+
+def test_logits_mask_restricts_output(model, images):
+  allowed = np.zeros(model.config.llm.vocab_size, bool)
+  allowed[[30, 31]] = True
+  out = np.asarray(model.generate_ids(images, TOKENS[:, :4], 5, eos_id=-1, logits_mask=allowed))
+  assert set(out.ravel()) <= {30, 31}
+
+
+def test_resample_posemb_matches_scipy_zoom():
+  scipy_ndimage = pytest.importorskip("scipy.ndimage")
+  posemb = np.random.RandomState(0).randn(1, 16, 8).astype(np.float32)
+  ours = np.asarray(resample_posemb(posemb, 7)).reshape(7, 7, 8)
+  ref = scipy_ndimage.zoom(posemb.reshape(4, 4, 8), (7 / 4, 7 / 4, 1), order=1)
+  np.testing.assert_allclose(ours, ref, atol=1e-6)
+  np.testing.assert_array_equal(resample_posemb(posemb, 4), posemb)
+
+
+@pytest.mark.parametrize("pool,shape", [("none", (2, 4, 32)), ("map", (2, 32)), ("gap", (2, 32))])
+def test_vit_pooling(pool, shape):
+  vit = ViT(vit_config("mu/14", image_size=28, pool=pool))
+  x = jnp.zeros((2, 28, 28, 3))
+  params = vit.init(jax.random.key(0), x)
+  assert vit.apply(params, x).shape == shape
+
+
+def test_vit_variants_and_patch_sizes():
+  cfg = vit_config("So400m/14", image_size=224)
+  assert (cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.num_patches) == (1152, 27, 4304, 16, 256)
+  assert vit_config("B/16").patch_size == 16 and vit_config("g-opt/14").width == 1536
+  with pytest.raises(ValueError, match="Unknown ViT variant"):
+    vit_config("Q/14")
+
+
+def test_remat_gives_same_logits(images):
+  cfg = get_model_config("tiny")
+  params = randomize(init_params(cfg))
+  plain = Model(cfg, params).logits(images, TOKENS, MASK_AR)
+  remat = Model(get_model_config("tiny", remat="full"), params).logits(images, TOKENS, MASK_AR)
+  np.testing.assert_allclose(remat, plain, atol=1e-5)

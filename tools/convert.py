@@ -1,0 +1,169 @@
+"""Converts PaliGemma checkpoints between HuggingFace, big_vision and vlm_jax formats.
+
+  python tools/convert.py --from hf ./paligemma-3b-pt-224 --to vlm_jax ./ckpt --dtype bfloat16
+
+Run `python tools/convert.py --help` for the formats and flags.
+"""
+import argparse
+import os
+import sys
+import time
+
+# `python tools/convert.py` puts tools/, not the repo root, on sys.path: add the root so a plain checkout
+# works without `pip install -e .` (and this checkout's package wins over another installed copy).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+# Conversion is host-side work: keep JAX off any accelerator (whose memory a training job may be using)
+# unless the caller asks for one explicitly.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SOURCES = ("hf", "big_vision", "vlm_jax")
+TARGETS = ("hf", "vlm_jax")
+DTYPES = ("float32", "bfloat16")
+# Errors that mean "bad input" (wrong path, checkpoint that does not fit, occupied output), not a bug.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+EPILOG = """\
+formats:
+  hf          a HuggingFace PaliGemmaForConditionalGeneration directory (config.json + *.safetensors)
+  big_vision  a big_vision .npz file (keys params/img/..., params/llm/...); needs --config
+  vlm_jax     a vlm_jax checkpoint directory (vlm_config.json + Orbax params/)
+
+model configs for --config:
+  {configs}
+
+examples:
+  # a HuggingFace download to a vlm_jax checkpoint, params stored and computed in bfloat16
+  python tools/convert.py --from hf ./paligemma-3b-pt-224 --to vlm_jax ./ckpt/pg3b --dtype bfloat16
+
+  # a big_vision .npz (which stores no config) to a HuggingFace directory
+  python tools/convert.py --from big_vision ./pt_224.npz --to hf ./hf/pg3b --config paligemma_3b_224
+
+  # a fine-tuned vlm_jax checkpoint back to HuggingFace
+  python tools/convert.py --from vlm_jax ./ckpt/finetuned --to hf ./hf/finetuned
+"""
+
+
+def config_names() -> list[str]:
+  from vlm_jax.models.registry import CONFIGS
+  return sorted(CONFIGS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="convert.py",
+      description="Convert a PaliGemma-style model between HuggingFace, big_vision and vlm_jax checkpoints. "
+                  "Every tensor is checked against the model's expected shape before anything is written.",
+      epilog=EPILOG.format(configs=", ".join(config_names())),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  # PATH and OUT belong to --from / --to (not free positionals), so the flags may come in either order.
+  parser.add_argument("--from", dest="src", nargs=2, metavar=("FORMAT", "PATH"), required=True,
+                      help=f"read PATH, a checkpoint in FORMAT: {', '.join(SOURCES)} (see formats below); "
+                           "a directory, or a .npz file for big_vision")
+  parser.add_argument("--to", dest="dst", nargs=2, metavar=("FORMAT", "OUT"), required=True,
+                      help=f"write directory OUT in FORMAT: {', '.join(TARGETS)}; OUT must not exist yet or "
+                           "be empty (nothing is overwritten)")
+  parser.add_argument("--dtype", choices=DTYPES, default=None,
+                      help="dtype of the written params, and for vlm_jax output also the compute dtype in "
+                           "its config (default: the source's compute dtype: float32 for hf and big_vision, "
+                           "what a vlm_jax checkpoint was saved with)")
+  parser.add_argument("--config", metavar="NAME", default=None,
+                      help="model config name (list below). Required with --from big_vision; with hf or "
+                           "vlm_jax it replaces the config stored with the checkpoint")
+  return parser
+
+
+def log(msg: str):
+  print(msg, file=sys.stderr, flush=True)
+
+
+def check_out_dir(out: str):
+  """Fails before the (slow) load if OUT is occupied: stale shards next to new ones would corrupt it."""
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise FileExistsError(f"{out} exists and is not an empty directory; choose a new output directory.")
+
+
+def read_model(src: str, path: str, config):
+  """A `Model` from PATH with the loader of format `src`; `config` (or None) overrides the stored one."""
+  from vlm_jax import checkpoint
+  from vlm_jax.api import Model
+  from vlm_jax.convert import big_vision, hf
+  if src == "big_vision":
+    return Model(config, big_vision.load(path, config))
+  if src == "vlm_jax":
+    if not checkpoint.is_model_dir(path):
+      raise FileNotFoundError(f"{path} is not a vlm_jax checkpoint (no {checkpoint.CONFIG_FILE} + params/).")
+    return Model(*checkpoint.load_model(path, config))
+  return Model(*hf.load(path, config))
+
+
+def output_dtype(model, dtype: str | None) -> str:
+  """--dtype, else the model's compute dtype: the loaders restore params as float32 even from a bfloat16
+  vlm_jax checkpoint, so the params' own dtype would silently double its size."""
+  return dtype or model.config.llm.dtype
+
+
+def write_model(model, dst: str, out: str, dtype: str):
+  if dst == "hf":
+    from vlm_jax.convert import hf
+    # hf.save only checks the config after writing the tensors: check it first to leave no partial output.
+    hf.config_to_hf(model.config)
+    model.save_hf(out, dtype=dtype)
+  else:
+    model.with_dtype(dtype).save(out)
+
+
+def describe(model) -> str:
+  import jax
+  import numpy as np
+  cfg = model.config
+  n = sum(int(np.size(x)) for x in jax.tree.leaves(model.params))
+  tok = ", with tokenizer" if model.tokenizer is not None else ""
+  return (f"config {cfg.name or '(unnamed)'}: vision {cfg.img.width}x{cfg.img.depth}, "
+          f"text {cfg.llm.width}x{cfg.llm.depth}, {n:,} params{tok}")
+
+
+def convert(args):
+  start = time.time()
+  check_out_dir(args.out)
+  from vlm_jax.models.registry import get_model_config
+  config = get_model_config(args.config) if args.config else None
+  log(f"reading {args.src} checkpoint {args.path}" + (f" as config {args.config}" if config else ""))
+  model = read_model(args.src, args.path, config)
+  log(f"read in {time.time() - start:.1f}s; {describe(model)}")
+  dtype = output_dtype(model, args.dtype)
+  log(f"writing {args.dst} checkpoint {args.out} in {dtype}")
+  write_model(model, args.dst, args.out, dtype)
+  log(f"done in {time.time() - start:.1f}s")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """Parsed flags with args.src/path and args.dst/out split; usage errors exit with status 2."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  (args.src, args.path), (args.dst, args.out) = args.src, args.dst
+  if args.src not in SOURCES:
+    parser.error(f"--from: unknown format {args.src!r}; choose from {', '.join(SOURCES)}.")
+  if args.dst not in TARGETS:
+    parser.error(f"--to: unknown format {args.dst!r}; choose from {', '.join(TARGETS)}.")
+  if args.src == "big_vision" and not args.config:
+    parser.error("--from big_vision needs --config NAME: a .npz stores no model config "
+                 "(e.g. --config paligemma_3b_224).")
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    convert(args)
+  except USER_ERRORS as e:
+    log(f"error: {e}")
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
