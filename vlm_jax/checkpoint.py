@@ -71,3 +71,46 @@ def load_model(path: str, config=None, dtype: str | None = None):
   tok_file = os.path.join(path, TOKENIZER_FILE)
   return config, params, Tokenizer(tok_file) if os.path.isfile(tok_file) else None
 
+
+
+class TrainCheckpoints:
+  """Orbax CheckpointManager for training: params, optimizer state, data iterator state and a JSON meta
+  (stage, step within the stage, model config) per global step. Saves are async; Orbax finalises each step
+  directory atomically, so a kill at any moment leaves only complete checkpoints behind."""
+
+  def __init__(self, directory: str, keep: int = 3):
+    import grain
+    self._grain = grain
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def read_meta(self, step: int) -> dict:
+    restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def save(self, step: int, params, opt_state, data_iterator, meta: dict):
+    args = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state),
+            "meta": ocp.args.JsonSave(meta)}
+    if data_iterator is not None:
+      args["data"] = self._grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
+    """Restores onto the shardings/dtypes of the abstract trees, and the iterator in place."""
+    args = {"params": ocp.args.StandardRestore(abstract_params),
+            "opt_state": ocp.args.StandardRestore(abstract_opt_state)}
+    if data_iterator is not None:
+      args["data"] = self._grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    return restored["params"], restored["opt_state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -203,7 +203,8 @@ class Embedder(nn.Module):
   cfg: GemmaConfig
 
   def setup(self):
-    self.input_embedding = self.param("input_embedding", nn.initializers.normal(stddev=1.0),
+    # Unit-scale inputs after the sqrt(width) multiplier, and unit-scale tied output logits at init.
+    self.input_embedding = self.param("input_embedding", nn.initializers.normal(stddev=self.cfg.width ** -0.5),
                                       (self.cfg.vocab_size, self.cfg.width))
 
   def encode(self, tokens_BT):

@@ -54,14 +54,15 @@ class ViTConfig:
 
 
 def vit_config(variant: str, **kw) -> ViTConfig:
-  """`vit_config("So400m/14", image_size=224)`: a big_vision variant string to a config."""
+  """`vit_config("So400m/14", image_size=224)`: a big_vision variant string to a config; keyword arguments
+  override any field, the variant's sizes included (`vit_config("Ti/8", depth=4)`)."""
   m = re.fullmatch(r"([A-Za-z0-9-]+)(?:/(\d+))?", variant)
   if not m or m.group(1) not in VARIANTS:
     raise ValueError(f"Unknown ViT variant {variant!r}; known: {sorted(VARIANTS)} (optionally '/patch').")
   width, depth, mlp, heads = VARIANTS[m.group(1)]
   if m.group(2):
     kw.setdefault("patch_size", int(m.group(2)))
-  return ViTConfig(width=width, depth=depth, mlp_dim=mlp, num_heads=heads, **kw)
+  return ViTConfig(**{"width": width, "depth": depth, "mlp_dim": mlp, "num_heads": heads, **kw})
 
 
 def _linear_align_corners(x, new_len, axis):

@@ -1,0 +1,37 @@
+"""The README's main job: a tiny PaliGemma-shaped model on the shipped synthetic shapes data, two stages
+(32px then 64px, vision tower frozen in the first, as PaLI-3 does), CPU, a few minutes.
+
+  python tools/train.py --config configs/tiny_synthetic.py --workdir runs/tiny
+  python tools/train.py --config configs/tiny_synthetic.py:steps=50 --workdir runs/smoke --config.seed=1
+"""
+from ml_collections import ConfigDict
+
+from vlm_jax.config_util import parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, steps=1200, res=32, batch=32, examples=50_000, grid=2, lr=3e-3)
+  c = ConfigDict()
+  c.seed = 0
+  c.tokenizer = "synthetic"
+  c.model = dict(img=dict(variant="Ti/8", depth=4, num_heads=4, width=128, mlp_dim=512),
+                 llm=dict(width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=32))
+  c.optim = dict(name="adamw", b1=0.9, b2=0.99, clip_norm=1.0, weight_decay=1e-4,
+                 wd_mults=[(".*(bias|scale|pos_embedding)$", 0.0), (".*", 1.0)])
+  data = dict(kind="synthetic", split="train", num_examples=arg.examples, seed=0, grid=arg.grid)
+  first = max(arg.steps * 3 // 4, 1)
+  c.stages = [
+      dict(name="low_res", steps=first, image_size=arg.res, text_len=24, batch_size=arg.batch, data=data, lr=arg.lr,
+           schedule=dict(decay="cosine", warmup_steps=min(50, first // 4)), frozen=[], lr_mults=[]),
+      dict(name="high_res", steps=max(arg.steps - first, 1), image_size=arg.res * 2, text_len=24,
+           batch_size=arg.batch, data=data, lr=1e-3, schedule=dict(decay="cosine", warmup_steps=10),
+           frozen=[], lr_mults=[("img/.*", 0.3)]),
+  ]
+  c.evals = [dict(name="val", data=dict(kind="synthetic", split="val", num_examples=300, seed=0, grid=arg.grid),
+                  metrics=["exact_match"], batch_size=100, max_new_tokens=12, prefix_len=12)]
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 2
+  c.log_every = 20
+  c.eval_every = 0
+  return c

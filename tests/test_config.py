@@ -1,0 +1,62 @@
+"""Training configs: file:arg loading, --config.KEY overrides, and unknown keys rejected with a clear error."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlm_jax import config_util
+from vlm_jax.train_setup import check_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny_synthetic.py")
+
+
+def test_arg_after_colon_reaches_get_config():
+  c = config_util.load_config(f"{TINY}:steps=40,res=16")
+  assert c.stages[0]["image_size"] == 16 and c.stages[1]["image_size"] == 32
+  assert c.stages[0]["steps"] + c.stages[1]["steps"] == 40
+
+
+def test_unknown_config_argument():
+  with pytest.raises(ValueError, match="Unknown config argument 'stepz'"):
+    config_util.load_config(f"{TINY}:stepz=4")
+
+
+def test_overrides_are_typed_and_reach_nested_fields():
+  c = config_util.load_config(TINY)
+  config_util.apply_override(c, "seed", "7")
+  config_util.apply_override(c, "stages[1].lr", "1e-4")
+  config_util.apply_override(c, "optim.b2", "0.95")
+  assert c.seed == 7 and c.stages[1]["lr"] == 1e-4 and c.optim.b2 == 0.95
+
+
+@pytest.mark.parametrize("key,match", [("sed", "Unknown config key config.sed \\(did you mean 'seed'\\?\\)"),
+                                       ("optim.bb1", "Unknown config key config.optim.bb1"),
+                                       ("stages[5].lr", "does not exist")])
+def test_unknown_override_key(key, match):
+  c = config_util.load_config(TINY)
+  with pytest.raises(ValueError, match=match):
+    config_util.apply_override(c, key, "1")
+
+
+def test_unknown_key_in_config_file():
+  c = config_util.load_config(TINY)
+  with c.unlocked():
+    c.stages[0]["lr_mult"] = []  # typo of lr_mults
+  with pytest.raises(ValueError, match=r"config.stages\[0\].lr_mult \(did you mean 'lr_mults'\?\)"):
+    check_config(c)
+
+
+def test_train_cli_rejects_unknown_key_cleanly(tmp_path):
+  out = subprocess.run([sys.executable, "tools/train.py", "--config", "configs/tiny_synthetic.py",
+                        "--workdir", str(tmp_path / "w"), "--config.learning_rate=1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert "error: Unknown config key config.learning_rate" in out.stderr and "Traceback" not in out.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_train_cli_help():
+  out = subprocess.run([sys.executable, "tools/train.py", "--help"], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 0 and "--workdir" in out.stdout and "--config.KEY=VALUE" in out.stdout

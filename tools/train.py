@@ -1,0 +1,63 @@
+"""Train a vision-language model from one config file: every stage in order, resumable.
+
+  python tools/train.py --config configs/tiny_synthetic.py --workdir runs/tiny
+  python tools/train.py --config configs/paligemma_stages.py:res=448 --workdir runs/pg --config.seed=3
+
+Config arguments follow the colon (`file.py:a=1,b=2`, read by the file's get_config(arg)); `--config.KEY=VALUE`
+overrides any field after loading (`--config.stages[0].lr=1e-4`); an unknown key is an error. Re-running
+with the same --workdir resumes from its latest checkpoint. The workdir receives checkpoints/, metrics.jsonl,
+loss.png, eval.json (held-out results with every prediction) and model/ (the final model for vlm_jax.load).
+SIGTERM (preemption) saves a checkpoint and exits with status 143.
+"""
+import argparse
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, metavar="FILE.py[:ARGS]",
+                      help="config file defining get_config(arg); ARGS after the colon are passed as arg")
+  parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and results; "
+                      "an existing one is resumed")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config.") or "=" not in item:
+      parser.error(f"unrecognised argument {item!r} (overrides look like --config.KEY=VALUE)")
+    key, _, value = item[len("--config."):].partition("=")
+    overrides.append((key, value))
+  return args, overrides
+
+
+def main(argv=None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  from vlm_jax import config_util
+  from vlm_jax.train import Preempted, TrainingError, train
+  from vlm_jax.train_setup import check_config
+  try:
+    config = config_util.load_config(args.config)
+    for key, value in overrides:
+      config_util.apply_override(config, key, value)
+    check_config(config)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  try:
+    train(config, args.workdir)
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    return 143
+  except (TrainingError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,92 @@
+"""Training configs: `file.py:arg` loading, `--config.a.b=value` overrides, and key validation.
+
+A config file defines `get_config(arg=None)` returning an `ml_collections.ConfigDict`; `arg` is the text after
+the colon, e.g. "res=448,steps=100", which `parse_arg` turns into typed values.
+"""
+import ast
+import difflib
+import importlib.util
+import os
+import re
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """"a=1,b=x" -> ConfigDict(a=1, b="x") typed like `defaults`; a key not in `defaults` is an error."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; known: {', '.join(sorted(defaults)) or 'none'}.")
+    out[key] = _parse_value(value.strip(), defaults[key], key) if eq else True
+  return ml_collections.ConfigDict(out)
+
+
+def _parse_value(text: str, like, key: str):
+  if isinstance(like, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"config argument {key}: {text!r} is not a bool.")
+    return text.lower() in ("true", "1")
+  if isinstance(like, (int, float)) and not isinstance(like, bool):
+    try:
+      return type(like)(ast.literal_eval(text))
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"config argument {key}: {text!r} is not a {type(like).__name__}.") from e
+  if isinstance(like, str) or like is None:
+    return text
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"config argument {key}: cannot parse {text!r}.") from e
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No config file {path}.")
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path} defines no get_config(arg=None).")
+  return module.get_config(arg or None)
+
+
+def apply_override(config, dotted: str, text: str):
+  """`config.a.b[0].c = value`, value parsed like the current one; an unknown key is a clear error."""
+  parts = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
+  node, where = config, "config"
+  for i, part in enumerate(parts):
+    last = i == len(parts) - 1
+    if part.startswith("["):
+      idx = int(part[1:-1])
+      if not isinstance(node, (list, tuple)) or idx >= len(node):
+        raise ValueError(f"config key {where}{part} does not exist.")
+      if last:
+        node[idx] = _parse_value(text, node[idx], dotted)
+      node, where = node[idx], where + part
+      continue
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part not in keys:
+      hint = difflib.get_close_matches(part, keys, n=1)
+      raise ValueError(f"Unknown config key {where}.{part}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + ".")
+    if last:
+      node[part] = _parse_value(text, node[part], dotted)
+    node, where = node[part], f"{where}.{part}"
+
+
+def check_keys(node, allowed: dict, where: str = "config"):
+  """Rejects keys not in `allowed` (a dict key -> nested allowed dict, or None for a leaf of any content)."""
+  for key in node.keys():
+    if key not in allowed:
+      hint = difflib.get_close_matches(key, list(allowed), n=1)
+      raise ValueError(f"Unknown config key {where}.{key}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + ".")
+    sub = allowed[key]
+    if isinstance(sub, dict) and node[key] is not None:
+      items = node[key] if isinstance(node[key], (list, tuple)) else [node[key]]
+      for i, item in enumerate(items):
+        if hasattr(item, "keys"):
+          check_keys(item, sub, f"{where}.{key}" + (f"[{i}]" if isinstance(node[key], (list, tuple)) else ""))

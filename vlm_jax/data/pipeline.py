@@ -1,0 +1,84 @@
+"""The grain input pipeline: sources -> per-process shard -> shuffle/repeat -> weighted mixture -> preprocess ->
+batch. Each process reads only its shard; the iterator's state goes into the checkpoint.
+
+A source is any random-access object (`__len__`, `__getitem__`) returning examples
+{"id", "image": uint8 [H,W,3] or None, "turns": [(prompt, answer), ...], "task"} (or None for a bad example
+that a `skip_bad` source already counted).
+"""
+import collections
+
+import grain
+import numpy as np
+
+from vlm_jax.data.image import to_rgb_array
+from vlm_jax.data.text import tokenize_turns
+
+
+def make_source(src_cfg):
+  """A source from its config dict: kind = synthetic | llava_json | tfds."""
+  kind = src_cfg.get("kind")
+  kw = {k: v for k, v in dict(src_cfg).items() if k not in ("kind", "weight")}
+  if kind == "synthetic":
+    from vlm_jax.data.synthetic import SyntheticSource
+    return SyntheticSource(**kw)
+  if kind == "llava_json":
+    from vlm_jax.data.llava_json import LlavaJsonSource
+    return LlavaJsonSource(**kw)
+  if kind == "tfds":
+    from vlm_jax.data.tfds_source import TfdsSource
+    return TfdsSource(**kw)
+  raise ValueError(f"Unknown data source kind {kind!r}; use synthetic | llava_json | tfds.")
+
+
+def source_configs(data_cfg):
+  """`data` is one source config, or {"sources": [...]} for a weighted mixture."""
+  data_cfg = dict(data_cfg)
+  if "sources" in data_cfg:
+    return [dict(s) for s in data_cfg["sources"]]
+  return [data_cfg]
+
+
+class Preprocess:
+  """Example -> fixed-shape arrays. Counts truncated texts and skipped examples (in this process)."""
+
+  def __init__(self, tokenizer, image_size: int, text_len: int, skip_bad: bool = False):
+    self.tokenizer, self.image_size, self.text_len, self.skip_bad = tokenizer, image_size, text_len, skip_bad
+    self.counts = collections.Counter()
+
+  def __call__(self, example):
+    if example is None:
+      self.counts["skipped"] += 1
+      return None
+    try:
+      if example["image"] is None:  # text-only example: a blank (mid-grey) image keeps shapes static
+        image = np.zeros((self.image_size, self.image_size, 3), np.float32)
+      else:
+        image = to_rgb_array(example["image"], self.image_size)
+    except ValueError as e:
+      if not self.skip_bad:
+        raise ValueError(f"example {example.get('id')}: {e}") from e
+      self.counts["skipped"] += 1
+      return None
+    tok = tokenize_turns(self.tokenizer, example["turns"], self.text_len)
+    self.counts["truncated"] += int(tok.truncated)
+    return {"image": image, "tokens": tok.tokens, "mask_ar": tok.mask_ar, "mask_loss": tok.mask_loss,
+            "mask_input": tok.mask_input}
+
+
+def make_train_iterator(data_cfg, tokenizer, image_size: int, text_len: int, batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1, num_threads: int = 4):
+  """(grain iterator of host-local batches of `batch_size // process_count`, Preprocess with its counts)."""
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} processes.")
+  parts, weights = [], []
+  for i, src_cfg in enumerate(source_configs(data_cfg)):
+    ds = grain.MapDataset.source(make_source(src_cfg))[process_index::process_count]
+    if len(ds) == 0:
+      raise ValueError(f"data source {src_cfg} has no examples for process {process_index}.")
+    parts.append(ds.shuffle(seed=seed + 7919 * i).repeat(None))
+    weights.append(float(src_cfg.get("weight", 1.0)))
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  preprocess = Preprocess(tokenizer, image_size, text_len, bool(dict(data_cfg).get("skip_bad", False)))
+  it_ds = ds.map(preprocess).to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8))
+  it_ds = it_ds.filter(lambda x: x is not None).batch(batch_size // process_count, drop_remainder=True)
+  return iter(it_ds), preprocess

@@ -1,0 +1,56 @@
+"""What a training run writes for people: `metrics.jsonl` (one JSON object per logged step) and a PNG plot."""
+import json
+import math
+import os
+
+
+class MetricsLog:
+  """Appends to workdir/metrics.jsonl; a resumed run drops records past its restored step first."""
+
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    if enabled and os.path.exists(self.path):
+      kept = [line for line in open(self.path) if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+
+  def write(self, record: dict):
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                          for k, v in record.items()}) + "\n")
+
+  def records(self) -> list[dict]:
+    if not os.path.exists(self.path):
+      return []
+    return [json.loads(line) for line in open(self.path) if line.strip()]
+
+
+def plot(records: list[dict], out_png: str):
+  """Training loss (and any held-out metrics) against step, stages shaded, written to `out_png`."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  train = [r for r in records if r.get("loss") is not None]
+  evals = sorted({k for r in records for k in r if k.startswith("eval/")})
+  fig, axes = plt.subplots(1, 1 + bool(evals), figsize=(6 * (1 + bool(evals)), 4), squeeze=False)
+  ax = axes[0][0]
+  ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+  ax.set_xlabel("step"), ax.set_ylabel("train loss"), ax.set_yscale("log"), ax.grid(alpha=0.3)
+  stage_starts = {}
+  for r in train:
+    stage_starts.setdefault(r.get("stage", 0), r["step"])
+  for stage, step in stage_starts.items():
+    ax.axvline(step, color="grey", ls=":", lw=1)
+    ax.text(step, ax.get_ylim()[1], f" stage {stage}", va="top", fontsize=8)
+  if evals:
+    ax = axes[0][1]
+    for k in evals:
+      pts = [(r["step"], r[k]) for r in records if r.get(k) is not None]
+      ax.plot(*zip(*pts), marker="o", label=k[5:])
+    ax.set_xlabel("step"), ax.set_ylabel("held-out metric"), ax.legend(), ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)

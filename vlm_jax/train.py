@@ -1,0 +1,338 @@
+"""The train loop: every stage of `config.stages` in order, one jitted step, Orbax checkpoints, evals.
+
+Per stage: image resolution, text length, steps, data mixture, lr schedule, lr multipliers and frozen
+params. Between stages the position embeddings are resampled to the new grid, the pipeline is rebuilt and
+the optimizer starts fresh for the new trainable set. A restart in the same workdir resumes from the latest
+checkpoint (params, optimizer, data iterator, stage), so a killed run ends where an uninterrupted one does.
+"""
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vlm_jax import checkpoint, evaluate, optim, sharding, treeutil
+from vlm_jax.data.pipeline import make_train_iterator
+from vlm_jax.models.vit import resample_posemb
+from vlm_jax.models.vlm import PaliGemma
+from vlm_jax.run_log import MetricsLog, plot
+from vlm_jax.train_setup import (build_model_config, check_config, initial_params, make_tokenizer,
+                                 model_for_stage, normalize)
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+class Preempted(Exception):
+  """Raised by `train` after SIGTERM made it save a checkpoint and stop."""
+
+
+def loss_fn(model_cfg, params, batch):
+  """Per-example mean NLL over supervised tokens, then the batch mean (big_vision's convention)."""
+  tokens, mask_loss = batch["tokens"], batch["mask_loss"]
+  logits_BTV = PaliGemma(model_cfg).apply(params, batch["image"], tokens[:, :-1], batch["mask_ar"][:, :-1],
+                                          batch["mask_input"][:, :-1])
+  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  nll_BT = -jnp.take_along_axis(logp_BTV, tokens[:, 1:, None], axis=-1)[..., 0]
+  weights_BT = mask_loss[:, 1:].astype(jnp.float32)
+  per_example_B = jnp.sum(nll_BT * weights_BT, axis=-1) / jnp.maximum(jnp.sum(weights_BT, axis=-1), 1.0)
+  return jnp.mean(per_example_B)
+
+
+def split_params(params, frozen: set):
+  flat = treeutil.flatten(params)
+  return (treeutil.unflatten({k: v for k, v in flat.items() if k not in frozen}),
+          treeutil.unflatten({k: v for k, v in flat.items() if k in frozen}))
+
+
+def merge_params(trainable, frozen):
+  return treeutil.unflatten({**treeutil.flatten(frozen), **treeutil.flatten(trainable)})
+
+
+def make_train_step(model_cfg, optimizer, schedule, grad_accum: int):
+  """(trainable, frozen, opt_state, batch, step) -> (trainable, opt_state, metrics); params are the
+  inner {"img", "llm"} trees without the "params" collection wrapper."""
+
+  def loss_of(trainable, frozen, batch):
+    return loss_fn(model_cfg, {"params": merge_params(trainable, frozen)}, batch)
+
+  def step_fn(trainable, frozen, opt_state, batch, step):
+    if grad_accum == 1:
+      loss, grads = jax.value_and_grad(loss_of)(trainable, frozen, batch)
+    else:  # micro-batches in a scan: one update per step, a fraction of the activation memory
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+      def accumulate(carry, mb):
+        loss, grads = jax.value_and_grad(loss_of)(trainable, frozen, mb)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+      zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable))
+      (loss, grads), _ = jax.lax.scan(accumulate, zero, micro)
+      loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss, "lr": schedule(step), "grad_norm": optax.global_norm(grads)}
+
+  return step_fn
+
+
+def resample_for(params, model_cfg):
+  """Position embeddings resampled to the stage's patch grid (a no-op when it already fits)."""
+  posemb = params["img"]["pos_embedding"]
+  if posemb.shape[1] == model_cfg.img.num_patches:
+    return params
+  params = dict(params, img=dict(params["img"]))
+  params["img"]["pos_embedding"] = resample_posemb(posemb, model_cfg.img.grid)
+  return params
+
+
+class _Preempted:
+  """SIGTERM (preemption) sets a flag; the loop checkpoints and exits at the next step boundary."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    self.flag = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+@dataclasses.dataclass
+class StageState:
+  index: int
+  cfg: ml_collections.ConfigDict
+  model_cfg: object
+  frozen: set
+  step_fn: object
+  optimizer: object
+  data_iter: object
+  preprocess: object
+
+
+def train(config, workdir: str, log=print) -> dict:
+  """Runs (or resumes) all stages. Returns the final evaluation results (also in workdir/eval.json)."""
+  check_config(config)
+  config = normalize(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.get("mesh"))
+  tokenizer = make_tokenizer(config)
+  base_cfg = build_model_config(config.model, tokenizer)
+  ckpts = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3))
+  latest = ckpts.latest_step()
+  resume = ckpts.read_meta(latest) if latest is not None else None
+  global_step = resume["step"] if resume else 0
+  metrics_log = MetricsLog(workdir, resume_step=global_step, enabled=is_main)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  if resume:
+    log(f"resuming from step {global_step} (stage {resume['stage']}, step {resume['stage_step']} in the stage)")
+  preempted = _Preempted()
+  params = None
+  results = {}
+  try:
+    for index, stage_cfg in enumerate(config.stages):
+      stage_steps = int(stage_cfg.steps)
+      if resume and index < resume["stage"]:
+        continue
+      stage = _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh)
+      trainable_names = _trainable_names(stage.model_cfg, stage.frozen)
+      param_sh = _nested_shardings(stage.model_cfg, mesh)
+      start = 0
+      if resume and index == resume["stage"]:
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                _abstract_params(stage.model_cfg), param_sh)
+        abstract_opt = _abstract_opt_state(stage.optimizer, abstract, stage.frozen)
+        params, opt_state = ckpts.restore(latest, abstract, abstract_opt, stage.data_iter)
+        start = resume["stage_step"]
+        resume = None
+      else:
+        if params is None:
+          params = initial_params(config, stage.model_cfg, log)
+        else:
+          log(f"stage {index}: resampling position embeddings to {stage.model_cfg.img.grid}x"
+              f"{stage.model_cfg.img.grid}")
+        params = jax.device_put(resample_for(jax.device_get(params), stage.model_cfg), param_sh)
+        trainable, _ = split_params(params, stage.frozen)
+        opt_state = jax.jit(stage.optimizer.init)(trainable)
+      log(f"stage {index}: {stage_steps} steps at {stage.model_cfg.img.image_size}px, text_len "
+          f"{stage_cfg.text_len}, batch {stage_cfg.batch_size}, {len(stage.frozen)} frozen / "
+          f"{len(trainable_names)} trainable param tensors")
+      params, global_step, stopped = _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts,
+                                                metrics_log, preempted, tokenizer, workdir, log)
+      if stopped:
+        raise Preempted(f"stopped by SIGTERM at step {global_step}; re-run to resume")
+    ckpts.wait()
+    results = _final_eval(config, base_cfg, params, tokenizer, workdir, metrics_log, global_step, log)
+    if is_main:
+      records = metrics_log.records()
+      if records:
+        plot(records, os.path.join(workdir, "loss.png"))
+      if config.get("export_model", True):
+        final_cfg = model_for_stage(base_cfg, config.stages[-1])
+        export_dir = os.path.join(workdir, "model")
+        if not os.path.exists(export_dir):
+          from vlm_jax.api import Model
+          Model(final_cfg, {"params": jax.device_get(params)}, tokenizer).save(export_dir)
+          log(f"wrote {export_dir} (vlm_jax.load it)")
+  finally:
+    preempted.restore()
+    ckpts.close()
+  return results
+
+
+def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh) -> StageState:
+  model_cfg = model_for_stage(base_cfg, stage_cfg)
+  names = list(treeutil.flatten(_abstract_params(model_cfg)))
+  frozen = optim.frozen_names(names, stage_cfg.get("frozen"))
+  optimizer, schedule = optim.make_optimizer(config.get("optim", {}), stage_cfg, set(names) - frozen)
+  step_fn = make_train_step(model_cfg, optimizer, schedule, int(config.get("grad_accum", 1)))
+  data_iter, preprocess = make_train_iterator(
+      stage_cfg.data, tokenizer, model_cfg.img.image_size, int(stage_cfg.text_len), int(stage_cfg.batch_size),
+      seed=int(config.seed) + 1000 * index, process_index=jax.process_index(), process_count=jax.process_count())
+  return StageState(index, stage_cfg, model_cfg, frozen, step_fn, optimizer, data_iter, preprocess)
+
+
+def _abstract_params(model_cfg):
+  from vlm_jax.models.vlm import init_params
+  return jax.eval_shape(lambda: init_params(model_cfg))["params"]
+
+
+def _trainable_names(model_cfg, frozen):
+  return [k for k in treeutil.flatten(_abstract_params(model_cfg)) if k not in frozen]
+
+
+def _nested_shardings(model_cfg, mesh):
+  flat = treeutil.flatten(_abstract_params(model_cfg))
+  return treeutil.unflatten(sharding.param_shardings(flat, mesh))
+
+
+def _abstract_opt_state(optimizer, abstract_params, frozen):
+  trainable, _ = split_params(abstract_params, frozen)
+  shapes = jax.eval_shape(optimizer.init, trainable)
+  shardings = jax.jit(optimizer.init).lower(trainable).compile().output_shardings
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _global_batch(batch, mesh):
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in batch.items()}
+
+
+def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts, metrics_log, preempted,
+               tokenizer, workdir, log):
+  """Runs one stage from `start`; returns (params, global step, stopped by SIGTERM)."""
+  from tqdm.auto import tqdm
+  steps = int(stage.cfg.steps)
+  trainable, frozen = split_params(params, stage.frozen)
+  jitted = jax.jit(stage.step_fn, donate_argnums=(0, 2))
+  log_every, ckpt_every = int(config.get("log_every", 10)), int(config.get("checkpoint_every", 0) or 0)
+  eval_every = int(config.get("eval_every", 0) or 0)
+  batch_size = int(stage.cfg.batch_size)
+  bar = tqdm(total=steps, initial=start, desc=f"stage {stage.index}", disable=jax.process_index() != 0,
+             dynamic_ncols=True)
+  pending, t_last, n_last = None, time.time(), start
+  last_good = ckpts.latest_step()
+
+  def meta(stage_step):
+    return {"step": global_step, "stage": stage.index, "stage_step": stage_step,
+            "image_size": stage.model_cfg.img.image_size}
+
+  def save(stage_step):
+    nonlocal last_good
+    ckpts.save(global_step, merge_params(trainable, frozen), opt_state, stage.data_iter, meta(stage_step))
+    last_good = global_step
+
+  def check_finite(record):
+    if not np.isfinite(record["loss"]):
+      ckpts.wait()
+      raise TrainingError(f"loss is {record['loss']} at step {record['step']} (stage {stage.index}); stopping. "
+                          f"The last good checkpoint (step {last_good}) is kept in {ckpts.directory}.")
+
+  for stage_step in range(start, steps):
+    if preempted.flag:
+      save(stage_step)
+      ckpts.wait()
+      log(f"SIGTERM: saved checkpoint at step {global_step}; exiting.")
+      bar.close()
+      return merge_params(trainable, frozen), global_step, True
+    batch = _global_batch(next(stage.data_iter), mesh)
+    trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, batch, jnp.asarray(stage_step))
+    global_step += 1
+    if pending is not None:  # read the previous step's metrics: no host sync on the step just dispatched
+      record = _record(pending, stage, batch_size, t_last, n_last)
+      check_finite(record)
+      if record.pop("_log"):
+        metrics_log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_sec']:.1f}")
+        t_last, n_last = time.time(), record["stage_step"]
+    pending = (metrics, global_step, stage_step + 1,
+               (stage_step + 1) % log_every == 0 or stage_step + 1 == steps)
+    bar.update(1)
+    at_end = stage_step + 1 == steps
+    if (ckpt_every and global_step % ckpt_every == 0) or at_end:
+      check_finite(_record(pending, stage, batch_size, t_last, n_last))  # never checkpoint a NaN state
+      save(stage_step + 1)
+    if eval_every and global_step % eval_every == 0 and not at_end:
+      _periodic_eval(config, stage.model_cfg, merge_params(trainable, frozen), tokenizer, metrics_log, global_step,
+                     stage.index, log)
+  if pending is not None:
+    record = _record(pending, stage, batch_size, t_last, n_last)
+    check_finite(record)
+    if record.pop("_log"):
+      metrics_log.write(record)
+  bar.close()
+  if stage.preprocess.counts:
+    log(f"stage {stage.index} data: {dict(stage.preprocess.counts)} (truncated texts, skipped examples)")
+  return merge_params(trainable, frozen), global_step, False
+
+
+def _record(pending, stage, batch_size, t_last, n_last):
+  metrics, step, stage_step, should_log = pending
+  values = jax.device_get(metrics)
+  elapsed = max(time.time() - t_last, 1e-9)
+  return {"step": step, "stage": stage.index, "stage_step": stage_step, "loss": float(values["loss"]),
+          "lr": float(values["lr"]), "grad_norm": float(values["grad_norm"]),
+          "examples_per_sec": (stage_step - n_last) * batch_size / elapsed, "_log": should_log}
+
+
+def _run_evals(config, model_cfg, params, tokenizer, log):
+  results = []
+  for eval_cfg in config.get("evals", []) or []:
+    res = evaluate.evaluate(model_cfg, {"params": params}, tokenizer, eval_cfg)
+    log(f"eval {res['name']}: {evaluate.summary(res)}")
+    results.append(res)
+  return results
+
+
+def _eval_record(results, step, stage):
+  """One metrics.jsonl record: eval/<name>/<metric> for each overall (not per-task) metric."""
+  return {"step": step, "stage": stage, **{f"eval/{r['name']}/{k}": v for r in results for k, v in r.items()
+                                           if isinstance(v, float) and "/" not in k}}
+
+
+def _periodic_eval(config, model_cfg, params, tokenizer, metrics_log, step, stage, log):
+  metrics_log.write(_eval_record(_run_evals(config, model_cfg, params, tokenizer, log), step, stage))
+
+
+def _final_eval(config, base_cfg, params, tokenizer, workdir, metrics_log, step, log):
+  model_cfg = model_for_stage(base_cfg, config.stages[-1])
+  results = _run_evals(config, model_cfg, params, tokenizer, log)
+  if not results or jax.process_index() != 0:
+    return {}
+  out = {r["name"]: r for r in results}
+  metrics_log.write(_eval_record(results, step, len(config.stages) - 1))
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  log(f"wrote {os.path.join(workdir, 'eval.json')}")
+  return out

@@ -1,0 +1,99 @@
+"""What a training config turns into before the loop: validated keys, tokenizer, model config, first params."""
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+
+from vlm_jax import config_util, treeutil
+from vlm_jax.models.gemma import GemmaConfig, gemma_config
+from vlm_jax.models.registry import get_model_config, with_overrides
+from vlm_jax.models.vit import vit_config
+from vlm_jax.models.vlm import VLMConfig
+
+_SOURCE = {k: None for k in ("kind", "weight", "num_examples", "seed", "split", "image_size", "tasks",
+                             "max_objects", "grid", "json_path", "image_dir", "skip_bad", "name", "data_dir",
+                             "fields", "sources")}
+_DATA = dict(_SOURCE, sources=_SOURCE)
+# Every key a training config may set; anything else is a typo, reported with the closest known key.
+ALLOWED_KEYS = {
+    "seed": None, "mesh": None, "checkpoint_every": None, "keep_checkpoints": None, "log_every": None,
+    "eval_every": None, "grad_accum": None, "export_model": None, "tokenizer": None, "total_steps": None,
+    "model": {"name": None, "img": None, "llm": None, "dtype": None, "remat": None, "init": None},
+    "optim": {"name": None, "b1": None, "b2": None, "eps": None, "momentum": None, "clip_norm": None,
+              "weight_decay": None, "wd_mults": None},
+    "stages": {"name": None, "steps": None, "image_size": None, "text_len": None, "batch_size": None,
+               "data": _DATA, "lr": None, "schedule": {"decay": None, "warmup_steps": None, "end_frac": None},
+               "frozen": None, "lr_mults": None},
+    "evals": {"name": None, "data": _DATA, "metrics": None, "batch_size": None, "max_new_tokens": None,
+              "prefix_len": None, "num_examples": None},
+}
+REQUIRED_STAGE_KEYS = ("steps", "image_size", "text_len", "batch_size", "data", "lr")
+
+
+def check_config(config):
+  config_util.check_keys(config, ALLOWED_KEYS)
+  if not config.get("stages"):
+    raise ValueError("config.stages is empty: a run needs at least one stage.")
+  for i, stage in enumerate(config.stages):
+    if missing := [k for k in REQUIRED_STAGE_KEYS if k not in stage]:
+      raise ValueError(f"config.stages[{i}] is missing {missing}.")
+
+
+def normalize(config):
+  """A copy whose stages and evals are ConfigDicts too (config files may write them as plain dicts)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  with config.unlocked():
+    config.stages = [ml_collections.ConfigDict(dict(s)) for s in config.stages]
+    config.evals = [ml_collections.ConfigDict(dict(e)) for e in (config.get("evals") or [])]
+  return config
+
+
+def make_tokenizer(config):
+  """`config.tokenizer`: a SentencePiece model path, or "synthetic" for the small one the package trains."""
+  from vlm_jax.tokenizer import Tokenizer
+  spec = config.get("tokenizer", "synthetic")
+  if spec == "synthetic":
+    from vlm_jax.data.synthetic import synthetic_tokenizer
+    return synthetic_tokenizer()
+  return Tokenizer(spec)
+
+
+def build_model_config(model_cfg, tokenizer) -> VLMConfig:
+  """A named model (`model.name`) or one spelled out (`model.img` = ViT variant + options, `model.llm` = Gemma
+  variant or explicit sizes); `vocab_size` defaults to the tokenizer's."""
+  overrides = {k: model_cfg[k] for k in ("dtype", "remat") if model_cfg.get(k)}
+  if model_cfg.get("name"):
+    cfg = get_model_config(model_cfg.name)
+  else:
+    llm_kw = dict(model_cfg.llm)
+    llm_kw.setdefault("vocab_size", tokenizer.vocab_size)
+    variant = llm_kw.pop("variant", None)
+    llm = gemma_config(variant, **llm_kw) if variant else GemmaConfig(**llm_kw)
+    img_kw = dict(model_cfg.img)
+    img = vit_config(img_kw.pop("variant"), head_dim_out=llm.width, **img_kw)
+    cfg = VLMConfig(img=img, llm=llm, name="custom")
+  if cfg.llm.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"model vocab_size {cfg.llm.vocab_size} < tokenizer vocab size {tokenizer.vocab_size}.")
+  return with_overrides(cfg, **overrides) if overrides else cfg
+
+
+def model_for_stage(base: VLMConfig, stage_cfg) -> VLMConfig:
+  return dataclasses.replace(base, img=dataclasses.replace(base.img, image_size=int(stage_cfg.image_size)))
+
+
+def initial_params(config, model_cfg, log):
+  """Random init (seeded), or `config.model.init`: a HF directory, big_vision .npz or vlm_jax checkpoint."""
+  from vlm_jax.models.vlm import init_params
+  init = config.model.get("init")
+  if not init:
+    return init_params(model_cfg, int(config.seed))["params"]
+  import vlm_jax
+  log(f"loading initial params from {init}")
+  loaded = vlm_jax.load(init, config=None if not init.endswith(".npz") else config.model.get("name"))
+  src_res = loaded.config.img.image_size
+  expected = dataclasses.replace(model_cfg, img=dataclasses.replace(model_cfg.img, image_size=src_res))
+  found = treeutil.flatten(loaded.params["params"])
+  want = treeutil.flatten(jax.eval_shape(lambda: init_params(expected))["params"])
+  treeutil.check_shapes(want, found, f"config.model.init {init}")
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), loaded.params["params"])
