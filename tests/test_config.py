@@ -13,7 +13,7 @@ TINY = os.path.join(REPO, "configs", "tiny_synthetic.py")
 
 
 def test_arg_after_colon_reaches_get_config():
-  c = config_util.load_config(f"{TINY}:steps=40,res=16")
+  c = config_util.load_config(f"{TINY}:steps1=30,steps2=10,res=16,res2=32")
   assert c.stages[0]["image_size"] == 16 and c.stages[1]["image_size"] == 32
   assert c.stages[0]["steps"] + c.stages[1]["steps"] == 40
 

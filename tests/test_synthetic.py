@@ -47,6 +47,9 @@ def objects_in(image, grid):
   return sorted(found, key=lambda o: o["cell"])
 
 
+SHAPE_ORDER = ["circle", "square", "triangle"]  # the order captions list objects in
+
+
 def check_example(ex, src):
   """Asserts the example's answer is the one its pixels give, and that its question names one object."""
   assert ex["image"].dtype == np.uint8 and ex["image"].shape == (src.image_size, src.image_size, 3)
@@ -59,7 +62,7 @@ def check_example(ex, src):
   by_shape = {o["shape"]: o for o in objs}
   if task == "caption":
     assert prompt == "caption en"
-    parts = [f"a {o['colour']} {o['shape']}" for o in objs]
+    parts = [f"a {o['colour']} {o['shape']}" for o in sorted(objs, key=lambda o: SHAPE_ORDER.index(o["shape"]))]
     assert answer == (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
   elif task == "count":
     assert (prompt, answer) == ("how many shapes", str(len(objs)))

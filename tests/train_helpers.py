@@ -12,7 +12,7 @@ TINY = os.path.join(REPO, "configs", "tiny_synthetic.py")
 
 def small_config(steps=(3, 2), batch=8, res=16, **top):
   """The README config shrunk: 16px then 32px, a 2-layer model, a few steps per stage, no evals."""
-  c = config_util.load_config(f"{TINY}:res={res},batch={batch},examples=256")
+  c = config_util.load_config(f"{TINY}:res={res},res2={2 * res},batch={batch},examples=256")
   with c.unlocked():
     c.model.img.depth, c.model.llm.depth = 1, 1
     for stage, n in zip(c.stages, steps):

@@ -48,7 +48,7 @@ def schedule(stage) -> optax.Schedule:
     after = optax.linear_schedule(lr, end, decay_steps)
   elif kind == "rsqrt":
     timescale = max(warmup, 1)
-    after = lambda count: lr * jnp.sqrt(timescale / (count + timescale))
+    after = lambda count: lr * jax.lax.rsqrt(jnp.maximum(count, 0) / timescale + 1.0)
   elif kind == "constant":
     after = optax.constant_schedule(lr)
   else:

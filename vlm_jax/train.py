@@ -77,7 +77,7 @@ def make_train_step(model_cfg, optimizer, schedule, grad_accum: int):
       loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss, "lr": schedule(step), "grad_norm": optax.global_norm(grads)}
+    return trainable, opt_state, {"loss": loss, "lr": schedule(step), "grad_norm": optax.tree.norm(grads)}
 
   return step_fn
 
@@ -292,8 +292,8 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
     if record.pop("_log"):
       metrics_log.write(record)
   bar.close()
-  if stage.preprocess.counts:
-    log(f"stage {stage.index} data: {dict(stage.preprocess.counts)} (truncated texts, skipped examples)")
+  if stats := stage.preprocess.stats():
+    log(f"stage {stage.index} data (this process): {stats}")
   return merge_params(trainable, frozen), global_step, False
 
 

@@ -1,5 +1,6 @@
 """What a training config turns into before the loop: validated keys, tokenizer, model config, first params."""
 import dataclasses
+import os
 
 import jax
 import ml_collections
@@ -60,12 +61,13 @@ def make_tokenizer(config):
 
 
 def build_model_config(model_cfg, tokenizer) -> VLMConfig:
-  """A named model (`model.name`) or one spelled out (`model.img` = ViT variant + options, `model.llm` = Gemma
-  variant or explicit sizes); `vocab_size` defaults to the tokenizer's."""
+  """The model: named (`model.name`), spelled out (`model.img` = ViT variant + options, `model.llm` = Gemma
+  variant or explicit sizes; `vocab_size` defaults to the tokenizer's), or read from the checkpoint that
+  `model.init` points at (a HF or vlm_jax directory)."""
   overrides = {k: model_cfg[k] for k in ("dtype", "remat") if model_cfg.get(k)}
   if model_cfg.get("name"):
     cfg = get_model_config(model_cfg.name)
-  else:
+  elif model_cfg.get("img") and model_cfg.get("llm"):
     llm_kw = dict(model_cfg.llm)
     llm_kw.setdefault("vocab_size", tokenizer.vocab_size)
     variant = llm_kw.pop("variant", None)
@@ -73,9 +75,23 @@ def build_model_config(model_cfg, tokenizer) -> VLMConfig:
     img_kw = dict(model_cfg.img)
     img = vit_config(img_kw.pop("variant"), head_dim_out=llm.width, **img_kw)
     cfg = VLMConfig(img=img, llm=llm, name="custom")
+  elif model_cfg.get("init"):
+    cfg = _checkpoint_config(model_cfg.init)
+  else:
+    raise ValueError("config.model needs a name, img + llm, or an init checkpoint to take the config from.")
   if cfg.llm.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model vocab_size {cfg.llm.vocab_size} < tokenizer vocab size {tokenizer.vocab_size}.")
   return with_overrides(cfg, **overrides) if overrides else cfg
+
+
+def _checkpoint_config(path: str) -> VLMConfig:
+  from vlm_jax import checkpoint
+  from vlm_jax.convert import hf
+  if checkpoint.is_model_dir(path):
+    return checkpoint.load_config(path)
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return hf.read_config(path)
+  raise ValueError(f"config.model.init {path}: no model config there (a big_vision .npz needs config.model.name).")
 
 
 def model_for_stage(base: VLMConfig, stage_cfg) -> VLMConfig:
@@ -90,7 +106,7 @@ def initial_params(config, model_cfg, log):
     return init_params(model_cfg, int(config.seed))["params"]
   import vlm_jax
   log(f"loading initial params from {init}")
-  loaded = vlm_jax.load(init, config=None if not init.endswith(".npz") else config.model.get("name"))
+  loaded = vlm_jax.load(init, config=config.model.get("name") if init.endswith(".npz") else None)
   src_res = loaded.config.img.image_size
   expected = dataclasses.replace(model_cfg, img=dataclasses.replace(model_cfg.img, image_size=src_res))
   found = treeutil.flatten(loaded.params["params"])

@@ -14,20 +14,19 @@ from vlm_jax.data.image import to_rgb_array
 from vlm_jax.data.text import tokenize_turns
 
 
-def make_source(src_cfg):
-  """A source from its config dict: kind = synthetic | llava_json | tfds."""
+def make_source(src_cfg, skip_bad: bool = False):
+  """A source from its config dict: kind = synthetic | llava_json. `skip_bad` (here or in the source's
+  own config) makes sources that read files skip and count bad records instead of raising."""
   kind = src_cfg.get("kind")
-  kw = {k: v for k, v in dict(src_cfg).items() if k not in ("kind", "weight")}
+  kw = {k: v for k, v in dict(src_cfg).items() if k not in ("kind", "weight", "skip_bad")}
+  skip_bad = bool(src_cfg.get("skip_bad", skip_bad))
   if kind == "synthetic":
     from vlm_jax.data.synthetic import SyntheticSource
     return SyntheticSource(**kw)
   if kind == "llava_json":
     from vlm_jax.data.llava_json import LlavaJsonSource
-    return LlavaJsonSource(**kw)
-  if kind == "tfds":
-    from vlm_jax.data.tfds_source import TfdsSource
-    return TfdsSource(**kw)
-  raise ValueError(f"Unknown data source kind {kind!r}; use synthetic | llava_json | tfds.")
+    return LlavaJsonSource(**kw, skip_bad=skip_bad)
+  raise ValueError(f"Unknown data source kind {kind!r}; use synthetic | llava_json.")
 
 
 def source_configs(data_cfg):
@@ -39,16 +38,23 @@ def source_configs(data_cfg):
 
 
 class Preprocess:
-  """Example -> fixed-shape arrays. Counts truncated texts and skipped examples (in this process)."""
+  """Example -> fixed-shape arrays. Counts truncated texts and unusable images (in this process); grain
+  drops the None a skip_bad source returns for a bad record before it gets here, so `stats` adds the
+  sources' own `skipped` counters."""
 
-  def __init__(self, tokenizer, image_size: int, text_len: int, skip_bad: bool = False):
+  def __init__(self, tokenizer, image_size: int, text_len: int, skip_bad: bool = False, sources=()):
     self.tokenizer, self.image_size, self.text_len, self.skip_bad = tokenizer, image_size, text_len, skip_bad
     self.counts = collections.Counter()
+    self.sources = list(sources)
+
+  def stats(self) -> dict:
+    out = collections.Counter(self.counts)
+    for src in self.sources:
+      for reason, n in getattr(src, "skipped", {}).items():
+        out[f"skipped {reason}"] += n
+    return {k: v for k, v in out.items() if v}
 
   def __call__(self, example):
-    if example is None:
-      self.counts["skipped"] += 1
-      return None
     try:
       if example["image"] is None:  # text-only example: a blank (mid-grey) image keeps shapes static
         image = np.zeros((self.image_size, self.image_size, 3), np.float32)
@@ -57,7 +63,7 @@ class Preprocess:
     except ValueError as e:
       if not self.skip_bad:
         raise ValueError(f"example {example.get('id')}: {e}") from e
-      self.counts["skipped"] += 1
+      self.counts["skipped bad image"] += 1
       return None
     tok = tokenize_turns(self.tokenizer, example["turns"], self.text_len)
     self.counts["truncated"] += int(tok.truncated)
@@ -70,15 +76,17 @@ def make_train_iterator(data_cfg, tokenizer, image_size: int, text_len: int, bat
   """(grain iterator of host-local batches of `batch_size // process_count`, Preprocess with its counts)."""
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} processes.")
-  parts, weights = [], []
+  parts, weights, sources = [], [], []
+  skip_bad = bool(dict(data_cfg).get("skip_bad", False))
   for i, src_cfg in enumerate(source_configs(data_cfg)):
-    ds = grain.MapDataset.source(make_source(src_cfg))[process_index::process_count]
+    sources.append(make_source(src_cfg, skip_bad))
+    ds = grain.MapDataset.source(sources[-1])[process_index::process_count]
     if len(ds) == 0:
       raise ValueError(f"data source {src_cfg} has no examples for process {process_index}.")
     parts.append(ds.shuffle(seed=seed + 7919 * i).repeat(None))
     weights.append(float(src_cfg.get("weight", 1.0)))
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-  preprocess = Preprocess(tokenizer, image_size, text_len, bool(dict(data_cfg).get("skip_bad", False)))
+  preprocess = Preprocess(tokenizer, image_size, text_len, skip_bad, sources)
   it_ds = ds.map(preprocess).to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8))
   it_ds = it_ds.filter(lambda x: x is not None).batch(batch_size // process_count, drop_remainder=True)
   return iter(it_ds), preprocess

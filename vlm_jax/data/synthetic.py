@@ -6,7 +6,7 @@ its own cell of a grid and of one fixed size, so answers are exact and detection
 of values: a tiny model can learn the tasks to near-perfect held-out accuracy on a CPU in minutes.
 
 Tasks (prompt -> answer):
-  caption   "caption en"                -> "a red circle, a blue square and a green triangle" (reading order)
+  caption   "caption en"                -> "a red circle, a blue square and a green triangle" (shape order)
   count     "how many shapes"           -> "2"
   colour    "what colour is the circle" -> "red"
   shape     "what shape is red"         -> "circle" (only asked of a colour no other object has)
@@ -110,7 +110,7 @@ class SyntheticSource:
       shapes = rng.permutation(len(SHAPES))[:n]
       colours = rng.integers(0, len(COLOURS), size=n)
       cells = rng.choice(self.grid * self.grid, size=n, replace=False)
-      order = np.argsort(cells)  # reading order (row-major), as the caption lists them
+      order = np.argsort(cells)  # reading order (row-major): a canonical object order
       objects = [dict(shape=int(shapes[k]), colour=int(colours[k]), cell=int(cells[k])) for k in order]
       dark = bool(rng.random() < 0.5)
       level = int(rng.integers(15, 61) if dark else rng.integers(200, 246))
@@ -131,7 +131,8 @@ class SyntheticSource:
   def _question(self, task, objects, o):
     shape, colour = SHAPES[o["shape"]], COLOURS[o["colour"]]
     if task == "caption":
-      parts = [f"a {COLOURS[p['colour']]} {SHAPES[p['shape']]}" for p in objects]
+      # Listed in a fixed shape order (circle, square, triangle): one right caption per scene.
+      parts = [f"a {COLOURS[p['colour']]} {SHAPES[p['shape']]}" for p in sorted(objects, key=lambda p: p["shape"])]
       answer = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
       return task, "caption en", answer
     if task == "count":
@@ -177,7 +178,7 @@ def corpus(n: int = 2000, seed: int = 0) -> list[str]:
   return lines
 
 
-TOKENIZER_VERSION = "v1"  # bump when the corpus or training options change: a new file, never a stale cache
+TOKENIZER_VERSION = "v2"  # bump when the corpus or training options change: a new file, never a stale cache
 # 4 specials + 1024 <loc> + 128 <seg> + 256 bytes + 26 characters = 1438, + 98 merges: enough that every
 # word of the corpus is one piece (1520 is not), and a multiple of 64 for the embedding table.
 TOKENIZER_VOCAB = 1536

@@ -1,0 +1,193 @@
+"""The train loop: stage transitions, freezing, NaN handling, kill-and-resume, sharded = unsharded."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests import train_helpers as th
+from vlm_jax import train as train_lib
+from vlm_jax.models.vit import resample_posemb
+from vlm_jax.models.vlm import init_params
+from vlm_jax.train_setup import build_model_config, make_tokenizer, model_for_stage, normalize
+
+QUIET = lambda *a, **k: None  # noqa: E731
+
+
+def test_stage_transition_freezing_and_resampling(tmp_path):
+  """Stage 0 freezes the vision tower, stage 1 keeps only the position embeddings frozen."""
+  c = th.small_config(steps=(3, 2))
+  c.stages[0]["frozen"] = ["img"]
+  c.stages[1]["frozen"] = ["img/pos_embedding"]
+  workdir = str(tmp_path)
+  train_lib.train(c, workdir, log=QUIET)
+
+  cfg = normalize(c)
+  model0 = model_for_stage(build_model_config(cfg.model, make_tokenizer(cfg)), cfg.stages[0])
+  init = {k: np.asarray(v) for k, v in
+          th.treeutil.flatten(init_params(model0, int(c.seed))["params"]).items()}
+  end0, end1 = th.read_item(workdir, 3), th.read_item(workdir, 5)
+  for name, value in init.items():
+    if name.startswith("img/"):
+      np.testing.assert_array_equal(end0[name], value, err_msg=f"frozen {name} moved")  # bit-identical
+  assert all(np.abs(end0[n] - init[n]).max() > 0 for n in init if n.startswith("llm/"))
+  # Optimizer state only for the trainable params of each stage.
+  opt0 = th.item_names(workdir, 3, "opt_state")
+  assert opt0 and not any("img/" in n for n in opt0) and any("llm/embedder" in n for n in opt0)
+  opt1 = th.item_names(workdir, 5, "opt_state")
+  assert any("img/Transformer" in n for n in opt1) and not any("pos_embedding" in n for n in opt1)
+  # Position embeddings resampled 2x2 -> 4x4 grid (16px / 32px at patch 8), then left frozen.
+  assert end0["img/pos_embedding"].shape[1] == 4 and end1["img/pos_embedding"].shape[1] == 16
+  np.testing.assert_allclose(end1["img/pos_embedding"], resample_posemb(end0["img/pos_embedding"], 4), atol=0)
+  assert os.path.exists(tmp_path / "metrics.jsonl") and os.path.exists(tmp_path / "loss.png")
+  stages = [r["stage"] for r in map(__import__("json").loads, open(tmp_path / "metrics.jsonl")) if "loss" in r]
+  assert stages == [0, 0, 0, 1, 1]
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+  c = th.small_config(steps=(6, 1), checkpoint_every=1)
+  c.stages[0]["lr"] = 1e30  # the first update blows the params up: the next loss is not finite
+  with pytest.raises(train_lib.TrainingError, match=r"loss is (nan|inf) at step \d+ .*last good checkpoint"):
+    train_lib.train(c, str(tmp_path), log=QUIET)
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps, "the last good checkpoint was not kept"
+  for step in steps:  # no checkpoint holds the state that produced the bad loss
+    params = th.read_item(str(tmp_path), step)
+    assert all(np.all(np.isfinite(v)) for v in params.values())
+
+
+RUN = textwrap.dedent("""
+  import sys
+  sys.path.insert(0, {repo!r})
+  from tests import train_helpers as th
+  from vlm_jax.train import train
+  c = th.small_config(steps=(6, 4), checkpoint_every=2)
+  train(c, sys.argv[1], log=lambda *a, **k: print(*a, flush=True))
+""")
+
+
+def _start(script, workdir, env=None):
+  return subprocess.Popen([sys.executable, "-c", script, workdir], cwd=th.REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tmp_path):
+  script = RUN.format(repo=th.REPO)
+  ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+  p = _start(script, ref)
+  assert p.wait(timeout=300) == 0, p.stdout.read()
+  p = _start(script, killed)
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(killed, "checkpoints", "4")):  # mid-stage-0, after a few saves
+    assert p.poll() is None and time.time() < deadline, "run ended before it could be killed"
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert not os.path.exists(os.path.join(killed, "model"))
+  p = _start(script, killed)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0, out
+  assert "resuming from step" in out
+  assert th.max_abs_diff(th.read_item(ref, 10), th.read_item(killed, 10)) < 1e-6
+  np.testing.assert_allclose(th.losses(killed), th.losses(ref), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_exits_and_resumes(tmp_path):
+  workdir = str(tmp_path / "w")
+  env = dict(os.environ, PYTHONPATH=th.REPO)
+  cmd = [sys.executable, "tools/train.py", "--config", f"{th.TINY}:res=16,res2=32,batch=8,examples=256,steps1=400",
+         "--workdir", workdir, "--config.model.img.depth=1", "--config.model.llm.depth=1", "--config.evals=[]",
+         "--config.checkpoint_every=0", "--config.log_every=1"]
+  p = subprocess.Popen(cmd, cwd=th.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(th.losses(workdir)) >= 3):
+    assert p.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  out = p.communicate(timeout=120)[0]
+  assert p.returncode == 143, out
+  steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert len(steps) == 1 and 3 <= steps[0] < 400
+
+
+SHARDED = textwrap.dedent("""
+  import json, sys
+  sys.path.insert(0, {repo!r})
+  from tests import train_helpers as th
+  from vlm_jax.train import train
+  out = {{}}
+  for name, mesh in {meshes!r}.items():
+    c = th.small_config(steps=(5, 1), mesh=mesh)
+    train(c, sys.argv[1] + "/" + name, log=lambda *a, **k: None)
+    out[name] = th.losses(sys.argv[1] + "/" + name)
+  print("LOSSES" + json.dumps(out))
+""")
+
+
+def _losses_on(devices, meshes, workdir):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-c", SHARDED.format(repo=th.REPO, meshes=meshes), workdir], cwd=th.REPO,
+                     env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  import json
+  return json.loads(p.stdout.split("LOSSES")[-1])
+
+
+@pytest.mark.slow
+def test_sharded_losses_equal_unsharded(tmp_path):
+  single = _losses_on(1, {"one": {"data": 1}}, str(tmp_path / "a"))["one"][:5]
+  sharded = _losses_on(8, {"data": {"data": 8}, "fsdp": {"data": 2, "fsdp": 4},
+                           "mixed": {"data": 2, "fsdp": 2, "tensor": 2}}, str(tmp_path / "b"))
+  for name, values in sharded.items():
+    rel = np.abs(np.asarray(values[:5]) - single) / np.abs(single)
+    assert rel.max() < 1e-5, (name, values[:5], single)
+
+
+@pytest.mark.parametrize("name", ["tiny_synthetic", "paligemma_stages", "transfer_paligemma"])
+def test_shipped_configs_validate(name):
+  from vlm_jax import config_util
+  from vlm_jax.train_setup import check_config
+  c = config_util.load_config(os.path.join(th.REPO, "configs", f"{name}.py"))
+  check_config(c)
+  sizes = [s["image_size"] for s in c.stages]
+  assert sizes == sorted(sizes)
+  if name == "paligemma_stages":
+    assert sizes == [224, 448, 896] and c.stages[0]["frozen"] and not c.stages[1]["frozen"]
+
+
+def test_transfer_config_fine_tunes_a_local_hf_checkpoint(tmp_path, tokenizer_file):
+  """The transfer config, pointed at a (tiny, random) HF PaliGemma directory and a LLaVA JSON file."""
+  import json
+  from PIL import Image
+  from tests import hf_models
+  from vlm_jax import config_util
+  hf_dir = tmp_path / "hf"
+  hf_models.tiny_paligemma("gemma", seed=5).save_pretrained(hf_dir)
+  (tmp_path / "images").mkdir()
+  records = []
+  for i in range(6):
+    Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour"}, {"from": "gpt", "value": f"shade {i}"}]})
+  (tmp_path / "train.json").write_text(json.dumps(records))
+  arg = (f"init={hf_dir},tokenizer={tokenizer_file},data={tmp_path / 'train.json'},images={tmp_path / 'images'},"
+         "res=28,batch=2,steps=2")
+  c = config_util.load_config(os.path.join(th.REPO, "configs", "transfer_paligemma.py") + ":" + arg)
+  with c.unlocked():
+    c.model.dtype = "float32"
+    c.evals[0]["batch_size"] = 4
+    c.evals[0]["num_examples"] = 4
+  results = train_lib.train(c, str(tmp_path / "run"), log=QUIET)
+  assert results["val"]["num_examples"] == 4
+  start = th.treeutil.flatten(__import__("vlm_jax").load(str(hf_dir)).params["params"])
+  end = th.read_item(str(tmp_path / "run"), 2)
+  np.testing.assert_array_equal(end["img/Transformer/encoder_norm/scale"],
+                                start["img/Transformer/encoder_norm/scale"])  # frozen vision tower
+  assert np.abs(end["llm/final_norm/scale"] - start["llm/final_norm/scale"]).max() > 0
