@@ -85,7 +85,6 @@ def test_masks_from_turns(tmp_path, image_dir, tokenizer_file):
   n_prefix = len(tok.encode_prefix(p1))
   assert (out.mask_ar[:n_prefix] == 0).all() and (out.mask_ar[n_prefix:] == 1).all()
   # The loss covers the answers and their EOS: two runs, each ending in EOS, decoding to the answers.
-  loss = out.mask_loss.astype(bool)
   starts = np.flatnonzero(np.diff(np.concatenate([[0], out.mask_loss])) == 1)
   ends = np.flatnonzero(np.diff(np.concatenate([out.mask_loss, [0]])) == -1) + 1
   assert len(starts) == 2

@@ -6,7 +6,6 @@ import sys
 import textwrap
 import time
 
-import jax
 import numpy as np
 import pytest
 

@@ -1,14 +1,12 @@
 """vlm_jax model checkpoints: `vlm_config.json` + Orbax `params/` (+ `tokenizer.model`), written atomically."""
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vlm_jax import treeutil
+from vlm_jax import fileutil, treeutil
 from vlm_jax.models.registry import config_from_dict, config_to_dict
 
 CONFIG_FILE = "vlm_config.json"
@@ -20,14 +18,8 @@ def is_model_dir(path: str) -> bool:
 
 
 def save_model(out_dir: str, config, params, tokenizer=None):
-  """Writes into a temporary sibling directory, then renames: a crash never leaves half a checkpoint."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory.")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir), dir=parent)
-  try:
+  """Writes a new directory atomically: a crash never leaves half a checkpoint."""
+  with fileutil.atomic_dir(out_dir) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config_to_dict(config), f, indent=2)
     if tokenizer is not None:
@@ -36,21 +28,11 @@ def save_model(out_dir: str, config, params, tokenizer=None):
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "params"), params)
       ckptr.wait_until_finished()
-    if os.path.exists(out_dir):
-      os.rmdir(out_dir)
-    os.replace(tmp, out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_config(path: str):
   file = os.path.join(path, CONFIG_FILE)
-  try:
-    with open(file) as f:
-      d = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{file}: malformed JSON ({e}).") from e
-  return config_from_dict(d, source=file)
+  return config_from_dict(fileutil.read_json(file), source=file)
 
 
 def load_model(path: str, config=None, dtype: str | None = None):

@@ -10,12 +10,11 @@ import glob
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import numpy as np
 
-from vlm_jax import treeutil
+from vlm_jax import fileutil, treeutil
 from vlm_jax.convert import safetensors_io
 from vlm_jax.models.gemma import GemmaConfig
 from vlm_jax.models.vit import ViTConfig
@@ -254,12 +253,7 @@ def read_config(path: str) -> VLMConfig:
   file = os.path.join(path, "config.json")
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{path} has no config.json: not a HuggingFace model directory.")
-  try:
-    with open(file) as f:
-      hf = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{file}: malformed JSON ({e}).") from e
-  return config_from_hf(hf, source=file)
+  return config_from_hf(fileutil.read_json(file), source=file)
 
 
 def read_tensors(path: str) -> dict:
@@ -308,18 +302,8 @@ def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | N
   """
   dtype = dtype or config.llm.dtype
   hf_config = config_to_hf(config, dtype)  # before any writing: a config HF cannot express fails early
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory.")
-  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir), dir=os.path.dirname(out_dir))
-  try:
+  with fileutil.atomic_dir(out_dir) as tmp:
     _write_hf_files(tmp, hf_config, config, params, tokenizer, dtype, max_shard_bytes)
-    if os.path.exists(out_dir):
-      os.rmdir(out_dir)
-    os.replace(tmp, out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_hf_files(out_dir, hf_config, config, params, tokenizer, dtype, max_shard_bytes):
