@@ -12,6 +12,9 @@ setup(
     install_requires=install_requires,
     extras_require={
         # torch is pinned exactly: that CPU build is what the test machines install offline-fast.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "scipy>=1.10"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "scipy>=1.10", "tensorflow-datasets>=4.9.10",
+                 "importlib_resources"],
+        # TFDS sources (ArrayRecord datasets; no TensorFlow needed).
+        "tfds": ["tensorflow-datasets>=4.9.10", "importlib_resources"],
     },
 )

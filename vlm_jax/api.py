@@ -1,5 +1,4 @@
 """`Model`: a config, its params and (optionally) a tokenizer, with jitted logits / generation / saving."""
-import dataclasses
 import functools
 
 import jax
@@ -8,6 +7,7 @@ import numpy as np
 
 from vlm_jax import decode as decode_lib
 from vlm_jax.data.image import to_model_input
+from vlm_jax.models.registry import with_overrides
 from vlm_jax.models.vlm import PaliGemma, VLMConfig
 
 
@@ -39,10 +39,8 @@ class Model:
 
   def with_dtype(self, dtype: str) -> "Model":
     """The same model with params stored and computed in `dtype` (float32 | bfloat16)."""
-    cfg = dataclasses.replace(self.config, img=dataclasses.replace(self.config.img, dtype=dtype),
-                              llm=dataclasses.replace(self.config.llm, dtype=dtype))
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), self.params)
-    return Model(cfg, params, self.tokenizer)
+    return Model(with_overrides(self.config, dtype=dtype), params, self.tokenizer)
 
   def _images(self, images, batch):
     if images is None:

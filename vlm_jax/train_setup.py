@@ -14,7 +14,7 @@ from vlm_jax.models.vlm import VLMConfig
 
 _SOURCE = {k: None for k in ("kind", "weight", "num_examples", "seed", "split", "image_size", "tasks",
                              "max_objects", "grid", "json_path", "image_dir", "skip_bad", "name", "data_dir",
-                             "fields", "sources")}
+                             "fields")}
 _DATA = dict(_SOURCE, sources=_SOURCE)
 # Every key a training config may set; anything else is a typo, reported with the closest known key.
 ALLOWED_KEYS = {

@@ -15,7 +15,7 @@ from vlm_jax.data.text import tokenize_turns
 
 
 def make_source(src_cfg, skip_bad: bool = False):
-  """A source from its config dict: kind = synthetic | llava_json. `skip_bad` (here or in the source's
+  """A source from its config dict: kind = synthetic | llava_json | tfds. `skip_bad` (here or in the source's
   own config) makes sources that read files skip and count bad records instead of raising."""
   kind = src_cfg.get("kind")
   kw = {k: v for k, v in dict(src_cfg).items() if k not in ("kind", "weight", "skip_bad")}
@@ -26,7 +26,10 @@ def make_source(src_cfg, skip_bad: bool = False):
   if kind == "llava_json":
     from vlm_jax.data.llava_json import LlavaJsonSource
     return LlavaJsonSource(**kw, skip_bad=skip_bad)
-  raise ValueError(f"Unknown data source kind {kind!r}; use synthetic | llava_json.")
+  if kind == "tfds":
+    from vlm_jax.data.tfds_source import TfdsSource
+    return TfdsSource(**kw)
+  raise ValueError(f"Unknown data source kind {kind!r}; use synthetic | llava_json | tfds.")
 
 
 def source_configs(data_cfg):
