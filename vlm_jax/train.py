@@ -112,6 +112,7 @@ class StageState:
   cfg: ml_collections.ConfigDict
   model_cfg: object
   frozen: set
+  abstract: dict  # the stage's param shapes (traced once, reused for names, shardings and restore targets)
   step_fn: object
   optimizer: object
   data_iter: object
@@ -146,12 +147,12 @@ def train(config, workdir: str, log=print) -> dict:
       if resume and index < resume["stage"]:
         continue
       stage = _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh)
-      trainable_names = _trainable_names(stage.model_cfg, stage.frozen)
-      param_sh = _nested_shardings(stage.model_cfg, mesh)
+      n_params = len(treeutil.flatten(stage.abstract))
+      param_sh = treeutil.unflatten(sharding.param_shardings(treeutil.flatten(stage.abstract), mesh))
       start = 0
       if resume and index == resume["stage"]:
         abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                _abstract_params(stage.model_cfg), param_sh)
+                                stage.abstract, param_sh)
         abstract_opt = _abstract_opt_state(stage.optimizer, abstract, stage.frozen)
         params, opt_state = ckpts.restore(latest, abstract, abstract_opt, stage.data_iter)
         start = resume["stage_step"]
@@ -167,7 +168,7 @@ def train(config, workdir: str, log=print) -> dict:
         opt_state = jax.jit(stage.optimizer.init)(trainable)
       log(f"stage {index}: {stage_steps} steps at {stage.model_cfg.img.image_size}px, text_len "
           f"{stage_cfg.text_len}, batch {stage_cfg.batch_size}, {len(stage.frozen)} frozen / "
-          f"{len(trainable_names)} trainable param tensors")
+          f"{n_params - len(stage.frozen)} trainable param tensors")
       params, global_step, stopped = _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts,
                                                 metrics_log, preempted, tokenizer, workdir, log)
       if stopped:
@@ -193,28 +194,20 @@ def train(config, workdir: str, log=print) -> dict:
 
 def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh) -> StageState:
   model_cfg = model_for_stage(base_cfg, stage_cfg)
-  names = list(treeutil.flatten(_abstract_params(model_cfg)))
+  abstract = _abstract_params(model_cfg)
+  names = list(treeutil.flatten(abstract))
   frozen = optim.frozen_names(names, stage_cfg.get("frozen"))
   optimizer, schedule = optim.make_optimizer(config.get("optim", {}), stage_cfg, set(names) - frozen)
   step_fn = make_train_step(model_cfg, optimizer, schedule, int(config.get("grad_accum", 1)))
   data_iter, preprocess = make_train_iterator(
       stage_cfg.data, tokenizer, model_cfg.img.image_size, int(stage_cfg.text_len), int(stage_cfg.batch_size),
       seed=int(config.seed) + 1000 * index, process_index=jax.process_index(), process_count=jax.process_count())
-  return StageState(index, stage_cfg, model_cfg, frozen, step_fn, optimizer, data_iter, preprocess)
+  return StageState(index, stage_cfg, model_cfg, frozen, abstract, step_fn, optimizer, data_iter, preprocess)
 
 
 def _abstract_params(model_cfg):
   from vlm_jax.models.vlm import init_params
   return jax.eval_shape(lambda: init_params(model_cfg))["params"]
-
-
-def _trainable_names(model_cfg, frozen):
-  return [k for k in treeutil.flatten(_abstract_params(model_cfg)) if k not in frozen]
-
-
-def _nested_shardings(model_cfg, mesh):
-  flat = treeutil.flatten(_abstract_params(model_cfg))
-  return treeutil.unflatten(sharding.param_shardings(flat, mesh))
 
 
 def _abstract_opt_state(optimizer, abstract_params, frozen):
