@@ -16,6 +16,9 @@ def _logits(cfg, params, images, tokens, mask_ar, mask_input):
   return PaliGemma(cfg).apply(params, images, tokens, mask_ar, mask_input)
 
 
+PREFIX_BUCKET = 16
+
+
 def _check_batch(name, x, ndim, batch=None):
   x = np.asarray(x)
   if x.ndim != ndim:
@@ -67,11 +70,15 @@ class Model:
                    jnp.asarray(mask_ar, jnp.int32), jnp.asarray(mask_input, jnp.int32))
 
   def generate_ids(self, images, prefix_tokens, max_new_tokens: int = 32, prefix_mask=None, *, sampler="greedy",
-                   temperature=None, top_k=0, top_p=1.0, seed=0, eos_id=None, pad_id=None, logits_mask=None):
-    """int32 [B, max_new_tokens] continuations of the text prefixes, pad after EOS.
+                   temperature=None, top_k=0, top_p=1.0, best_of=1, beam_size=None, length_penalty=1.0, seed=0,
+                   eos_id=None, pad_id=None, logits_mask=None, return_scores=False):
+    """int32 [B, max_new_tokens] continuations of the text prefixes, pad after EOS (with return_scores, also
+    float32 [B] scores: summed log-probs / length ** length_penalty).
 
     prefix_tokens: int32 [B,T] (BOS, prompt, separator), right-padded; prefix_mask marks the real tokens
-    (default: tokens != pad). sampler "greedy" | "sample" (with temperature, top_k, top_p, seed).
+    (default: tokens != pad). sampler "greedy" | "sample" (temperature, top_k, top_p, best_of, seed) | "beam"
+    (beam_size, length_penalty); see `vlm_jax.decode.Sampling`. Prefixes are padded to a multiple of
+    PREFIX_BUCKET tokens, so prompts of similar length share one compiled program.
     """
     prefix_tokens = _check_batch("prefix_tokens", prefix_tokens, 2)
     pad_id = self._special("pad_id", 0) if pad_id is None else pad_id
@@ -81,16 +88,21 @@ class Model:
     prefix_mask = _check_batch("prefix_mask", prefix_mask, 2, prefix_tokens.shape[0])
     if not np.all(prefix_mask.sum(-1) > 0):
       raise ValueError("every row needs at least one prefix token (e.g. BOS).")
-    kw = {} if temperature is None else {"temperature": temperature}
-    sampling = decode_lib.Sampling.make(sampler, top_k=top_k, top_p=top_p, **kw)
+    sampling = decode_lib.Sampling.make(sampler, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        best_of=best_of, beam_size=beam_size, length_penalty=length_penalty)
+    width = -(-prefix_tokens.shape[1] // PREFIX_BUCKET) * PREFIX_BUCKET
+    pad = ((0, 0), (0, width - prefix_tokens.shape[1]))
     return decode_lib.decode(
         self.config, self.params, self._images(images, prefix_tokens.shape[0]),
-        jnp.asarray(prefix_tokens, jnp.int32), jnp.asarray(prefix_mask, jnp.int32), jax.random.key(seed),
+        jnp.asarray(np.pad(prefix_tokens, pad, constant_values=pad_id), jnp.int32),
+        jnp.asarray(np.pad(prefix_mask, pad), jnp.int32), jax.random.key(seed),
         max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
-        logits_mask_V=None if logits_mask is None else jnp.asarray(logits_mask, bool))
+        logits_mask_V=None if logits_mask is None else jnp.asarray(logits_mask, bool), return_scores=return_scores)
 
-  def generate(self, images, prompts, max_new_tokens: int = 32, **sampling) -> list[str]:
-    """Decoded strings for a batch of images (arrays or PIL images, any size/mode) and prompts."""
+  def generate(self, images, prompts, max_new_tokens: int = 32, return_scores: bool = False, **sampling):
+    """Decoded strings for a batch of images (arrays or PIL images, any size/mode) and prompts (and with
+    return_scores, their float scores); `sampling` takes generate_ids' options (sampler, temperature, top_k,
+    top_p, best_of, beam_size, length_penalty, seed, logits_mask)."""
     tok = self._require_tokenizer()
     if isinstance(prompts, str):
       prompts = [prompts]
@@ -100,8 +112,10 @@ class Model:
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
       prefix[i, :len(r)], mask[i, :len(r)] = r, 1
-    ids = self.generate_ids(images, prefix, max_new_tokens, prefix_mask=mask, **sampling)
-    return [tok.decode(row) for row in np.asarray(ids)]
+    out = self.generate_ids(images, prefix, max_new_tokens, prefix_mask=mask, return_scores=return_scores,
+                            **sampling)
+    texts = [tok.decode(row) for row in np.asarray(out[0] if return_scores else out)]
+    return (texts, [float(s) for s in np.asarray(out[1])]) if return_scores else texts
 
   def _special(self, name, default):
     return getattr(self.tokenizer, name) if self.tokenizer is not None else default

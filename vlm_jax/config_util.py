@@ -55,8 +55,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
-def apply_override(config, dotted: str, text: str):
-  """`config.a.b[0].c = value`, value parsed like the current one; an unknown key is a clear error."""
+def apply_override(config, dotted: str, text: str, allowed: dict | None = None):
+  """`config.a.b[0].c = value`, value parsed like the current one. A key the config does not have yet is added
+  only if the schema `allowed` (see check_keys) knows it; any other unknown key is a clear error."""
   parts = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
   node, where = config, "config"
   for i, part in enumerate(parts):
@@ -70,12 +71,21 @@ def apply_override(config, dotted: str, text: str):
       node, where = node[idx], where + part
       continue
     keys = list(node.keys()) if hasattr(node, "keys") else []
-    if part not in keys:
-      hint = difflib.get_close_matches(part, keys, n=1)
+    schema = allowed if isinstance(allowed, dict) else {}
+    if part not in keys and not (last and part in schema):
+      hint = difflib.get_close_matches(part, keys + [k for k in schema if k not in keys], n=1)
       raise ValueError(f"Unknown config key {where}.{part}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + ".")
     if last:
-      node[part] = _parse_value(text, node[part], dotted)
-    node, where = node[part], f"{where}.{part}"
+      node[part] = _parse_value(text, node[part], dotted) if part in keys else _parse_new(text)
+    node, where, allowed = node[part], f"{where}.{part}", schema.get(part)
+
+
+def _parse_new(text: str):
+  """A value for a key the config did not set: a Python literal, else the text itself."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
 
 
 def check_keys(node, allowed: dict, where: str = "config"):

@@ -1,7 +1,13 @@
-"""THE decode loop: one prefill pass fills the KV cache, then a `lax.while_loop` extends one token per step
-on device and stops in-graph once every row has produced EOS (no host sync per token).
+"""THE decode loop: one prefill pass (image + prefix) fills the KV cache, then a `lax.while_loop` extends one
+token per step on device and stops in-graph once every row is done (no host sync per token).
 
-Everyone decodes through `decode`: `Model.generate_ids` / `generate`, evaluation and prediction.
+Everyone decodes through `decode`: `Model.generate_ids` / `generate`, the evaluators, `tools/predict.py` and
+training-time evaluation. Strategies (`Sampling`): greedy; sampling with temperature / top-k / top-p; best-of-n
+(n samples per row, the best-scoring kept); beam search. Each is compiled once per (batch, prefix length,
+max_new_tokens, options) bucket: callers pad batches and prefixes to fixed buckets so later batches reuse it.
+
+The loops (`sample_loop`, `beam_loop`) are pure functions of an `extend(tokens_B, cache) -> (logits_BV, cache)`
+step, so they serve any model family whose cache follows one layout rule (see `cache_batch_axis`).
 """
 import dataclasses
 import functools
@@ -14,29 +20,51 @@ from vlm_jax.models.vlm import PaliGemma, VLMConfig
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """How the next token is picked. temperature 0 (the default) is greedy; top_k 0 and top_p 1 are off."""
+  """How tokens are picked.
+
+  temperature 0 (the default) is greedy; top_k 0 and top_p 1 are off. best_of > 1 draws that many samples per
+  row and keeps the one with the best score; beam_size > 1 runs beam search (deterministic). Scores (for
+  best-of and beam search) are the summed log-probabilities of the generated tokens (EOS included) under the
+  model, divided by length ** length_penalty, as in transformers.
+  """
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
+  best_of: int = 1
+  beam_size: int = 1
+  length_penalty: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"Invalid sampling options {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1.")
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.best_of < 1 or self.beam_size < 1:
+      raise ValueError(f"Invalid sampling options {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, "
+                       "best_of >= 1, beam_size >= 1.")
+    if self.beam_size > 1 and (self.stochastic or self.best_of > 1):
+      raise ValueError("beam search is deterministic: it takes no temperature, top_k, top_p or best_of.")
+    if self.best_of > 1 and not self.stochastic:
+      raise ValueError("best_of needs sampling (a temperature > 0): greedy draws would all be the same.")
+
+  @property
+  def stochastic(self) -> bool:
+    return self.temperature > 0 and self.top_k != 1
 
   @classmethod
   def make(cls, sampler: str = "greedy", **kw) -> "Sampling":
+    """sampler: "greedy" | "sample" (temperature defaults to 1) | "beam" (beam_size defaults to 4)."""
+    kw = {k: v for k, v in kw.items() if v is not None}
     if sampler == "greedy":
-      if kw.get("temperature", 0.0):
-        raise ValueError("sampler='greedy' takes no temperature; use sampler='sample'.")
+      if kw.get("temperature", 0.0) or kw.get("beam_size", 1) > 1 or kw.get("best_of", 1) > 1:
+        raise ValueError("sampler='greedy' takes no temperature, beam_size or best_of; use 'sample' or 'beam'.")
       return cls(**kw)
     if sampler == "sample":
       return cls(**{"temperature": 1.0, **kw})
-    raise ValueError(f"Unknown sampler {sampler!r}; use 'greedy' or 'sample'.")
+    if sampler == "beam":
+      return cls(**{"beam_size": 4, **kw})
+    raise ValueError(f"Unknown sampler {sampler!r}; use 'greedy', 'sample' or 'beam'.")
 
 
 def sample_token(logits_BV, rng, sampling: Sampling):
   """int32 [B] next tokens from float32 logits."""
-  if sampling.temperature == 0.0 or sampling.top_k == 1:
+  if not sampling.stochastic:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = logits_BV / sampling.temperature
   if sampling.top_k:
@@ -44,47 +72,167 @@ def sample_token(logits_BV, rng, sampling: Sampling):
     logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
   if sampling.top_p < 1.0:
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     # Keep the smallest set of top tokens whose mass reaches top_p (always at least the best one).
-    n_keep_B1 = jnp.sum(cum_BV - jax.nn.softmax(sorted_BV, axis=-1) < sampling.top_p, axis=-1, keepdims=True)
+    n_keep_B1 = jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < sampling.top_p, axis=-1, keepdims=True)
     cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
     logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
   return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id", "pad_id"))
-def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, *, max_new_tokens: int,
-           sampling: Sampling = Sampling(), eos_id: int = 1, pad_id: int = 0, logits_mask_V=None):
-  """Generates `max_new_tokens` per row after a (possibly ragged, right-padded) prefix.
+def length_normalized(logp, length, length_penalty: float):
+  return logp / jnp.maximum(length, 1).astype(jnp.float32) ** length_penalty
 
-  prefix_BT: int32 text tokens (BOS, prompt, separator), rows padded on the right; prefix_mask_BT marks the
-  real ones. logits_mask_V (optional bool [V]) restricts which tokens may be produced.
-  Returns int32 [B, max_new_tokens], positions after EOS filled with `pad_id`.
+
+def cache_batch_axis(path, leaf):
+  """The cache layout rule: scalars are shared, leaves under "kv" are [layers, batch, ...], others [batch, ...]."""
+  if leaf.ndim == 0:
+    return None
+  return 1 if any(getattr(k, "key", None) == "kv" for k in path) else 0
+
+
+def gather_cache(cache, rows_B):
+  """The cache with its batch rows replaced by rows `rows_B` (int32 [B']) of the old one."""
+  def take(path, leaf):
+    axis = cache_batch_axis(path, leaf)
+    return leaf if axis is None else jnp.take(leaf, rows_B, axis=axis)
+  return jax.tree_util.tree_map_with_path(take, cache)
+
+
+def _masked_logits(logits_BV, logits_mask_V):
+  return logits_BV if logits_mask_V is None else jnp.where(logits_mask_V[None], logits_BV, -jnp.inf)
+
+
+def sample_loop(extend, logits_BV, cache, rng, *, max_new_tokens: int, sampling: Sampling, eos_id: int,
+                pad_id: int, logits_mask_V=None):
+  """Greedy / sampled decoding. Returns (tokens int32 [B,N] with pad after EOS, summed log-probs [B], lengths [B]).
+
+  extend(tokens_B, cache) -> (logits_BV, cache); logits_BV are the logits for the first new token.
   """
-  model = PaliGemma(cfg)
-  b, t = prefix_BT.shape
-  mask_ar_BT = jnp.zeros_like(prefix_BT)
-  n_img = 0 if images_BHWC is None else cfg.img.num_patches
-  logits_BTV, cache = model.apply(params, images_BHWC, prefix_BT, mask_ar_BT, prefix_mask_BT,
-                                  n_img + t + max_new_tokens, method=PaliGemma.prefill)
-  last_B = jnp.sum(prefix_mask_BT, axis=-1) - 1
-  logits_BV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
+  b = logits_BV.shape[0]
 
   def cond(state):
     step, _, done_B, *_ = state
     return (step < max_new_tokens) & ~jnp.all(done_B)
 
   def body(state):
-    step, out_BN, done_B, logits_BV, cache, rng = state
+    step, out_BN, done_B, logp_B, len_B, logits_BV, cache, rng = state
     rng, step_rng = jax.random.split(rng)
-    if logits_mask_V is not None:
-      logits_BV = jnp.where(logits_mask_V[None], logits_BV, -jnp.inf)
+    logits_BV = _masked_logits(logits_BV.astype(jnp.float32), logits_mask_V)
     token_B = jnp.where(done_B, pad_id, sample_token(logits_BV, step_rng, sampling))
+    token_logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), token_B[:, None], axis=-1)[:, 0]
+    logp_B = logp_B + jnp.where(done_B, 0.0, token_logp_B)
+    len_B = len_B + (~done_B).astype(jnp.int32)
     out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], step, axis=1)
     done_B = done_B | (token_B == eos_id)
-    logits_B1V, cache = model.apply(params, token_B[:, None], cache, method=PaliGemma.extend)
-    return step + 1, out_BN, done_B, logits_B1V[:, 0], cache, rng
+    logits_BV, cache = extend(token_B, cache)
+    return step + 1, out_BN, done_B, logp_B, len_B, logits_BV, cache, rng
 
-  out_BN = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-  state = (jnp.int32(0), out_BN, jnp.zeros((b,), bool), logits_BV, cache, rng)
-  return jax.lax.while_loop(cond, body, state)[1]
+  state = (jnp.int32(0), jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b,), bool),
+           jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32), logits_BV, cache, rng)
+  _, out_BN, _, logp_B, len_B, *_ = jax.lax.while_loop(cond, body, state)
+  return out_BN, logp_B, len_B
+
+
+def beam_loop(extend, logits_BV, cache, *, beam_size: int, max_new_tokens: int, length_penalty: float,
+              eos_id: int, pad_id: int, logits_mask_V=None):
+  """Beam search. Returns (best tokens int32 [B,N] with pad after EOS, their scores [B]).
+
+  Keeps `beam_size` alive beams and the `beam_size` best finished hypotheses per row. As in transformers, an
+  EOS candidate becomes a hypothesis only if it ranks within the top `beam_size` of the step's 2 * beam_size
+  candidates (so beam size 1 is greedy), and a row stops once no alive beam can still beat its worst
+  hypothesis. Beams cut at max_new_tokens compete with the hypotheses at the end.
+  """
+  b, v = logits_BV.shape
+  w, n = beam_size, max_new_tokens
+  cache = gather_cache(cache, jnp.repeat(jnp.arange(b), w))  # rows b*w .. b*w+w-1 are row b's beams
+  logits_BWV = jnp.repeat(logits_BV, w, axis=0)
+  neg_inf = jnp.float32(-jnp.inf)
+  alive_logp_BW = jnp.where(jnp.arange(w) == 0, 0.0, neg_inf)[None].repeat(b, 0)  # one live beam at the start
+  seqs_BWN = jnp.full((b, w, n), pad_id, jnp.int32)
+  fin_score_BW = jnp.full((b, w), neg_inf)
+
+  def best_possible(step, alive_logp_BW):
+    """Upper bound on any score an alive beam can still reach: logp only falls, the length is in [step+2, n]."""
+    best_B = jnp.max(alive_logp_BW, axis=-1)
+    lengths = jnp.stack([jnp.minimum(step + 2, n), jnp.int32(n)])
+    return jnp.max(length_normalized(best_B[None], lengths[:, None], length_penalty), axis=0)
+
+  def cond(state):
+    step, _, alive_logp_BW, _, fin_score_BW, *_ = state
+    done_B = (fin_score_BW[:, -1] > neg_inf) & (best_possible(step - 1, alive_logp_BW) < fin_score_BW[:, -1])
+    return (step < n) & ~jnp.all(done_B)
+
+  def body(state):
+    step, seqs_BWN, alive_logp_BW, fin_BWN, fin_score_BW, logits_BWV, cache = state
+    logp_BWV = jax.nn.log_softmax(_masked_logits(logits_BWV.astype(jnp.float32), logits_mask_V))
+    cand_BK = (alive_logp_BW[:, :, None] + logp_BWV.reshape(b, w, v)).reshape(b, w * v)
+    cand_logp_BC, cand_idx_BC = jax.lax.top_k(cand_BK, 2 * w)
+    parent_BC, token_BC = cand_idx_BC // v, (cand_idx_BC % v).astype(jnp.int32)
+    cand_seqs_BCN = jnp.take_along_axis(seqs_BWN, parent_BC[:, :, None], axis=1)
+    cand_seqs_BCN = jax.lax.dynamic_update_slice_in_dim(cand_seqs_BCN, token_BC[:, :, None], step, axis=2)
+    is_eos_BC = token_BC == eos_id
+    # New hypotheses: EOS candidates among the top w; merged with the old ones, the best w are kept.
+    new_fin_BC = jnp.where(is_eos_BC & (jnp.arange(2 * w) < w), length_normalized(cand_logp_BC, step + 1,
+                                                                                   length_penalty), neg_inf)
+    all_score = jnp.concatenate([fin_score_BW, new_fin_BC], axis=1)
+    fin_score_BW, keep_BW = jax.lax.top_k(all_score, w)
+    fin_BWN = jnp.take_along_axis(jnp.concatenate([fin_BWN, cand_seqs_BCN], axis=1), keep_BW[:, :, None], axis=1)
+    # New alive beams: the best w candidates that did not end.
+    alive_logp_BW, pick_BW = jax.lax.top_k(jnp.where(is_eos_BC, neg_inf, cand_logp_BC), w)
+    seqs_BWN = jnp.take_along_axis(cand_seqs_BCN, pick_BW[:, :, None], axis=1)
+    rows = (jnp.arange(b)[:, None] * w + jnp.take_along_axis(parent_BC, pick_BW, axis=1)).reshape(-1)
+    logits_BWV, cache = extend(jnp.take_along_axis(token_BC, pick_BW, axis=1).reshape(-1), gather_cache(cache, rows))
+    return step + 1, seqs_BWN, alive_logp_BW, fin_BWN, fin_score_BW, logits_BWV, cache
+
+  state = (jnp.int32(0), seqs_BWN, alive_logp_BW, seqs_BWN, fin_score_BW, logits_BWV, cache)
+  step, seqs_BWN, alive_logp_BW, fin_BWN, fin_score_BW, *_ = jax.lax.while_loop(cond, body, state)
+  # Beams that reached the length limit count as hypotheses; beams stopped early cannot win anyway.
+  cut_BW = jnp.where(step >= n, length_normalized(alive_logp_BW, n, length_penalty), neg_inf)
+  all_score = jnp.concatenate([fin_score_BW, cut_BW], axis=1)
+  best_B = jnp.argmax(all_score, axis=1)
+  best_BN = jnp.take_along_axis(jnp.concatenate([fin_BWN, seqs_BWN], axis=1), best_B[:, None, None], axis=1)[:, 0]
+  return best_BN, jnp.take_along_axis(all_score, best_B[:, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id", "pad_id",
+                                             "return_scores"))
+def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, *, max_new_tokens: int,
+           sampling: Sampling = Sampling(), eos_id: int = 1, pad_id: int = 0, logits_mask_V=None,
+           return_scores: bool = False):
+  """Generates up to `max_new_tokens` per row after a (possibly ragged, right-padded) prefix.
+
+  prefix_BT: int32 text tokens (BOS, prompt, separator), rows padded on the right; prefix_mask_BT marks the
+  real ones. logits_mask_V (optional bool [V]) restricts which tokens may be produced. rng: a jax key (used by
+  sampling only). Returns int32 [B, max_new_tokens], positions after EOS filled with `pad_id`, and with
+  return_scores also float32 [B] scores (see `Sampling`).
+  """
+  model = PaliGemma(cfg)
+  t = prefix_BT.shape[1]
+  n_img = 0 if images_BHWC is None else cfg.img.num_patches
+  logits_BTV, cache = model.apply(params, images_BHWC, prefix_BT, jnp.zeros_like(prefix_BT), prefix_mask_BT,
+                                  n_img + t + max_new_tokens, method=PaliGemma.prefill)
+  last_B = jnp.sum(prefix_mask_BT, axis=-1) - 1
+  logits_BV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
+
+  def extend(token_B, cache):
+    logits_B1V, cache = model.apply(params, token_B[:, None], cache, method=PaliGemma.extend)
+    return logits_B1V[:, 0], cache
+
+  common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, logits_mask_V=logits_mask_V)
+  if sampling.beam_size > 1:
+    out_BN, score_B = beam_loop(extend, logits_BV, cache, beam_size=sampling.beam_size,
+                                length_penalty=sampling.length_penalty, **common)
+  elif sampling.best_of > 1:
+    b, k = logits_BV.shape[0], sampling.best_of
+    rows = jnp.repeat(jnp.arange(b), k)  # rows b*k .. b*k+k-1 are row b's samples
+    out_RN, logp_R, len_R = sample_loop(extend, logits_BV[rows], gather_cache(cache, rows), rng, sampling=sampling,
+                                        **common)
+    score_BK = length_normalized(logp_R, len_R, sampling.length_penalty).reshape(b, k)
+    best_B = jnp.argmax(score_BK, axis=1)
+    out_BN = out_RN.reshape(b, k, -1)[jnp.arange(b), best_B]
+    score_B = score_BK[jnp.arange(b), best_B]
+  else:
+    out_BN, logp_B, len_B = sample_loop(extend, logits_BV, cache, rng, sampling=sampling, **common)
+    score_B = length_normalized(logp_B, len_B, sampling.length_penalty)
+  return (out_BN, score_B) if return_scores else out_BN

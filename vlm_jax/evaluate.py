@@ -1,8 +1,16 @@
-"""Batch evaluation through the shared decode loop: greedy answers to each example's first prompt, scored
-against its first answer. The last batch is padded with copies whose predictions are dropped, so every batch
-has one shape and one compilation.
+"""Batch evaluators: decode answers with the shared decode loop and score them (`vlm_jax.metrics`), and/or
+score the reference answers teacher-forced (`loss`, `perplexity`).
+
+Every batch has one shape (the last one is padded with repeats whose results are dropped) and prompts are
+padded to `prefix_len`, so an evaluator compiles once. An evaluator config:
+
+  dict(name="val", data=<source config>, metrics=["vqa_accuracy", "cider", "perplexity"], batch_size=32,
+       max_new_tokens=16, prefix_len=32, text_len=64, num_examples=0, sampler="greedy", beam_size=...)
+
+An example is scored against all its reference answers (`example["answers"]`, else the first turn's answer).
 """
 import collections
+import functools
 import math
 
 import jax
@@ -10,62 +18,136 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import decode as decode_lib
+from vlm_jax import metrics as metrics_lib
 from vlm_jax.data.image import to_rgb_array
 from vlm_jax.data.pipeline import make_source
-from vlm_jax.data.text import tokenize_prefix
+from vlm_jax.data.text import tokenize_prefix, tokenize_turns
+from vlm_jax.models.vlm import PaliGemma
+
+TEACHER_FORCED = ("loss", "perplexity")
+SAMPLING_KEYS = ("sampler", "temperature", "top_k", "top_p", "best_of", "beam_size", "length_penalty", "seed")
+KNOWN = sorted({*metrics_lib.PER_EXAMPLE, *metrics_lib.CORPUS, *TEACHER_FORCED})
 
 
-def normalize(text: str) -> str:
-  return " ".join(text.strip().lower().split())
+@functools.partial(jax.jit, static_argnames="cfg")
+def answer_nll(cfg, params, images, tokens, mask_ar, mask_loss, mask_input):
+  """Per-example (summed NLL of the supervised tokens, their count), teacher-forced."""
+  logits_BTV = PaliGemma(cfg).apply(params, images, tokens[:, :-1], mask_ar[:, :-1], mask_input[:, :-1])
+  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  nll_BT = -jnp.take_along_axis(logp_BTV, tokens[:, 1:, None], axis=-1)[..., 0]
+  weights_BT = mask_loss[:, 1:].astype(jnp.float32)
+  return jnp.sum(nll_BT * weights_BT, axis=-1), jnp.sum(weights_BT, axis=-1)
 
 
-def exact_match(prediction: str, answer: str) -> float:
-  return float(normalize(prediction) == normalize(answer))
+def answers_of(example) -> list[str]:
+  return list(example.get("answers") or [example["turns"][0][1]])
 
 
-METRICS = {"exact_match": exact_match}
+def sampling_of(eval_cfg) -> tuple[decode_lib.Sampling, int]:
+  kw = {k: eval_cfg[k] for k in SAMPLING_KEYS if k in eval_cfg and k not in ("sampler", "seed")}
+  return decode_lib.Sampling.make(eval_cfg.get("sampler", "greedy"), **kw), int(eval_cfg.get("seed", 0))
 
 
-def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None) -> dict:
-  """Runs one evaluator config ({name, data, metrics, batch_size, max_new_tokens, prefix_len}).
+def _images(examples, size):
+  return np.stack([np.zeros((size, size, 3), np.float32) if ex["image"] is None else to_rgb_array(ex["image"], size)
+                   for ex in examples])
 
-  Returns {"name", metric: mean, f"{metric}/{task}": per-task mean, "num_examples", "predictions": [...]}.
+
+def _batches(source, n, batch_size):
+  """(examples, number of real ones) per batch; the last batch is padded with repeats of the last example."""
+  for start in range(0, n, batch_size):
+    yield [source[min(i, n - 1)] for i in range(start, start + batch_size)], min(batch_size, n - start)
+
+
+def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, batch_sharding=None) -> dict:
+  """Runs one evaluator config over its data.
+
+  Returns {"name", "num_examples", metric: mean over examples (corpus-level for cider), f"{metric}/{task}",
+  "predictions": one record per example (id, task, prompt, answers, prediction, its scores)}.
+  `progress(done, total)` is called after each batch; `batch_sharding` (a NamedSharding) places each batch on a
+  mesh (batch over the data axis, params already sharded by the caller).
   """
   source = make_source(eval_cfg.data)
   n = len(source)
   if eval_cfg.get("num_examples"):
     n = min(n, int(eval_cfg.num_examples))
-  metrics = list(eval_cfg.get("metrics", ["exact_match"]))
-  if unknown := [m for m in metrics if m not in METRICS]:
-    raise ValueError(f"Unknown metrics {unknown}; known: {sorted(METRICS)}.")
+  if n == 0:
+    raise ValueError(f"evaluator {eval_cfg.get('name', 'eval')!r}: its data has no examples.")
+  metric_names = list(eval_cfg.get("metrics", ["exact_match"]))
+  if unknown := [m for m in metric_names if m not in KNOWN]:
+    raise ValueError(f"Unknown metrics {unknown}; known: {KNOWN}.")
+  decoded = [m for m in metric_names if m not in TEACHER_FORCED]
   batch_size = int(eval_cfg.get("batch_size", 32))
-  size, prefix_len = model_cfg.img.image_size, int(eval_cfg.get("prefix_len", 32))
-  predictions, scores = [], collections.defaultdict(list)
-  for start in range(0, n, batch_size):
-    idx = [min(i, n - 1) for i in range(start, start + batch_size)]  # pad the last batch with repeats
-    examples = [source[i] for i in idx]
-    images = np.stack([np.zeros((size, size, 3), np.float32) if ex["image"] is None
-                       else to_rgb_array(ex["image"], size) for ex in examples])
-    prefix = [tokenize_prefix(tokenizer, ex["turns"][0][0], prefix_len) for ex in examples]
-    ids = decode_lib.decode(model_cfg, params, jnp.asarray(images), jnp.asarray(np.stack([p[0] for p in prefix])),
-                            jnp.asarray(np.stack([p[1] for p in prefix])), jax.random.key(0),
-                            max_new_tokens=int(eval_cfg.get("max_new_tokens", 16)), eos_id=tokenizer.eos_id,
-                            pad_id=tokenizer.pad_id)
-    for k, row in enumerate(np.asarray(ids)[:max(0, min(batch_size, n - start))]):
-      ex = examples[k]
-      pred, answer = tokenizer.decode(row), ex["turns"][0][1]
-      record = {"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0], "answer": answer,
-                "prediction": pred}
-      for m in metrics:
-        record[m] = METRICS[m](pred, answer)
-        scores[m].append(record[m])
-        scores[f"{m}/{record['task']}"].append(record[m])
-      predictions.append(record)
+  size = model_cfg.img.image_size
+  put = (lambda x: jax.device_put(x, batch_sharding)) if batch_sharding is not None else jnp.asarray
+  records = []
+  passes = int(bool(decoded)) + int(len(decoded) < len(metric_names))
+  done = 0
+
+  def tick(k):
+    nonlocal done
+    done += k
     if progress:
-      progress(min(start + batch_size, n), n)
+      progress(done, n * passes)
+
+  if decoded:
+    sampling, seed = sampling_of(eval_cfg)
+    prefix_len, max_new = int(eval_cfg.get("prefix_len", 32)), int(eval_cfg.get("max_new_tokens", 16))
+    for examples, real in _batches(source, n, batch_size):
+      prefix = [tokenize_prefix(tokenizer, ex["turns"][0][0], prefix_len) for ex in examples]
+      ids = decode_lib.decode(model_cfg, params, put(_images(examples, size)), put(np.stack([p[0] for p in prefix])),
+                              put(np.stack([p[1] for p in prefix])), jax.random.key(seed + len(records)),
+                              max_new_tokens=max_new, sampling=sampling, eos_id=tokenizer.eos_id,
+                              pad_id=tokenizer.pad_id)
+      for ex, row in zip(examples[:real], np.asarray(ids)[:real]):
+        records.append({"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0],
+                        "answers": answers_of(ex), "prediction": tokenizer.decode(row)})
+      tick(real)
+  else:
+    records = [{"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0], "answers": answers_of(ex)}
+               for ex in (source[i] for i in range(n))]
+
+  for m in decoded:
+    if m in metrics_lib.CORPUS:
+      scores = metrics_lib.CORPUS[m]([r["prediction"] for r in records], [r["answers"] for r in records])
+    else:
+      scores = [metrics_lib.PER_EXAMPLE[m](r["prediction"], r["answers"]) for r in records]
+    for r, s in zip(records, scores):
+      r[m] = float(s)
+
+  if len(decoded) < len(metric_names):
+    text_len, i = int(eval_cfg.get("text_len", 64)), 0
+    for examples, real in _batches(source, n, batch_size):
+      tok = [tokenize_turns(tokenizer, ex["turns"], text_len) for ex in examples]
+      arrays = [put(np.stack([getattr(t, f) for t in tok])) for f in ("tokens", "mask_ar", "mask_loss", "mask_input")]
+      nll, count = jax.device_get(answer_nll(model_cfg, params, put(_images(examples, size)), *arrays))
+      for r, s, c in zip(records[i:i + real], nll[:real], count[:real]):
+        r["nll"], r["answer_tokens"] = float(s), int(c)
+      i += real
+      tick(real)
+
   out = {"name": eval_cfg.get("name", "eval"), "num_examples": n}
-  out.update({k: float(np.mean(v)) for k, v in sorted(scores.items())})
-  out["predictions"] = predictions
+  out.update(summarize(records, metric_names))
+  out["predictions"] = records
+  return out
+
+
+def summarize(records, metric_names) -> dict:
+  """Means over examples, overall and per task; loss / perplexity are per answer token."""
+  groups = collections.defaultdict(list)
+  for r in records:
+    groups[""].append(r)
+    if r["task"]:
+      groups[r["task"]].append(r)
+  out = {}
+  for m in metric_names:
+    for task, rs in sorted(groups.items()):
+      key = m if not task else f"{m}/{task}"
+      if m in TEACHER_FORCED:
+        loss = sum(r["nll"] for r in rs) / max(sum(r["answer_tokens"] for r in rs), 1)
+        out[key] = loss if m == "loss" else math.exp(loss)
+      else:
+        out[key] = float(np.mean([r[m] for r in rs]))
   return out
 
 

@@ -27,7 +27,9 @@ ALLOWED_KEYS = {
                "data": _DATA, "lr": None, "schedule": {"decay": None, "warmup_steps": None, "end_frac": None},
                "frozen": None, "lr_mults": None},
     "evals": {"name": None, "data": _DATA, "metrics": None, "batch_size": None, "max_new_tokens": None,
-              "prefix_len": None, "num_examples": None},
+              "prefix_len": None, "text_len": None, "num_examples": None, "sampler": None, "temperature": None,
+              "top_k": None, "top_p": None, "best_of": None, "beam_size": None, "length_penalty": None,
+              "seed": None},
 }
 REQUIRED_STAGE_KEYS = ("steps", "image_size", "text_len", "batch_size", "data", "lr")
 

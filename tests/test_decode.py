@@ -1,0 +1,159 @@
+"""The shared decode loop: beam search, best-of-n, scores, compile-once buckets (greedy, sampling, caching and
+ragged batches are in test_model.py)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax import decode as decode_lib
+from vlm_jax.api import Model
+from vlm_jax.models.registry import get_model_config
+from vlm_jax.models.vlm import init_params
+from tests.test_model import randomize
+
+EOS = 1
+
+
+def markov_extend(table_VV):
+  """A toy model whose next-token distribution depends only on the last token: log-prob table [V, V]."""
+  def extend(token_B, cache):
+    return table_VV[token_B], {"steps": cache["steps"] + 1}
+  return extend
+
+
+def toy_case():
+  """Greedy takes token 2 (p .6) but then must end with p .3; token 3 (p .4) ends with p .99."""
+  v = 6
+  table = np.full((v, v), 1e-9)
+  table[2] = [0.025, 0.3, 0.0, 0.225, 0.225, 0.225]
+  table[3] = [0.0025, 0.99, 0.0025, 0.0, 0.0025, 0.0025]
+  table[4] = table[5] = table[0] = table[1] = [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+  table = np.log(np.maximum(table, 1e-9) / np.maximum(table, 1e-9).sum(1, keepdims=True))
+  first = np.log(np.array([[1e-9, 1e-9, 0.6, 0.4, 1e-9, 1e-9]]))
+  return jnp.asarray(table, jnp.float32), jnp.asarray(first, jnp.float32)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_search_beats_greedy_on_a_constructed_case(length_penalty):
+  table, first = toy_case()
+  extend, cache = markov_extend(table), {"steps": jnp.zeros((1,), jnp.int32)}
+  greedy, greedy_logp, greedy_len = decode_lib.sample_loop(
+      extend, first, cache, jax.random.key(0), max_new_tokens=4, sampling=decode_lib.Sampling(), eos_id=EOS,
+      pad_id=0)
+  beam, beam_score = decode_lib.beam_loop(extend, first, cache, beam_size=2, max_new_tokens=4,
+                                          length_penalty=length_penalty, eos_id=EOS, pad_id=0)
+  assert list(np.asarray(greedy[0])) == [2, 1, 0, 0]
+  assert list(np.asarray(beam[0])) == [3, 1, 0, 0]
+  assert float(greedy_logp[0]) == pytest.approx(math.log(0.6 * 0.3), rel=1e-5)
+  assert int(greedy_len[0]) == 2
+  assert float(beam_score[0]) == pytest.approx(math.log(0.4 * 0.99) / 2 ** length_penalty, rel=1e-5)
+  # Beam size 1 follows the greedy path.
+  one, one_score = decode_lib.beam_loop(extend, first, cache, beam_size=1, max_new_tokens=4, length_penalty=0.0,
+                                        eos_id=EOS, pad_id=0)
+  np.testing.assert_array_equal(one, greedy)
+  assert float(one_score[0]) == pytest.approx(float(greedy_logp[0]), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = get_model_config("tiny")
+  return Model(cfg, randomize(init_params(cfg), seed=1))
+
+
+@pytest.fixture(scope="module")
+def images():
+  return np.random.RandomState(0).uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+
+
+PREFIX = np.array([[2, 5, 6, 7, 8, 9], [2, 12, 13, 0, 0, 0]])
+
+
+def teacher_forced_logp(model, images, prefix_row, out_row, eos):
+  """Summed log-probs of the generated tokens (through the first EOS) by full forward passes."""
+  prefix = [t for t in prefix_row if t]
+  gen = list(out_row)
+  if eos in gen:
+    gen = gen[:gen.index(eos) + 1]
+  tokens = np.array([prefix + gen])
+  mask_ar = np.array([[0] * len(prefix) + [1] * len(gen)])
+  logp = jax.nn.log_softmax(model.logits(images, tokens, mask_ar)[0])
+  return float(sum(logp[len(prefix) - 1 + i, tok] for i, tok in enumerate(gen))), len(gen)
+
+
+def test_beam_size_1_equals_greedy(model, images):
+  greedy = model.generate_ids(images, PREFIX, 8, eos_id=-1)
+  beam1 = model.generate_ids(images, PREFIX, 8, eos_id=-1, sampler="beam", beam_size=1, length_penalty=0.0)
+  np.testing.assert_array_equal(greedy, beam1)
+
+
+def test_beam_scores_are_the_models_log_probs_and_beat_greedy(model, images):
+  eos = int(np.asarray(model.generate_ids(images, PREFIX, 3, eos_id=-1))[0, 2])  # an EOS greedy reaches
+  greedy, g_score = model.generate_ids(images, PREFIX, 6, eos_id=eos, length_penalty=0.0, return_scores=True)
+  beam, b_score = model.generate_ids(images, PREFIX, 6, eos_id=eos, sampler="beam", beam_size=4,
+                                     length_penalty=0.0, return_scores=True)
+  for i in range(2):
+    ref, _ = teacher_forced_logp(model, images[i:i + 1], PREFIX[i], np.asarray(beam)[i], eos)
+    assert float(b_score[i]) == pytest.approx(ref, rel=1e-4)
+    ref, _ = teacher_forced_logp(model, images[i:i + 1], PREFIX[i], np.asarray(greedy)[i], eos)
+    assert float(g_score[i]) == pytest.approx(ref, rel=1e-4)
+    assert float(b_score[i]) >= float(g_score[i]) - 1e-5
+
+
+def test_best_of_n_keeps_the_best_of_the_same_draws(model, images):
+  kw = dict(sampler="sample", temperature=1.5, seed=7, eos_id=-1, return_scores=True)
+  best, best_score = model.generate_ids(images, PREFIX, 5, best_of=3, **kw)
+  again, _ = model.generate_ids(images, PREFIX, 5, best_of=3, **kw)
+  np.testing.assert_array_equal(best, again)  # seeds reproduce
+  # The same three draws per row, made as a batch of repeated rows with one sample each.
+  draws, scores = model.generate_ids(np.repeat(images, 3, axis=0), np.repeat(PREFIX, 3, axis=0), 5, **kw)
+  scores = np.asarray(scores).reshape(2, 3)
+  pick = scores.argmax(1)
+  np.testing.assert_array_equal(best, np.asarray(draws).reshape(2, 3, -1)[np.arange(2), pick])
+  np.testing.assert_allclose(best_score, scores.max(1), rtol=1e-6)
+
+
+def test_sampling_options_are_validated():
+  with pytest.raises(ValueError, match="beam search is deterministic"):
+    decode_lib.Sampling.make("beam", temperature=0.7)
+  with pytest.raises(ValueError, match="best_of needs sampling"):
+    decode_lib.Sampling(best_of=2)
+  with pytest.raises(ValueError, match="Unknown sampler"):
+    decode_lib.Sampling.make("nucleus")
+
+
+class CompileCounter:
+  """Counts XLA backend compilations while active."""
+
+  def __init__(self):
+    self.count, self.active = 0, False
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event, duration, **kw):
+    if self.active and event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+
+COMPILES = CompileCounter()
+
+
+def test_second_batch_of_a_bucket_does_not_compile(model, images):
+  rs = np.random.RandomState(3)
+  prompts = lambda: np.concatenate([np.full((2, 1), 2), rs.randint(3, 200, (2, 4))], axis=1)
+  for sampler in [dict(), dict(sampler="beam", beam_size=3)]:
+    model.generate_ids(images, prompts(), 6, **sampler).block_until_ready()  # the bucket's first batch compiles
+    COMPILES.active = True
+    try:
+      # New contents, other prompt lengths within the same 16-token bucket: no compilation.
+      model.generate_ids(images * 0.5, prompts(), 6, **sampler).block_until_ready()
+      model.generate_ids(images, prompts()[:, :3], 6, **sampler).block_until_ready()
+    finally:
+      COMPILES.active = False
+    assert COMPILES.count == 0, sampler
+  COMPILES.active = True
+  try:  # the counter does see compilations: a new bucket (more new tokens) compiles
+    model.generate_ids(images, prompts(), 7).block_until_ready()
+  finally:
+    COMPILES.active = False
+  assert COMPILES.count >= 1

@@ -1,0 +1,150 @@
+"""Batch evaluators and the eval / predict CLIs, on a tiny random model with the synthetic tokenizer."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from vlm_jax import evaluate
+from vlm_jax.api import Model
+from vlm_jax.data.image import to_rgb_array
+from vlm_jax.data.synthetic import SyntheticSource, synthetic_tokenizer
+from vlm_jax.data.text import tokenize_turns
+from vlm_jax.models.registry import get_model_config
+from vlm_jax.models.vlm import init_params
+from tests.test_decode import COMPILES
+from tests.test_model import randomize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = dict(kind="synthetic", split="val", num_examples=7, seed=0, grid=2, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def model():
+  tok = synthetic_tokenizer()
+  cfg = get_model_config("tiny")
+  cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=tok.vocab_size))
+  return Model(cfg, randomize(init_params(cfg), seed=2), tok)
+
+
+def eval_cfg(**kw):
+  return ml_collections.ConfigDict(dict(name="val", data=DATA, batch_size=3, max_new_tokens=5, prefix_len=12,
+                                        **kw))
+
+
+def test_decoded_metrics_match_generate_and_the_metric_functions(model):
+  res = evaluate.evaluate(model.config, model.params, model.tokenizer,
+                          eval_cfg(metrics=["exact_match", "vqa_accuracy", "anls", "cider"]))
+  src = SyntheticSource(**{k: v for k, v in DATA.items() if k != "kind"})
+  assert res["num_examples"] == 7 and len(res["predictions"]) == 7  # 3 + 3 + 1 padded to 3: padding dropped
+  images = [src[i]["image"] for i in range(7)]
+  prompts = [src[i]["turns"][0][0] for i in range(7)]
+  expected = model.generate(images, prompts, max_new_tokens=5)
+  assert [r["prediction"] for r in res["predictions"]] == expected
+  from vlm_jax import metrics
+  answers = [[src[i]["turns"][0][1]] for i in range(7)]
+  for name in ("exact_match", "vqa_accuracy", "anls"):
+    assert res[name] == pytest.approx(np.mean([metrics.PER_EXAMPLE[name](p, a) for p, a in zip(expected, answers)]))
+  assert res["cider"] == pytest.approx(np.mean(metrics.cider(expected, answers)))
+  tasks = {src[i]["task"] for i in range(7)}
+  assert {f"exact_match/{t}" for t in tasks} <= set(res)
+
+
+def test_perplexity_is_the_teacher_forced_answer_loss(model):
+  res = evaluate.evaluate(model.config, model.params, model.tokenizer,
+                          eval_cfg(metrics=["loss", "perplexity"], text_len=20))
+  src = SyntheticSource(**{k: v for k, v in DATA.items() if k != "kind"})
+  total, count = 0.0, 0
+  for i in range(7):  # one example at a time, unpadded batch of one
+    ex = src[i]
+    tok = tokenize_turns(model.tokenizer, ex["turns"], 20)
+    image = to_rgb_array(ex["image"], model.image_size)[None]
+    logits = model.logits(image, tok.tokens[None, :-1], tok.mask_ar[None, :-1], tok.mask_input[None, :-1])[0]
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    for t in range(19):
+      if tok.mask_loss[t + 1]:
+        total -= logp[t, tok.tokens[t + 1]]
+        count += 1
+  assert res["loss"] == pytest.approx(total / count, rel=1e-5)
+  assert res["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+  assert "prediction" not in res["predictions"][0]  # no decoding pass was needed
+
+
+def test_unknown_metric_is_rejected(model):
+  with pytest.raises(ValueError, match="Unknown metrics"):
+    evaluate.evaluate(model.config, model.params, model.tokenizer, eval_cfg(metrics=["bleu"]))
+
+
+def test_second_evaluation_compiles_nothing(model):
+  cfg = eval_cfg(metrics=["exact_match", "perplexity"], sampler="beam", beam_size=2)
+  evaluate.evaluate(model.config, model.params, model.tokenizer, cfg)
+  COMPILES.active, before = True, COMPILES.count
+  try:
+    evaluate.evaluate(model.config, model.params, model.tokenizer, cfg)
+  finally:
+    COMPILES.active = False
+  assert COMPILES.count == before
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("ckpt") / "model")
+  model.save(path)
+  return path
+
+
+def run_tool(*args, stdin=None):
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, input=stdin, timeout=600)
+
+
+@pytest.mark.slow
+def test_eval_and_predict_clis(model, checkpoint, tmp_path):
+  out = tmp_path / "res.json"
+  proc = run_tool("tools/eval.py", "--config", "configs/tiny_synthetic.py", "--checkpoint", checkpoint,
+                  "--evals", "val", "--out", str(out), "--config.evals[0].num_examples=5",
+                  "--config.evals[0].metrics=['exact_match','perplexity']")
+  assert proc.returncode == 0, proc.stderr
+  res = json.loads(out.read_text())["val"]
+  assert res["num_examples"] == 5 and len(res["predictions"]) == 5 and "perplexity" in res
+  ref = evaluate.evaluate(model.config, model.params, model.tokenizer, ml_collections.ConfigDict(dict(
+      name="val", data=dict(kind="synthetic", split="val", num_examples=300, seed=0, grid=2, image_size=48),
+      metrics=["exact_match", "perplexity"], batch_size=100, max_new_tokens=12, prefix_len=12, num_examples=5)))
+  assert [r["prediction"] for r in res["predictions"]] == [r["prediction"] for r in ref["predictions"]]
+  assert res["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+
+  image = tmp_path / "img.png"
+  from PIL import Image
+  src = SyntheticSource(split="val", num_examples=3, seed=0, grid=2, image_size=40)
+  Image.fromarray(src[0]["image"]).save(image)
+  prompts = ["caption en", "count circle", "what color is the shape"]
+  proc = run_tool("tools/predict.py", "--checkpoint", checkpoint, "--image", str(image), "--max_new_tokens", "6",
+                  "--batch_size", "2", "--json", stdin="\n".join(prompts) + "\n")
+  assert proc.returncode == 0, proc.stderr
+  expected = model.generate([src[0]["image"]] * 3, prompts, max_new_tokens=6)
+  lines = [json.loads(line) for line in proc.stdout.strip().split("\n")]
+  assert [x["prompt"] for x in lines] == prompts and [x["prediction"] for x in lines] == expected
+  proc = run_tool("tools/predict.py", "--checkpoint", checkpoint, "--image", str(image), "--prompt", prompts[0],
+                  "--sampler", "beam", "--beam_size", "3", "--max_new_tokens", "6", "--json")
+  assert proc.returncode == 0, proc.stderr
+  line = json.loads(proc.stdout)
+  texts, scores = model.generate([src[0]["image"]], prompts[:1], max_new_tokens=6, sampler="beam", beam_size=3,
+                                 return_scores=True)
+  assert line["prediction"] == texts[0] and line["score"] == pytest.approx(scores[0], rel=1e-5)
+
+
+def test_cli_errors_are_clear(checkpoint, tmp_path):
+  proc = run_tool("tools/predict.py", "--checkpoint", checkpoint, "--image", str(tmp_path / "missing.png"),
+                  "--prompt", "caption en")
+  assert proc.returncode == 2 and "missing.png" in proc.stderr and "Traceback" not in proc.stderr
+  proc = run_tool("tools/eval.py", "--config", "configs/tiny_synthetic.py", "--checkpoint", checkpoint,
+                  "--evals", "nope")
+  assert proc.returncode == 2 and "unknown evaluators ['nope']" in proc.stderr
+  for tool in ("tools/eval.py", "tools/predict.py"):
+    proc = run_tool(tool, "--help")
+    assert proc.returncode == 0 and "--checkpoint" in proc.stdout

@@ -1,0 +1,104 @@
+"""Run a config's evaluators on a checkpoint: batched, jitted decoding through the shared decode loop.
+
+  python tools/eval.py --config configs/tiny_synthetic.py --checkpoint runs/tiny/model
+  python tools/eval.py --config configs/tiny_synthetic.py --checkpoint runs/tiny --evals val --out val.json
+  python tools/eval.py --config configs/transfer_paligemma.py:init=/ckpt/pg --checkpoint /ckpt/pg \\
+      --config.evals[0].num_examples=100 --config.evals[0].sampler=beam
+
+The evaluators are the config's `evals` (each: name, data, metrics, batch_size, max_new_tokens, prefix_len,
+text_len, sampler options); --evals picks some by name. Metrics: exact_match, vqa_accuracy, anls,
+relaxed_accuracy, cider (decoded answers against every reference answer) and loss / perplexity
+(teacher-forced on the reference answers). --checkpoint takes what tools/predict.py takes. The results JSON
+(default: eval_results.json next to the checkpoint) holds, per evaluator, the metrics (overall and per
+task) and every prediction with its scores.
+"""
+import argparse
+import json
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+from tools.predict import add_load_flags, load_model  # noqa: E402
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, metavar="FILE.py[:ARGS]", help="config whose `evals` to run")
+  add_load_flags(parser)
+  parser.add_argument("--evals", help="comma-separated evaluator names (default: all of the config's)")
+  parser.add_argument("--out", help="results JSON (default: eval_results.json beside the checkpoint)")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config.") or "=" not in item:
+      parser.error(f"unrecognised argument {item!r} (overrides look like --config.KEY=VALUE)")
+    key, _, value = item[len("--config."):].partition("=")
+    overrides.append((key, value))
+  return args, overrides
+
+
+def select_evals(config, names: str | None):
+  evals = list(config.get("evals") or [])
+  if not evals:
+    raise ValueError("the config has no evals.")
+  if not names:
+    return evals
+  by_name = {e.get("name", "eval"): e for e in evals}
+  wanted = [n.strip() for n in names.split(",") if n.strip()]
+  if unknown := [n for n in wanted if n not in by_name]:
+    raise ValueError(f"unknown evaluators {unknown}; the config has {sorted(by_name)}.")
+  return [by_name[n] for n in wanted]
+
+
+def default_out(checkpoint: str) -> str:
+  path = os.path.abspath(checkpoint.rstrip("/"))
+  return os.path.join(path if os.path.isdir(os.path.join(path, "checkpoints")) else os.path.dirname(path),
+                      "eval_results.json")
+
+
+def main(argv=None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  from vlm_jax import config_util
+  from vlm_jax.train_setup import ALLOWED_KEYS, check_config, make_tokenizer, normalize
+  try:
+    config = config_util.load_config(args.config)
+    for key, value in overrides:
+      config_util.apply_override(config, key, value, ALLOWED_KEYS)
+    check_config(config)
+    evals = select_evals(normalize(config), args.evals)
+    model = load_model(args, default_tokenizer=lambda: make_tokenizer(config))
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  from tqdm import tqdm
+  from vlm_jax import evaluate
+  out_path = args.out or default_out(args.checkpoint)
+  results = {}
+  try:
+    for eval_cfg in evals:
+      name = eval_cfg.get("name", "eval")
+      with tqdm(desc=f"eval {name}", unit="ex", file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(done, total):
+          bar.total = total
+          bar.update(done - bar.n)
+        res = evaluate.evaluate(model.config, model.params, model.tokenizer, eval_cfg, progress=progress)
+      print(f"{name}: {evaluate.summary(res)} ({res['num_examples']} examples)")
+      results[name] = res
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  tmp = out_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(tmp, out_path)
+  print(f"wrote {out_path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

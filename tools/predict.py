@@ -1,0 +1,113 @@
+"""Answer prompts about one image with a trained or converted model, through the shared decode loop.
+
+  python tools/predict.py --checkpoint runs/tiny/model --image cat.png --prompt "caption en"
+  python tools/predict.py --checkpoint runs/tiny --image cat.png --prompt "count circle" --prompt "caption en"
+  printf 'caption en\\ncount circle\\n' | python tools/predict.py --checkpoint runs/tiny/model --image cat.png
+  python tools/predict.py --checkpoint hf_dir --image x.jpg --prompt "caption en" --sampler beam --beam_size 4
+  python tools/predict.py --checkpoint pg.npz --model_config paligemma_3b_224 --tokenizer tok.model ...
+
+--checkpoint takes anything `vlm_jax.load` reads (a vlm_jax model directory, a HuggingFace PaliGemma
+directory, a big_vision .npz with --model_config) or a training workdir (its exported model/). Without
+--prompt, prompts are read from standard input, one per line. Each answer is printed on one line (a newline
+in it as \\n), in prompt order; with --json, one JSON object per line with the prompt, prediction and score.
+"""
+import argparse
+import json
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+
+def add_sampling_flags(parser):
+  g = parser.add_argument_group("decoding (see vlm_jax.decode.Sampling)")
+  g.add_argument("--sampler", default="greedy", choices=["greedy", "sample", "beam"],
+                 help="greedy (default), sample (temperature / top-k / top-p / best-of) or beam search")
+  g.add_argument("--max_new_tokens", type=int, default=32, help="length limit of each answer (default 32)")
+  g.add_argument("--temperature", type=float, help="sampling temperature (sample; default 1.0)")
+  g.add_argument("--top_k", type=int, default=0, help="sample only from the k most likely tokens (0: off)")
+  g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+  g.add_argument("--best_of", type=int, default=1, help="draw N samples per prompt, keep the best-scoring")
+  g.add_argument("--beam_size", type=int, help="beams for --sampler beam (default 4)")
+  g.add_argument("--length_penalty", type=float, default=1.0,
+                 help="scores are log-prob / length ** this (beam search and best-of; default 1.0)")
+  g.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same output")
+
+
+def sampling_kwargs(args) -> dict:
+  return dict(sampler=args.sampler, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              best_of=args.best_of, beam_size=args.beam_size, length_penalty=args.length_penalty, seed=args.seed)
+
+
+def add_load_flags(parser):
+  parser.add_argument("--checkpoint", required=True, help="model directory, HF directory, .npz or training workdir")
+  parser.add_argument("--model_config", help="model config name for a big_vision .npz (e.g. paligemma_3b_224)")
+  parser.add_argument("--tokenizer", help="SentencePiece model, if the checkpoint has none ('synthetic' for the "
+                      "tokenizer of the shipped synthetic data)")
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
+
+
+def load_model(args, default_tokenizer=None):
+  """The Model at --checkpoint (a training workdir means its exported model/), with a tokenizer: --tokenizer,
+  else the checkpoint's own, else default_tokenizer()."""
+  import vlm_jax
+  path = args.checkpoint
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    exported = os.path.join(path, "model")
+    if not os.path.isdir(exported):
+      raise ValueError(f"{path} is a training workdir without an exported model/ yet (training has not finished); "
+                       "pass a model directory.")
+    path = exported
+  model = vlm_jax.load(path, dtype=args.dtype, config=args.model_config)
+  if args.tokenizer:
+    from vlm_jax.train_setup import make_tokenizer
+    model.tokenizer = make_tokenizer({"tokenizer": args.tokenizer})
+  if model.tokenizer is None and default_tokenizer is not None:
+    model.tokenizer = default_tokenizer()
+  if model.tokenizer is None:
+    raise ValueError(f"{args.checkpoint} has no tokenizer.model: pass --tokenizer PATH.")
+  return model
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_load_flags(parser)
+  parser.add_argument("--image", required=True, help="image file (any size and mode PIL reads)")
+  parser.add_argument("--prompt", action="append", help="a prompt (repeatable); default: read stdin, one per line")
+  parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (default 8)")
+  parser.add_argument("--json", action="store_true", help="print JSON lines {prompt, prediction, score}")
+  add_sampling_flags(parser)
+  args = parser.parse_args(argv)
+
+  prompts = args.prompt if args.prompt else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+  if not prompts:
+    print("error: no prompts (pass --prompt or write them to standard input)", file=sys.stderr)
+    return 2
+  try:
+    from vlm_jax.data.llava_json import load_image
+    image = load_image(args.image)
+    model = load_model(args)
+    from tqdm import tqdm
+    with tqdm(total=len(prompts), desc="predict", unit="prompt", file=sys.stderr,
+              disable=len(prompts) <= args.batch_size) as bar:
+      for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        # Pad the chunk to the batch size, so every batch reuses one compiled program.
+        padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
+        preds, scores = model.generate([image] * len(padded), padded, args.max_new_tokens, return_scores=True,
+                                       **sampling_kwargs(args))
+        for prompt, pred, score in zip(chunk, preds, scores):
+          line = json.dumps({"prompt": prompt, "prediction": pred, "score": score}) if args.json else pred
+          print(line.replace("\n", "\\n"), flush=True)  # one line per prompt, whatever the model wrote
+        bar.update(len(chunk))
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
