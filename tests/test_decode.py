@@ -157,3 +157,57 @@ def test_second_batch_of_a_bucket_does_not_compile(model, images):
   finally:
     COMPILES.active = False
   assert COMPILES.count >= 1
+
+
+MESH_SCRIPT = r"""
+import json, sys
+import numpy as np
+import ml_collections
+from vlm_jax import evaluate
+from vlm_jax.api import Model
+from vlm_jax.data.synthetic import synthetic_tokenizer
+from vlm_jax.models.registry import get_model_config
+from vlm_jax.models.vlm import init_params
+from tests.test_model import randomize
+import dataclasses
+tok = synthetic_tokenizer()
+cfg = get_model_config("tiny")
+cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=tok.vocab_size))
+model = Model(cfg, randomize(init_params(cfg), seed=4), tok)
+rs = np.random.RandomState(0)
+images = rs.uniform(-1, 1, (3, 28, 28, 3)).astype(np.float32)
+prefix = np.array([[2, 5, 6, 7, 8, 9], [2, 12, 13, 0, 0, 0], [2, 40, 41, 42, 0, 0]])
+eval_cfg = ml_collections.ConfigDict(dict(name="val", metrics=["exact_match", "perplexity"], batch_size=4,
+    max_new_tokens=5, prefix_len=12, text_len=20,
+    data=dict(kind="synthetic", split="val", num_examples=6, seed=0, grid=2, image_size=32)))
+out = {}
+for name, m in [("one", model), ("mesh", model.shard({"data": 2, "fsdp": 2, "tensor": 2}))]:
+  out[name] = {
+      "greedy": np.asarray(m.generate_ids(images, prefix, 6, eos_id=-1)).tolist(),
+      "beam": np.asarray(m.generate_ids(images, prefix, 6, eos_id=-1, sampler="beam", beam_size=3)).tolist(),
+      "eval": evaluate.evaluate(m.config, m.params, tok, eval_cfg, mesh=m.mesh)}
+  out[name]["eval"] = {"predictions": [r["prediction"] for r in out[name]["eval"]["predictions"]],
+                       "perplexity": out[name]["eval"]["perplexity"]}
+sh = model.shard({"data": 2, "fsdp": 2, "tensor": 2})
+out["spec"] = str(sh.params["params"]["llm"]["layers"]["mlp"]["linear"].sharding.spec)
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_decode_and_evaluate_on_a_mesh_equal_one_device():
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  assert "tensor" in out["spec"]  # params really are split
+  assert out["mesh"]["greedy"] == out["one"]["greedy"]
+  assert out["mesh"]["beam"] == out["one"]["beam"]
+  assert out["mesh"]["eval"]["predictions"] == out["one"]["eval"]["predictions"]
+  assert out["mesh"]["eval"]["perplexity"] == pytest.approx(out["one"]["eval"]["perplexity"], rel=1e-5)

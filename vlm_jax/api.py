@@ -31,10 +31,42 @@ def _check_batch(name, x, ndim, batch=None):
 class Model:
   """A loaded vision-language model. Params are a pytree {"params": {"img": ..., "llm": ...}}."""
 
-  def __init__(self, config: VLMConfig, params, tokenizer=None):
+  def __init__(self, config: VLMConfig, params, tokenizer=None, mesh=None):
     self.config = config
     self.params = params
     self.tokenizer = tokenizer
+    self.mesh = mesh
+
+  def shard(self, mesh) -> "Model":
+    """The same model with params sharded over `mesh` (a jax Mesh, or a config dict like {"data": -1,
+    "tensor": 2}) by vlm_jax.sharding's rules; its batches are then split over the data axes (a batch that
+    does not divide is padded with repeats, which are dropped from the output)."""
+    from vlm_jax import sharding, treeutil
+    if not isinstance(mesh, jax.sharding.Mesh):
+      mesh = sharding.make_mesh(mesh)
+    flat = treeutil.flatten(self.params["params"])
+    shardings = sharding.param_shardings(flat, mesh)
+    params = {"params": treeutil.unflatten({k: jax.device_put(v, shardings[k]) for k, v in flat.items()})}
+    return Model(self.config, params, self.tokenizer, mesh)
+
+  def _batch_rows(self, b: int) -> int:
+    """Rows a batch of b is padded to: a multiple of the mesh's data-parallel size."""
+    if self.mesh is None:
+      return b
+    n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return -(-b // n) * n
+
+  def _put(self, x, rows: int):
+    """A batch array padded to `rows` rows (repeating the last) and placed on the mesh's data axes."""
+    if x is None:
+      return None
+    x = jnp.asarray(x)
+    if rows > x.shape[0]:
+      x = jnp.concatenate([x, jnp.repeat(x[-1:], rows - x.shape[0], axis=0)])
+    if self.mesh is None:
+      return x
+    from vlm_jax import sharding
+    return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
 
   @property
   def image_size(self) -> int:
@@ -43,7 +75,7 @@ class Model:
   def with_dtype(self, dtype: str) -> "Model":
     """The same model with params stored and computed in `dtype` (float32 | bfloat16)."""
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), self.params)
-    return Model(with_overrides(self.config, dtype=dtype), params, self.tokenizer)
+    return Model(with_overrides(self.config, dtype=dtype), params, self.tokenizer, self.mesh)
 
   def _images(self, images, batch):
     if images is None:
@@ -90,14 +122,18 @@ class Model:
       raise ValueError("every row needs at least one prefix token (e.g. BOS).")
     sampling = decode_lib.Sampling.make(sampler, temperature=temperature, top_k=top_k, top_p=top_p,
                                         best_of=best_of, beam_size=beam_size, length_penalty=length_penalty)
+    b = prefix_tokens.shape[0]
     width = -(-prefix_tokens.shape[1] // PREFIX_BUCKET) * PREFIX_BUCKET
     pad = ((0, 0), (0, width - prefix_tokens.shape[1]))
-    return decode_lib.decode(
-        self.config, self.params, self._images(images, prefix_tokens.shape[0]),
-        jnp.asarray(np.pad(prefix_tokens, pad, constant_values=pad_id), jnp.int32),
-        jnp.asarray(np.pad(prefix_mask, pad), jnp.int32), jax.random.key(seed),
+    rows = self._batch_rows(b)
+    out = decode_lib.decode(
+        self.config, self.params, self._put(self._images(images, b), rows),
+        self._put(np.pad(prefix_tokens, pad, constant_values=pad_id).astype(np.int32), rows),
+        self._put(np.pad(prefix_mask, pad).astype(np.int32), rows), jax.random.key(seed),
         max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
-        logits_mask_V=None if logits_mask is None else jnp.asarray(logits_mask, bool), return_scores=return_scores)
+        logits_mask_V=None if logits_mask is None else jnp.asarray(logits_mask, bool), return_scores=True)
+    ids, scores = out[0][:b], out[1][:b]
+    return (ids, scores) if return_scores else ids
 
   def generate(self, images, prompts, max_new_tokens: int = 32, return_scores: bool = False, **sampling):
     """Decoded strings for a batch of images (arrays or PIL images, any size/mode) and prompts (and with

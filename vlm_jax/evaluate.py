@@ -59,13 +59,13 @@ def _batches(source, n, batch_size):
     yield [source[min(i, n - 1)] for i in range(start, start + batch_size)], min(batch_size, n - start)
 
 
-def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, batch_sharding=None) -> dict:
+def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -> dict:
   """Runs one evaluator config over its data.
 
   Returns {"name", "num_examples", metric: mean over examples (corpus-level for cider), f"{metric}/{task}",
   "predictions": one record per example (id, task, prompt, answers, prediction, its scores)}.
-  `progress(done, total)` is called after each batch; `batch_sharding` (a NamedSharding) places each batch on a
-  mesh (batch over the data axis, params already sharded by the caller).
+  `progress(done, total)` is called after each batch. With a `mesh`, each batch is split over its data axes
+  (params are placed by the caller, e.g. `Model.shard`).
   """
   source = make_source(eval_cfg.data)
   n = len(source)
@@ -79,7 +79,13 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, batch_shardi
   decoded = [m for m in metric_names if m not in TEACHER_FORCED]
   batch_size = int(eval_cfg.get("batch_size", 32))
   size = model_cfg.img.image_size
-  put = (lambda x: jax.device_put(x, batch_sharding)) if batch_sharding is not None else jnp.asarray
+  put = jnp.asarray
+  if mesh is not None:
+    from vlm_jax import sharding
+    if batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+      raise ValueError(f"evaluator batch_size {batch_size} is not divisible by the mesh's data x fsdp size "
+                       f"{mesh.shape['data'] * mesh.shape['fsdp']}.")
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, np.ndim(x)))
   records = []
   passes = int(bool(decoded)) + int(len(decoded) < len(metric_names))
   done = 0
