@@ -211,3 +211,12 @@ def test_decode_and_evaluate_on_a_mesh_equal_one_device():
   assert out["mesh"]["beam"] == out["one"]["beam"]
   assert out["mesh"]["eval"]["predictions"] == out["one"]["eval"]["predictions"]
   assert out["mesh"]["eval"]["perplexity"] == pytest.approx(out["one"]["eval"]["perplexity"], rel=1e-5)
+
+
+def test_ragged_beam_search_equals_one_by_one(model, images):
+  kw = dict(eos_id=-1, sampler="beam", beam_size=3, return_scores=True)
+  together, scores = model.generate_ids(images, PREFIX, 6, **kw)
+  for i in range(2):
+    alone, score = model.generate_ids(images[i:i + 1], PREFIX[i:i + 1, :int((PREFIX[i] > 0).sum())], 6, **kw)
+    np.testing.assert_array_equal(np.asarray(together)[i], np.asarray(alone)[0])
+    assert float(scores[i]) == pytest.approx(float(score[0]), rel=1e-5)
