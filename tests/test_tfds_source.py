@@ -44,7 +44,8 @@ def test_records_map_onto_turns(data_dir):
   assert len(src) == 6
   by_prompt = {src[i]["turns"][0][0]: src[i] for i in range(6)}
   ex = by_prompt["what shade 2"]
-  assert ex["turns"] == [("what shade 2", "shade 2")]  # first of the reference answers
+  assert ex["turns"] == [("what shade 2", "shade 2")]  # trains on the first of the reference answers
+  assert ex["answers"] == ["shade 2", "grey"]  # evaluators score against all of them
   assert ex["image"].shape == (10, 14, 3) and int(ex["image"][0, 0, 0]) == 80
 
 

@@ -3,7 +3,7 @@ TensorFlow needed), with a field mapping onto the (prompt, answer) turn every so
 
 `fields` maps "image", "prompt" and "answer" to feature names; a value starting with "=" is literal text, e.g.
 fields=dict(image="image", prompt="=caption en", answer="caption"). A list-valued answer (several reference
-answers, as in VQA) trains on its first entry.
+answers, as in VQA) trains on its first entry; evaluators score against all of them (`answers`).
 """
 import numpy as np
 
@@ -44,9 +44,11 @@ class TfdsSource:
   def __getitem__(self, i):
     record = self._src[int(i)]
     get = lambda role: self.fields[role][1:] if self.fields[role].startswith("=") else record[self.fields[role]]
-    image = get("image")
+    image, answer = get("image"), get("answer")
+    many = isinstance(answer, (list, tuple)) or isinstance(answer, np.ndarray) and answer.ndim == 1
     return {"id": f"{self.name}/{self.split}/{int(i)}", "image": None if isinstance(image, str) else np.asarray(image),
-            "turns": [(_text(get("prompt")), _text(get("answer")))], "task": self.name}
+            "turns": [(_text(get("prompt")), _text(answer))], "task": self.name,
+            "answers": [_text(a) for a in answer] if many else [_text(answer)]}
 
   def __repr__(self):
     return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} examples, fields={self.fields})"
