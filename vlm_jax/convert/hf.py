@@ -132,14 +132,11 @@ def _stack(fn, n):
   return np.stack([fn(i) for i in range(n)])
 
 
-def params_from_hf(sd: dict, cfg: VLMConfig) -> dict:
-  """Flat {"img/...": array} params from canonical-named HF tensors (numpy, any float dtype)."""
-  img, llm = cfg.img, cfg.llm
-  n, k, h, d = llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.width
+def vision_params_from_hf(sd: dict, img: ViTConfig) -> dict:
+  """Flat {"img/...": array} SigLIP vision-tower params (no projector) from canonical-named HF tensors."""
   nv, dv = img.num_heads, img.width
   get = sd.__getitem__
   vl = lambda i, name: get(f"{V}encoder.layers.{i}.{name}")
-  tl = lambda i, name: get(f"{T}layers.{i}.{name}")
   enc = "img/Transformer/encoderblock/"
   out = {
       "img/embedding/kernel": get(V + "embeddings.patch_embedding.weight").transpose(2, 3, 1, 0),
@@ -147,10 +144,6 @@ def params_from_hf(sd: dict, cfg: VLMConfig) -> dict:
       "img/pos_embedding": get(V + "embeddings.position_embedding.weight")[None],
       "img/Transformer/encoder_norm/scale": get(V + "post_layernorm.weight"),
       "img/Transformer/encoder_norm/bias": get(V + "post_layernorm.bias"),
-      "img/head/kernel": get("multi_modal_projector.linear.weight").T,
-      "img/head/bias": get("multi_modal_projector.linear.bias"),
-      "llm/embedder/input_embedding": get(T + "embed_tokens.weight"),
-      "llm/final_norm/scale": get(T + "norm.weight"),
   }
   for ours, theirs in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
     out[f"{enc}{ours}/scale"] = _stack(lambda i: vl(i, f"{theirs}.weight"), img.depth)
@@ -165,6 +158,22 @@ def params_from_hf(sd: dict, cfg: VLMConfig) -> dict:
   for ours, theirs in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
     out[f"{enc}MlpBlock_0/{ours}/kernel"] = _stack(lambda i: vl(i, f"mlp.{theirs}.weight").T, img.depth)
     out[f"{enc}MlpBlock_0/{ours}/bias"] = _stack(lambda i: vl(i, f"mlp.{theirs}.bias"), img.depth)
+  return out
+
+
+def params_from_hf(sd: dict, cfg: VLMConfig) -> dict:
+  """Flat {"img/...": array} params from canonical-named HF tensors (numpy, any float dtype)."""
+  llm = cfg.llm
+  n, k, h, d = llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.width
+  get = sd.__getitem__
+  tl = lambda i, name: get(f"{T}layers.{i}.{name}")
+  out = {
+      **vision_params_from_hf(sd, cfg.img),
+      "img/head/kernel": get("multi_modal_projector.linear.weight").T,
+      "img/head/bias": get("multi_modal_projector.linear.bias"),
+      "llm/embedder/input_embedding": get(T + "embed_tokens.weight"),
+      "llm/final_norm/scale": get(T + "norm.weight"),
+  }
 
   heads = lambda w, m: w.reshape(m, h, d).transpose(0, 2, 1)  # [m*h, d] -> [m, d, h]
   lay = "llm/layers/"
@@ -193,10 +202,8 @@ def _norm_names(llm: GemmaConfig):
   return (("pre_attention_norm", "input_layernorm"), ("pre_ffw_norm", "post_attention_layernorm"))
 
 
-def params_to_hf(flat: dict, cfg: VLMConfig) -> dict:
-  """Inverse of `params_from_hf`: HF state-dict names (`model.` prefix) -> numpy arrays."""
-  img, llm = cfg.img, cfg.llm
-  n, k, h, d = llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.width
+def vision_params_to_hf(flat: dict, img: ViTConfig) -> dict:
+  """Inverse of `vision_params_from_hf`: canonical HF names (no `model.` prefix) -> numpy arrays."""
   dv = img.width
   out = {
       V + "embeddings.patch_embedding.weight": flat["img/embedding/kernel"].transpose(3, 2, 0, 1),
@@ -204,10 +211,6 @@ def params_to_hf(flat: dict, cfg: VLMConfig) -> dict:
       V + "embeddings.position_embedding.weight": flat["img/pos_embedding"][0],
       V + "post_layernorm.weight": flat["img/Transformer/encoder_norm/scale"],
       V + "post_layernorm.bias": flat["img/Transformer/encoder_norm/bias"],
-      "multi_modal_projector.linear.weight": flat["img/head/kernel"].T,
-      "multi_modal_projector.linear.bias": flat["img/head/bias"],
-      T + "embed_tokens.weight": flat["llm/embedder/input_embedding"],
-      T + "norm.weight": flat["llm/final_norm/scale"],
   }
   enc = "img/Transformer/encoderblock/"
   mha = enc + "MultiHeadDotProductAttention_0/"
@@ -224,7 +227,20 @@ def params_to_hf(flat: dict, cfg: VLMConfig) -> dict:
     for ours, theirs in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
       out[f"{p}mlp.{theirs}.weight"] = flat[f"{enc}MlpBlock_0/{ours}/kernel"][i].T
       out[f"{p}mlp.{theirs}.bias"] = flat[f"{enc}MlpBlock_0/{ours}/bias"][i]
+  return out
 
+
+def params_to_hf(flat: dict, cfg: VLMConfig) -> dict:
+  """Inverse of `params_from_hf`: HF state-dict names (`model.` prefix) -> numpy arrays."""
+  llm = cfg.llm
+  n, k, h, d = llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.width
+  out = {
+      **vision_params_to_hf(flat, cfg.img),
+      "multi_modal_projector.linear.weight": flat["img/head/kernel"].T,
+      "multi_modal_projector.linear.bias": flat["img/head/bias"],
+      T + "embed_tokens.weight": flat["llm/embedder/input_embedding"],
+      T + "norm.weight": flat["llm/final_norm/scale"],
+  }
   lay = "llm/layers/"
   if n == k:
     qkv = flat[lay + "attn/qkv_einsum/w"]

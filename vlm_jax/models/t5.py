@@ -1,0 +1,373 @@
+"""T5 / UL2 encoder-decoder language backbone (PaLI-3 style), layers stacked with `nn.scan`, with a decoder KV cache.
+
+The encoder runs bidirectionally over already-embedded inputs (so the VLM glue can put image tokens before the
+text prefix); the decoder generates the suffix with causal self-attention and cross-attention to the encoder
+output. As in T5: RMSNorm without mean and with a plain scale (no 1 + scale), no query scaling, a relative
+position bias (one bucket table per stack, used by every layer of that stack; the encoder's buckets are
+bidirectional, the decoder's unidirectional; cross-attention has none), a gated (T5 v1.1 / UL2) or plain
+(T5 v1.0) feed-forward, and an untied lm head (v1.1 / UL2) or the tied input embedding with the decoder
+output scaled by width ** -0.5 (v1.0).
+
+Axis letters as in gemma.py: B batch, T query length, S key length (encoder length, or cache slots), D width,
+N heads, H head dim, F mlp width, V vocab, L layers, K relative-position buckets, C cache slots.
+
+Params, and the HF `T5ForConditionalGeneration` tensors they come from (`i` the layer; `convert/hf_t5.py`
+does the mapping; torch Linear weights are [out, in], q/k/v [N*H, D], o [D, N*H]):
+
+  embedder/input_embedding                   [V,D]       shared.weight
+  lm_head                                    [V,D]       lm_head.weight (only when not tie_embeddings)
+  encoder/relpos_bias                        [K,N]       encoder.block.0.layer.0.SelfAttention
+                                                           .relative_attention_bias.weight
+  encoder/layers/pre_attention_norm/scale    [L,D]       encoder.block.i.layer.0.layer_norm.weight
+  encoder/layers/attn/q_einsum/w             [L,N,D,H]   encoder.block.i.layer.0.SelfAttention.q.weight
+  encoder/layers/attn/kv_einsum/w            [L,2,N,D,H] encoder.block.i.layer.0.SelfAttention.{k,v}.weight
+  encoder/layers/attn/attn_vec_einsum/w      [L,N,H,D]   encoder.block.i.layer.0.SelfAttention.o.weight
+  encoder/layers/pre_ffw_norm/scale          [L,D]       encoder.block.i.layer.1.layer_norm.weight
+  encoder/layers/mlp/gating_einsum           [L,2,D,F]   encoder.block.i.layer.1.DenseReluDense.{wi_0,wi_1}.weight
+  encoder/layers/mlp/wi                      [L,D,F]     encoder.block.i.layer.1.DenseReluDense.wi.weight (not gated)
+  encoder/layers/mlp/linear                  [L,F,D]     encoder.block.i.layer.1.DenseReluDense.wo.weight
+  encoder/final_norm/scale                   [D]         encoder.final_layer_norm.weight
+  decoder/relpos_bias                        [K,N]       decoder.block.0.layer.0.SelfAttention
+                                                           .relative_attention_bias.weight
+  decoder/cross_kv_einsum/w                  [L,2,N,D,H] decoder.block.i.layer.1.EncDecAttention.{k,v}.weight
+  decoder/layers/pre_attention_norm/scale    [L,D]       decoder.block.i.layer.0.layer_norm.weight
+  decoder/layers/attn/{q,kv,attn_vec}_einsum/w           decoder.block.i.layer.0.SelfAttention.{q,k/v,o}.weight
+  decoder/layers/pre_cross_attention_norm/scale [L,D]    decoder.block.i.layer.1.layer_norm.weight
+  decoder/layers/cross_attn/q_einsum/w       [L,N,D,H]   decoder.block.i.layer.1.EncDecAttention.q.weight
+  decoder/layers/cross_attn/attn_vec_einsum/w [L,N,H,D]  decoder.block.i.layer.1.EncDecAttention.o.weight
+  decoder/layers/pre_ffw_norm/scale          [L,D]       decoder.block.i.layer.2.layer_norm.weight
+  decoder/layers/mlp/...                                 decoder.block.i.layer.2.DenseReluDense.* (as the encoder's)
+  decoder/final_norm/scale                   [D]         decoder.final_layer_norm.weight
+
+The cross-attention key/value projections of all decoder layers sit outside the layer scan
+(`decoder/cross_kv_einsum`), so `init_cache` computes every layer's cross-attention keys and values from the
+encoder output once, and the scanned decoder layers take them as per-layer inputs.
+
+Cache (decode.py's layout rule: leaves under "kv" are [L, B, ...], others [B, ...], scalars shared):
+  {"kv": {"self_k", "self_v": [L,B,C,N,H], "cross_k", "cross_v": [L,B,S,N,H]}, "enc_valid": bool [B,S],
+   "index": int32 scalar}
+Decoder tokens are written at one shared slot index for the whole batch; a token's decoder position is its
+slot (every row starts with the decoder start token at slot 0).
+"""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.vit import remat_block
+
+NEG_INF = -2.3819763e38  # as gemma.py: finite, so a fully masked row gives no NaN.
+ACTIVATIONS = {"gelu_new": lambda x: nn.gelu(x, approximate=True), "gelu": lambda x: nn.gelu(x, approximate=False),
+               "silu": nn.silu, "relu": nn.relu}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  width: int  # d_model
+  num_heads: int
+  head_dim: int  # d_kv
+  mlp_dim: int  # d_ff
+  encoder_depth: int
+  decoder_depth: int
+  vocab_size: int = 32128
+  activation: str = "gelu_new"  # gelu_new (tanh) | gelu (erf) | silu | relu
+  gated: bool = True  # T5 v1.1 / UL2: act(x wi_0) * (x wi_1); T5 v1.0: act(x wi)
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  tie_embeddings: bool = False  # lm head = input embedding (T5 v1.0); T5 v1.1 / UL2 have their own
+  scale_decoder_output: bool | None = None  # decoder output * width ** -0.5 before the head; None: tie_embeddings
+  norm_eps: float = 1e-6
+  decoder_start_id: int = 0  # T5 starts decoding from the pad token
+  dtype: str = "float32"
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"Unknown T5 activation {self.activation!r}; use one of {sorted(ACTIVATIONS)}.")
+
+  @property
+  def scales_output(self) -> bool:
+    return self.tie_embeddings if self.scale_decoder_output is None else self.scale_decoder_output
+
+
+def relative_position_bucket(rel, *, bidirectional: bool, num_buckets: int, max_distance: int):
+  """T5's bucket (int32, same shape) of relative positions rel = key position - query position.
+
+  Half the buckets (per direction when bidirectional) are exact small distances, the rest logarithmically wider
+  bins up to max_distance; further distances share the last bucket. Unidirectional: keys after the query
+  (rel > 0) fall in bucket 0, with rel = 0.
+  """
+  rel = jnp.asarray(rel, jnp.int32)
+  buckets = jnp.zeros_like(rel)
+  if bidirectional:
+    num_buckets //= 2
+    buckets = (rel > 0).astype(jnp.int32) * num_buckets
+    rel = jnp.abs(rel)
+  else:
+    rel = -jnp.minimum(rel, 0)
+  max_exact = num_buckets // 2
+  # The same float32 operations in the same order as transformers / Mesh TensorFlow, so bin edges agree.
+  large = jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+  large = max_exact + (large * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return buckets + jnp.where(rel < max_exact, rel, large)
+
+
+def relative_bias(table_KN, query_pos_BT, key_pos_BS, *, bidirectional: bool, cfg: T5Config):
+  """float32 [B,N,T,S] attention-logit bias from the bucket table and the positions (B may be 1)."""
+  buckets_BTS = relative_position_bucket(key_pos_BS[:, None, :] - query_pos_BT[:, :, None],
+                                         bidirectional=bidirectional,
+                                         num_buckets=cfg.relative_attention_num_buckets,
+                                         max_distance=cfg.relative_attention_max_distance)
+  return jnp.transpose(jnp.asarray(table_KN, jnp.float32)[buckets_BTS], (0, 3, 1, 2))
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: no mean subtraction, no bias, a plain scale (initialised to one)."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],))
+    var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    return (x.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def attend(q_BTNH, k_BSNH, v_BSNH, bias_BNTS, mask_BTS, dtype):
+  """Unscaled dot-product attention (T5 folds the scale into its weights) with an optional additive bias."""
+  logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
+  if bias_BNTS is not None:
+    logits_BNTS = logits_BNTS + bias_BNTS
+  logits_BNTS = jnp.where(mask_BTS[:, None], logits_BNTS, NEG_INF)
+  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(dtype)
+  return jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
+
+
+def _einsum_param(module, name, std, shape, dtype):
+  return module.param(name, lambda *a: {"w": nn.initializers.normal(stddev=std)(*a)}, shape)["w"].astype(dtype)
+
+
+class SelfAttention(nn.Module):
+  cfg: T5Config
+
+  @nn.compact
+  def __call__(self, x_BTD, bias_BNTS, mask_BTS, cache=None, cache_index=0):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    n, h, d = cfg.num_heads, cfg.head_dim, cfg.width
+    # transformers' init: the query carries the 1/sqrt(head_dim) that T5's attention leaves out.
+    wq = _einsum_param(self, "q_einsum", (d * h) ** -0.5, (n, d, h), dtype)
+    wkv = _einsum_param(self, "kv_einsum", d ** -0.5, (2, n, d, h), dtype)
+    q_BTNH = jnp.einsum("BTD,NDH->BTNH", x_BTD, wq)
+    k_BTNH = jnp.einsum("BTD,NDH->BTNH", x_BTD, wkv[0])
+    v_BTNH = jnp.einsum("BTD,NDH->BTNH", x_BTD, wkv[1])
+    if cache is not None:
+      cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTNH.astype(cache["k"].dtype), cache_index, 1),
+               "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTNH.astype(cache["v"].dtype), cache_index, 1)}
+      k_BTNH, v_BTNH = cache["k"].astype(dtype), cache["v"].astype(dtype)
+    out_BTNH = attend(q_BTNH, k_BTNH, v_BTNH, bias_BNTS, mask_BTS, dtype)
+    w_out = _einsum_param(self, "attn_vec_einsum", (n * h) ** -0.5, (n, h, d), dtype)
+    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_out), cache
+
+
+class CrossAttention(nn.Module):
+  """Attention to precomputed encoder keys / values (their projection is `Decoder.cross_kv`); no position bias."""
+  cfg: T5Config
+
+  @nn.compact
+  def __call__(self, x_BTD, k_BSNH, v_BSNH, mask_BTS):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    n, h, d = cfg.num_heads, cfg.head_dim, cfg.width
+    q_BTNH = jnp.einsum("BTD,NDH->BTNH", x_BTD, _einsum_param(self, "q_einsum", (d * h) ** -0.5, (n, d, h), dtype))
+    out_BTNH = attend(q_BTNH, k_BSNH.astype(dtype), v_BSNH.astype(dtype), None, mask_BTS, dtype)
+    w_out = _einsum_param(self, "attn_vec_einsum", (n * h) ** -0.5, (n, h, d), dtype)
+    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_out)
+
+
+class FeedForward(nn.Module):
+  cfg: T5Config
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    act = ACTIVATIONS[cfg.activation]
+    init_in = nn.initializers.normal(stddev=cfg.width ** -0.5)
+    if cfg.gated:
+      w_gating = self.param("gating_einsum", init_in, (2, cfg.width, cfg.mlp_dim)).astype(dtype)
+      hidden_BTF = (act(jnp.einsum("BTD,DF->BTF", x_BTD, w_gating[0]))
+                    * jnp.einsum("BTD,DF->BTF", x_BTD, w_gating[1]))
+    else:
+      hidden_BTF = act(jnp.einsum("BTD,DF->BTF", x_BTD, self.param("wi", init_in, (cfg.width, cfg.mlp_dim))
+                                  .astype(dtype)))
+    w_out = self.param("linear", nn.initializers.normal(stddev=cfg.mlp_dim ** -0.5), (cfg.mlp_dim, cfg.width))
+    return jnp.einsum("BTF,FD->BTD", hidden_BTF, w_out.astype(dtype))
+
+
+class EncoderBlock(nn.Module):
+  cfg: T5Config
+
+  @nn.compact
+  def __call__(self, x_BTD, bias_BNTS, mask_BTS):
+    cfg = self.cfg
+    y, _ = SelfAttention(cfg, name="attn")(RMSNorm(cfg.norm_eps, name="pre_attention_norm")(x_BTD), bias_BNTS,
+                                           mask_BTS)
+    x_BTD = x_BTD + y
+    return x_BTD + FeedForward(cfg, name="mlp")(RMSNorm(cfg.norm_eps, name="pre_ffw_norm")(x_BTD)), None
+
+
+class DecoderBlock(nn.Module):
+  cfg: T5Config
+
+  @nn.compact
+  def __call__(self, x_BTD, kv, bias_BNTS, mask_BTS, cross_mask_BTS, cache_index):
+    """kv: this layer's {"cross_k", "cross_v"} and, when decoding with a cache, {"self_k", "self_v"}."""
+    cfg = self.cfg
+    cache = {"k": kv["self_k"], "v": kv["self_v"]} if "self_k" in kv else None
+    y, cache = SelfAttention(cfg, name="attn")(RMSNorm(cfg.norm_eps, name="pre_attention_norm")(x_BTD), bias_BNTS,
+                                               mask_BTS, cache, cache_index)
+    x_BTD = x_BTD + y
+    y = RMSNorm(cfg.norm_eps, name="pre_cross_attention_norm")(x_BTD)
+    x_BTD = x_BTD + CrossAttention(cfg, name="cross_attn")(y, kv["cross_k"], kv["cross_v"], cross_mask_BTS)
+    x_BTD = x_BTD + FeedForward(cfg, name="mlp")(RMSNorm(cfg.norm_eps, name="pre_ffw_norm")(x_BTD))
+    return x_BTD, None if cache is None else {"self_k": cache["k"], "self_v": cache["v"]}
+
+
+def _bias_table(module, cfg):
+  return module.param("relpos_bias", nn.initializers.normal(stddev=cfg.width ** -0.5),
+                      (cfg.relative_attention_num_buckets, cfg.num_heads))
+
+
+class Encoder(nn.Module):
+  cfg: T5Config
+
+  @nn.compact
+  def __call__(self, x_BSD, positions_BS, mask_BSS):
+    cfg = self.cfg
+    bias_BNSS = relative_bias(_bias_table(self, cfg), positions_BS, positions_BS, bidirectional=True, cfg=cfg)
+    block = nn.scan(remat_block(EncoderBlock, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast), length=cfg.encoder_depth)
+    x_BSD, _ = block(cfg, name="layers")(x_BSD, bias_BNSS, mask_BSS)
+    return RMSNorm(cfg.norm_eps, name="final_norm")(x_BSD)
+
+
+class Decoder(nn.Module):
+  cfg: T5Config
+
+  def setup(self):
+    cfg = self.cfg
+    self.relpos_bias = _bias_table(self, cfg)
+    self.cross_kv_einsum = self.param(
+        "cross_kv_einsum", lambda *a: {"w": nn.initializers.normal(stddev=cfg.width ** -0.5)(*a)},
+        (cfg.decoder_depth, 2, cfg.num_heads, cfg.width, cfg.head_dim))
+    block = nn.scan(remat_block(DecoderBlock, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.decoder_depth)
+    self.layers = block(cfg, name="layers")
+    self.final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
+
+  def cross_kv(self, enc_BSD):
+    """Every layer's cross-attention keys and values, each [L,B,S,N,H]."""
+    w = self.cross_kv_einsum["w"].astype(jnp.dtype(self.cfg.dtype))
+    return (jnp.einsum("BSD,LNDH->LBSNH", enc_BSD, w[:, 0]), jnp.einsum("BSD,LNDH->LBSNH", enc_BSD, w[:, 1]))
+
+  def __call__(self, y_BTD, kv, cross_mask_BTS, query_pos_T, cache_index=0):
+    """Final-normed hidden [B,T,D] and the updated {"self_k", "self_v"} (None without a cache in `kv`).
+
+    Causal self-attention: query at position p sees keys at positions <= p (the cache slots when cached).
+    """
+    key_pos_S = jnp.arange(kv["self_k"].shape[2]) if "self_k" in kv else query_pos_T
+    bias_1NTS = relative_bias(self.relpos_bias, query_pos_T[None], key_pos_S[None], bidirectional=False,
+                              cfg=self.cfg)
+    mask_1TS = key_pos_S[None, None, :] <= query_pos_T[None, :, None]
+    x_BTD, new_self = self.layers(y_BTD, kv, bias_1NTS, mask_1TS, cross_mask_BTS, cache_index)
+    return self.final_norm(x_BTD), new_self
+
+
+class Embedder(nn.Module):
+  cfg: T5Config
+
+  def setup(self):
+    self.input_embedding = self.param("input_embedding", nn.initializers.normal(stddev=1.0),
+                                      (self.cfg.vocab_size, self.cfg.width))
+
+  def encode(self, tokens_BT):
+    # T5 does not scale its embeddings.
+    return jnp.asarray(self.input_embedding)[tokens_BT].astype(jnp.dtype(self.cfg.dtype))
+
+
+class T5(nn.Module):
+  """Encoder-decoder: `embed`, `encode`, then `decode` (teacher-forced) or `init_cache` + `extend` (cached)."""
+  cfg: T5Config
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedder = Embedder(cfg, name="embedder")
+    self.encoder = Encoder(cfg, name="encoder")
+    self.decoder = Decoder(cfg, name="decoder")
+    if not cfg.tie_embeddings:
+      self.lm_head = self.param("lm_head", nn.initializers.normal(stddev=cfg.width ** -0.5),
+                                (cfg.vocab_size, cfg.width))
+
+  def embed(self, tokens_BT):
+    """[B,T,D] token embeddings (in cfg.dtype, unscaled), for the encoder or the decoder."""
+    return self.embedder.encode(tokens_BT)
+
+  def encode(self, x_BSD, valid_BS, mask_BSS=None, positions_BS=None):
+    """Encoder output [B,S,D] (final-normed) for embedded inputs x_BSD.
+
+    Bidirectional over the valid tokens (valid_BS); mask_BSS (optional bool [B,S,S], query x key) restricts it
+    further. positions_BS (default: the index, as transformers) drive the relative position bias.
+    """
+    s = x_BSD.shape[1]
+    positions_BS = jnp.arange(s)[None] if positions_BS is None else positions_BS
+    mask_BSS = valid_BS.astype(bool)[:, None, :] & (True if mask_BSS is None else mask_BSS.astype(bool))
+    return self.encoder(x_BSD.astype(jnp.dtype(self.cfg.dtype)), positions_BS, mask_BSS)
+
+  def logits(self, h_BTD):
+    """float32 [B,T,V] vocab logits from final-normed decoder output."""
+    cfg = self.cfg
+    if cfg.scales_output:
+      h_BTD = h_BTD * jnp.asarray(cfg.width ** -0.5, h_BTD.dtype)
+    w_VD = self.embedder.input_embedding if cfg.tie_embeddings else self.lm_head
+    return jnp.einsum("BTD,VD->BTV", h_BTD, w_VD.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
+
+  def decode(self, y_BTD, enc_BSD, enc_valid_BS):
+    """Teacher-forced decoder pass: float32 logits [B,T,V] for embedded decoder inputs y_BTD at positions 0..T-1
+    (decoder start token, then the target shifted right)."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    k_LBSNH, v_LBSNH = self.decoder.cross_kv(enc_BSD.astype(dtype))
+    h_BTD, _ = self.decoder(y_BTD.astype(dtype), {"cross_k": k_LBSNH, "cross_v": v_LBSNH},
+                            enc_valid_BS.astype(bool)[:, None, :], jnp.arange(y_BTD.shape[1]))
+    return self.logits(h_BTD)
+
+  def init_cache(self, enc_BSD, enc_valid_BS, cache_size: int):
+    """A decoder cache of `cache_size` self-attention slots with every layer's cross-attention keys / values."""
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    k_LBSNH, v_LBSNH = self.decoder.cross_kv(enc_BSD.astype(dtype))
+    shape = (cfg.decoder_depth, enc_BSD.shape[0], cache_size, cfg.num_heads, cfg.head_dim)
+    kv = {"self_k": jnp.zeros(shape, dtype), "self_v": jnp.zeros(shape, dtype), "cross_k": k_LBSNH,
+          "cross_v": v_LBSNH}
+    return {"kv": kv, "enc_valid": enc_valid_BS.astype(bool), "index": jnp.asarray(0, jnp.int32)}
+
+  def extend(self, tokens_BT, cache):
+    """Appends T decoder tokens per row at the shared cache index: (float32 logits [B,T,V], new cache)."""
+    t = tokens_BT.shape[1]
+    h_BTD, new_self = self.decoder(self.embed(tokens_BT), cache["kv"], cache["enc_valid"][:, None, :],
+                                   cache["index"] + jnp.arange(t), cache["index"])
+    cache = {"kv": {**cache["kv"], **new_self}, "enc_valid": cache["enc_valid"], "index": cache["index"] + t}
+    return self.logits(h_BTD), cache
+
+  def __call__(self, enc_tokens_BS, enc_valid_BS, dec_tokens_BT):
+    """Text-only forward pass: logits [B,T,V] of decoder inputs dec_tokens_BT given encoder tokens."""
+    enc_BSD = self.encode(self.embed(enc_tokens_BS), enc_valid_BS)
+    return self.decode(self.embed(dec_tokens_BT), enc_BSD, enc_valid_BS)
+
+
+def init_params(cfg: T5Config, seed: int = 0):
+  """Random params {"params": ...}; under `jax.eval_shape` the abstract template loaders fill."""
+
+  @jax.jit
+  def init(rng):
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return T5(cfg).init(rng, tokens, jnp.ones((1, 2), jnp.int32), tokens)
+  return init(jax.random.key(seed))
