@@ -56,8 +56,18 @@ def test_beam_search_beats_greedy_on_a_constructed_case(length_penalty):
   assert float(one_score[0]) == pytest.approx(float(greedy_logp[0]), rel=1e-6)
 
 
+FAMILIES = ["tiny", "tiny_llama_mlp", "tiny_llama_resampler", "tiny_t5"]  # Gemma, LLaVA-style x2, PaLI-3-style
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+  """Each model family through the same decode loop."""
+  cfg = get_model_config(request.param)
+  return Model(cfg, randomize(init_params(cfg), seed=1))
+
+
 @pytest.fixture(scope="module")
-def model():
+def tiny_model():
   cfg = get_model_config("tiny")
   return Model(cfg, randomize(init_params(cfg), seed=1))
 
@@ -70,38 +80,65 @@ def images():
 PREFIX = np.array([[2, 5, 6, 7, 8, 9], [2, 12, 13, 0, 0, 0]])
 
 
-def teacher_forced_logp(model, images, prefix_row, out_row, eos):
-  """Summed log-probs of the generated tokens (through the first EOS) by full forward passes."""
-  prefix = [t for t in prefix_row if t]
-  gen = list(out_row)
-  if eos in gen:
-    gen = gen[:gen.index(eos) + 1]
-  tokens = np.array([prefix + gen])
-  mask_ar = np.array([[0] * len(prefix) + [1] * len(gen)])
-  logp = jax.nn.log_softmax(model.logits(images, tokens, mask_ar)[0])
-  return float(sum(logp[len(prefix) - 1 + i, tok] for i, tok in enumerate(gen))), len(gen)
+N_NEW, LENGTH = 6, 16  # one decode length and one full-pass length: each family compiles few programs
 
 
-def test_beam_size_1_equals_greedy(model, images):
-  greedy = model.generate_ids(images, PREFIX, 8, eos_id=-1)
-  beam1 = model.generate_ids(images, PREFIX, 8, eos_id=-1, sampler="beam", beam_size=1, length_penalty=0.0)
+def full_pass_logits(model, image, tokens, n_prefix):
+  """float32 [len(tokens), V] logits of one row by a full forward pass (no cache), padded to LENGTH."""
+  padded = np.zeros((1, LENGTH), np.int32)
+  padded[0, :len(tokens)] = tokens
+  mask_ar = (np.arange(LENGTH) >= n_prefix).astype(np.int32)[None]
+  mask_input = (np.arange(LENGTH) < len(tokens)).astype(np.int32)[None]
+  return np.asarray(model.logits(image, padded, mask_ar, mask_input)[0, :len(tokens)])
+
+
+def teacher_forced_logp(model, image, prefix_row, out_row):
+  """Summed log-probs of the generated tokens by one full forward pass."""
+  prefix, gen = [t for t in prefix_row if t], list(out_row)
+  logp = jax.nn.log_softmax(full_pass_logits(model, image, prefix + gen, len(prefix)))
+  return float(sum(logp[len(prefix) - 1 + i, tok] for i, tok in enumerate(gen)))
+
+
+BEAM = dict(eos_id=-1, sampler="beam", beam_size=3, length_penalty=0.0, return_scores=True)
+
+
+def test_beam_size_1_equals_greedy(tiny_model, images):
+  greedy = tiny_model.generate_ids(images, PREFIX, N_NEW, eos_id=-1)
+  beam1 = tiny_model.generate_ids(images, PREFIX, N_NEW, eos_id=-1, sampler="beam", beam_size=1, length_penalty=0.0)
   np.testing.assert_array_equal(greedy, beam1)
 
 
-def test_beam_scores_are_the_models_log_probs_and_beat_greedy(model, images):
-  eos = int(np.asarray(model.generate_ids(images, PREFIX, 3, eos_id=-1))[0, 2])  # an EOS greedy reaches
-  greedy, g_score = model.generate_ids(images, PREFIX, 6, eos_id=eos, length_penalty=0.0, return_scores=True)
-  beam, b_score = model.generate_ids(images, PREFIX, 6, eos_id=eos, sampler="beam", beam_size=4,
-                                     length_penalty=0.0, return_scores=True)
+def test_cached_decode_and_scores_equal_full_passes(model, images):
+  """Greedy tokens from the cached loop equal re-running the full forward pass for every new token, and greedy
+  and beam scores equal the teacher-forced log-probs of their sequences."""
+  greedy, g_score = model.generate_ids(images, PREFIX, N_NEW, eos_id=-1, length_penalty=0.0, return_scores=True)
+  beam, b_score = model.generate_ids(images, PREFIX, N_NEW, **BEAM)
   for i in range(2):
-    ref, _ = teacher_forced_logp(model, images[i:i + 1], PREFIX[i], np.asarray(beam)[i], eos)
-    assert float(b_score[i]) == pytest.approx(ref, rel=1e-4)
-    ref, _ = teacher_forced_logp(model, images[i:i + 1], PREFIX[i], np.asarray(greedy)[i], eos)
+    tokens = [t for t in PREFIX[i] if t]
+    n_prefix = len(tokens)
+    for _ in range(N_NEW):
+      tokens.append(int(np.argmax(full_pass_logits(model, images[i:i + 1], tokens, n_prefix)[-1])))
+    assert list(np.asarray(greedy)[i]) == tokens[n_prefix:]
+    ref = teacher_forced_logp(model, images[i:i + 1], PREFIX[i], np.asarray(greedy)[i])
     assert float(g_score[i]) == pytest.approx(ref, rel=1e-4)
-    assert float(b_score[i]) >= float(g_score[i]) - 1e-5
+    ref = teacher_forced_logp(model, images[i:i + 1], PREFIX[i], np.asarray(beam)[i])
+    assert float(b_score[i]) == pytest.approx(ref, rel=1e-4)
 
 
-def test_best_of_n_keeps_the_best_of_the_same_draws(model, images):
+def test_ragged_batch_equals_one_by_one(model, images):
+  greedy = np.asarray(model.generate_ids(images, PREFIX, N_NEW, eos_id=-1))
+  beam, scores = model.generate_ids(images, PREFIX, N_NEW, **BEAM)
+  for i in range(2):
+    row = PREFIX[i:i + 1, :int((PREFIX[i] > 0).sum())]
+    np.testing.assert_array_equal(greedy[i], np.asarray(model.generate_ids(images[i:i + 1], row, N_NEW,
+                                                                           eos_id=-1))[0])
+    alone, score = model.generate_ids(images[i:i + 1], row, N_NEW, **BEAM)
+    np.testing.assert_array_equal(np.asarray(beam)[i], np.asarray(alone)[0])
+    assert float(scores[i]) == pytest.approx(float(score[0]), rel=1e-5)
+
+
+def test_best_of_n_keeps_the_best_of_the_same_draws(tiny_model, images):
+  model = tiny_model
   kw = dict(sampler="sample", temperature=1.5, seed=7, eos_id=-1, return_scores=True)
   best, best_score = model.generate_ids(images, PREFIX, 5, best_of=3, **kw)
   again, _ = model.generate_ids(images, PREFIX, 5, best_of=3, **kw)
@@ -138,7 +175,8 @@ class CompileCounter:
 COMPILES = CompileCounter()
 
 
-def test_second_batch_of_a_bucket_does_not_compile(model, images):
+def test_second_batch_of_a_bucket_does_not_compile(tiny_model, images):
+  model = tiny_model
   rs = np.random.RandomState(3)
   prompts = lambda: np.concatenate([np.full((2, 1), 2), rs.randint(3, 200, (2, 4))], axis=1)
   for sampler in [dict(), dict(sampler="beam", beam_size=3)]:
@@ -212,11 +250,3 @@ def test_decode_and_evaluate_on_a_mesh_equal_one_device():
   assert out["mesh"]["eval"]["predictions"] == out["one"]["eval"]["predictions"]
   assert out["mesh"]["eval"]["perplexity"] == pytest.approx(out["one"]["eval"]["perplexity"], rel=1e-5)
 
-
-def test_ragged_beam_search_equals_one_by_one(model, images):
-  kw = dict(eos_id=-1, sampler="beam", beam_size=3, return_scores=True)
-  together, scores = model.generate_ids(images, PREFIX, 6, **kw)
-  for i in range(2):
-    alone, score = model.generate_ids(images[i:i + 1], PREFIX[i:i + 1, :int((PREFIX[i] > 0).sum())], 6, **kw)
-    np.testing.assert_array_equal(np.asarray(together)[i], np.asarray(alone)[0])
-    assert float(scores[i]) == pytest.approx(float(score[0]), rel=1e-5)

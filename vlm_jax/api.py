@@ -8,12 +8,12 @@ import numpy as np
 from vlm_jax import decode as decode_lib
 from vlm_jax.data.image import to_model_input
 from vlm_jax.models.registry import with_overrides
-from vlm_jax.models.vlm import PaliGemma, VLMConfig
+from vlm_jax.models.vlm import VLMConfig, model_for
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _logits(cfg, params, images, tokens, mask_ar, mask_input):
-  return PaliGemma(cfg).apply(params, images, tokens, mask_ar, mask_input)
+  return model_for(cfg).apply(params, images, tokens, mask_ar, mask_input)
 
 
 PREFIX_BUCKET = 16

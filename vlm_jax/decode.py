@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.vlm import PaliGemma, VLMConfig
+from vlm_jax.models.vlm import VLMConfig, model_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,16 +207,11 @@ def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, 
   sampling only). Returns int32 [B, max_new_tokens], positions after EOS filled with `pad_id`, and with
   return_scores also float32 [B] scores (see `Sampling`).
   """
-  model = PaliGemma(cfg)
-  t = prefix_BT.shape[1]
-  n_img = 0 if images_BHWC is None else cfg.img.num_patches
-  logits_BTV, cache = model.apply(params, images_BHWC, prefix_BT, jnp.zeros_like(prefix_BT), prefix_mask_BT,
-                                  n_img + t + max_new_tokens, method=PaliGemma.prefill)
-  last_B = jnp.sum(prefix_mask_BT, axis=-1) - 1
-  logits_BV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
+  model = model_for(cfg)
+  logits_BV, cache = model.apply(params, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens, method="start")
 
   def extend(token_B, cache):
-    logits_B1V, cache = model.apply(params, token_B[:, None], cache, method=PaliGemma.extend)
+    logits_B1V, cache = model.apply(params, token_B[:, None], cache, method="extend")
     return logits_B1V[:, 0], cache
 
   common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, logits_mask_V=logits_mask_V)

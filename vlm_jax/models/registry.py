@@ -1,9 +1,12 @@
 """Named model configs and (de)serialisation of model configs to JSON."""
 import dataclasses
 
+from vlm_jax.models.adapters import AdapterConfig
 from vlm_jax.models.gemma import GemmaConfig, gemma_config
+from vlm_jax.models.llama import LlamaConfig
+from vlm_jax.models.t5 import T5Config
 from vlm_jax.models.vit import ViTConfig, vit_config
-from vlm_jax.models.vlm import VLMConfig
+from vlm_jax.models.vlm import LLM_TYPES, VLMConfig
 
 PALIGEMMA_VOCAB = 256_000 + 1024 + 128  # Gemma + <locNNNN> + <segNNN>
 
@@ -24,12 +27,30 @@ def tiny(gemma2: bool = False) -> VLMConfig:
   return VLMConfig(img=img, llm=llm, name="tiny_gemma2" if gemma2 else "tiny")
 
 
+def tiny_llama(adapter: str = "mlp") -> VLMConfig:
+  """LLaVA-shaped test model: ViT features before the final norm, an MLP (or resampler) adapter, causal Llama."""
+  img = vit_config("mu/14", image_size=28, final_norm=False)
+  llm = LlamaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512)
+  return VLMConfig(img=img, llm=llm, adapter=AdapterConfig(adapter, num_queries=4, num_heads=4), causal=True,
+                   name=f"tiny_llama_{adapter}")
+
+
+def tiny_t5() -> VLMConfig:
+  """PaLI-3-shaped test model: ViT + linear head into a UL2-style (gated-GELU) encoder-decoder."""
+  img = vit_config("mu/14", image_size=28, head_dim_out=64)
+  llm = T5Config(width=64, num_heads=4, head_dim=16, mlp_dim=128, encoder_depth=2, decoder_depth=2, vocab_size=512)
+  return VLMConfig(img=img, llm=llm, name="tiny_t5")
+
+
 CONFIGS = {
     **{f"paligemma_3b_{r}": (lambda r=r: paligemma("gemma_2b", r, f"paligemma_3b_{r}")) for r in (224, 448, 896)},
     **{f"paligemma2_{size}_{r}": (lambda v=v, r=r, size=size: paligemma(v, r, f"paligemma2_{size}_{r}"))
        for size, v in (("3b", "gemma2_2b"), ("10b", "gemma2_9b"), ("28b", "gemma2_27b")) for r in (224, 448, 896)},
     "tiny": tiny,
     "tiny_gemma2": lambda: tiny(gemma2=True),
+    "tiny_llama_mlp": tiny_llama,
+    "tiny_llama_resampler": lambda: tiny_llama("resampler"),
+    "tiny_t5": tiny_t5,
 }
 
 
@@ -41,20 +62,24 @@ def get_model_config(name: str, **overrides) -> VLMConfig:
 
 
 def with_overrides(cfg: VLMConfig, **overrides) -> VLMConfig:
-  """Applies dtype / remat (and any field both sub-configs share) to the image and language configs."""
+  """Applies dtype / remat (and any field every sub-config shares) to the image, adapter and language configs."""
+  shared = {f.name for f in dataclasses.fields(ViTConfig)} & {f.name for f in dataclasses.fields(type(cfg.llm))}
   for key in overrides:
-    if key not in {f.name for f in dataclasses.fields(ViTConfig)} & {f.name for f in dataclasses.fields(GemmaConfig)}:
+    if key not in shared:
       raise ValueError(f"Unknown model override {key!r}; allowed: dtype, remat.")
+  adapter_kw = {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(AdapterConfig)}}
   return dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, **overrides),
-                             llm=dataclasses.replace(cfg.llm, **overrides))
+                             llm=dataclasses.replace(cfg.llm, **overrides),
+                             adapter=dataclasses.replace(cfg.adapter, **adapter_kw))
 
 
 def config_to_dict(cfg: VLMConfig) -> dict:
-  return dataclasses.asdict(cfg)
+  return {**dataclasses.asdict(cfg), "llm_type": cfg.llm_type}
 
 
 def config_from_dict(d: dict, source: str = "config") -> VLMConfig:
-  """Inverse of `config_to_dict`, naming the missing or unknown key on failure."""
+  """Inverse of `config_to_dict`, naming the missing or unknown key on failure. `llm_type` (gemma | llama | t5)
+  picks the language model's config class; checkpoints written before it existed are Gemma."""
   def build(cls, sub, where):
     fields = {f.name for f in dataclasses.fields(cls)}
     required = {f.name for f in dataclasses.fields(cls)
@@ -69,5 +94,11 @@ def config_from_dict(d: dict, source: str = "config") -> VLMConfig:
   for key in ("img", "llm"):
     if key not in d:
       raise ValueError(f"{source}: missing '{key}'.")
-  return VLMConfig(img=build(ViTConfig, d["img"], "img"), llm=build(GemmaConfig, d["llm"], "llm"),
-                   name=d.get("name", ""))
+  llm_type = d.get("llm_type", "gemma")
+  if llm_type not in LLM_TYPES:
+    raise ValueError(f"{source}: unknown llm_type {llm_type!r}; known: {sorted(LLM_TYPES)}.")
+  if unknown := sorted(set(d) - {"img", "llm", "name", "adapter", "causal", "llm_type"}):
+    raise ValueError(f"{source}: unknown keys {unknown}.")
+  return VLMConfig(img=build(ViTConfig, d["img"], "img"), llm=build(LLM_TYPES[llm_type], d["llm"], "llm"),
+                   name=d.get("name", ""), adapter=build(AdapterConfig, d.get("adapter", {}), "adapter"),
+                   causal=bool(d.get("causal", False)))

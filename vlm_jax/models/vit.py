@@ -40,6 +40,8 @@ class ViTConfig:
   image_size: int = 224
   pool: str = "none"  # none | map | gap
   head_dim_out: int | None = None  # Dense `head` (the PaliGemma projector) output width; None: no head.
+  final_norm: bool = True  # False: features are the last block's output before `encoder_norm` (LLaVA's
+  # vision_feature_layer=-1); the norm's params exist either way, as in HF's vision tower.
   layernorm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype
   remat: str = "none"  # none | full | dots
@@ -156,7 +158,9 @@ class Encoder(nn.Module):
     block = nn.scan(remat_block(EncoderBlock, self.cfg.remat), variable_axes={"params": 0},
                     split_rngs={"params": True}, length=self.cfg.depth)
     x_BPD, _ = block(self.cfg, name="encoderblock")(x_BPD, None)
-    return nn.LayerNorm(epsilon=self.cfg.layernorm_eps, dtype=jnp.dtype(self.cfg.dtype), name="encoder_norm")(x_BPD)
+    normed_BPD = nn.LayerNorm(epsilon=self.cfg.layernorm_eps, dtype=jnp.dtype(self.cfg.dtype),
+                              name="encoder_norm")(x_BPD)
+    return normed_BPD if self.cfg.final_norm else x_BPD
 
 
 class MAPHead(nn.Module):

@@ -1,9 +1,18 @@
-"""PaliGemma glue: image tokens (ViT + projector) then text, one prefix-LM decoder.
+"""The glue: vision tower -> adapter -> language model, for decoder-only and encoder-decoder backbones.
 
-Sequence: [image tokens][BOS prefix "\\n"][suffix EOS][pad]. `mask_ar` (big_vision's convention) is 0 for
-tokens of the bidirectional prefix block and 1 for causal ones; key k is visible to query q iff
-cumsum(mask_ar)[k] <= cumsum(mask_ar)[q] and both are valid input. Image tokens are prefix (mask_ar 0) and
-are not scaled by sqrt(width) like text embeddings are.
+`DecoderVLM` (Gemma: PaliGemma; Llama-family: LLaVA-style): one sequence [image tokens][BOS prefix "\\n"]
+[suffix EOS][pad] through one decoder. `mask_ar` (big_vision's convention) is 0 for tokens of the bidirectional
+prefix block and 1 for causal ones; key k is visible to query q iff cumsum(mask_ar)[k] <= cumsum(mask_ar)[q] and
+both are valid input. Image tokens are prefix (mask_ar 0) and are not scaled by sqrt(width) like Gemma's text
+embeddings. With `causal=True` (LLaVA) every token, image tokens included, attends causally.
+
+`EncoderDecoderVLM` (T5 / UL2: PaLI-3-style): image tokens and the prefix (mask_ar 0) go through the encoder,
+the suffix (mask_ar 1) through the decoder, which starts from T5's decoder start token.
+
+Both take the same inputs and give the same outputs, so training, the decode loop and the evaluators use either:
+`__call__(images, tokens, mask_ar, mask_input)` -> float32 logits [B,T,V] where logits[:, t] predicts
+tokens[:, t + 1]; `start(images, prefix, prefix_mask, max_new_tokens)` -> (logits [B,V] of the first new token,
+cache); `extend(tokens, cache)` -> (logits [B,T,V], cache).
 """
 import dataclasses
 
@@ -11,15 +20,30 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.models.adapters import AdapterConfig, make_adapter
 from vlm_jax.models.gemma import Gemma, GemmaConfig
+from vlm_jax.models.llama import Llama, LlamaConfig
+from vlm_jax.models.t5 import T5, T5Config
 from vlm_jax.models.vit import ViT, ViTConfig
+
+LLM_TYPES = {"gemma": GemmaConfig, "llama": LlamaConfig, "t5": T5Config}
 
 
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
   img: ViTConfig
-  llm: GemmaConfig
+  llm: GemmaConfig | LlamaConfig | T5Config
   name: str = ""
+  adapter: AdapterConfig = AdapterConfig()  # "linear": the ViT's own `head` (PaliGemma)
+  causal: bool = False  # every token attends causally (LLaVA), instead of a bidirectional image + prefix block
+
+  @property
+  def llm_type(self) -> str:
+    return next(k for k, cls in LLM_TYPES.items() if isinstance(self.llm, cls))
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.adapter.num_tokens(self.img.num_patches)
 
 
 def prefix_lm_mask(mask_ar_BT, valid_BT):
@@ -35,27 +59,44 @@ def same_block(mask_ar_BT):
   return cum_BT[:, None, :] == cum_BT[:, :, None]
 
 
-class PaliGemma(nn.Module):
+def _setup_vision(module):
+  """The vision tower `img` and, unless it is the ViT's own linear head, the `adapter` of a glue module."""
+  cfg = module.cfg
+  linear = cfg.adapter.kind == "linear"
+  if linear and cfg.img.head_dim_out != cfg.llm.width:
+    raise ValueError(f"projector width {cfg.img.head_dim_out} != LLM width {cfg.llm.width}.")
+  if not linear and cfg.img.head_dim_out:
+    raise ValueError(f"adapter {cfg.adapter.kind!r} replaces the ViT head: build the ViT with head_dim_out=None.")
+  module.img = ViT(cfg.img)
+  module.adapter = make_adapter(cfg.adapter, cfg.llm.width)
+
+
+def _image_tokens(module, images_BHWC):
+  """ViT (+ adapter) -> image tokens [B,Q,D] at the language model's width."""
+  x_BPD = module.img(images_BHWC)
+  return x_BPD if module.adapter is None else module.adapter(x_BPD)
+
+
+class DecoderVLM(nn.Module):
   cfg: VLMConfig
 
   def setup(self):
-    if self.cfg.img.head_dim_out != self.cfg.llm.width:
-      raise ValueError(f"projector width {self.cfg.img.head_dim_out} != LLM width {self.cfg.llm.width}.")
-    self.img = ViT(self.cfg.img, name="img")
-    self.llm = Gemma(self.cfg.llm, name="llm")
+    _setup_vision(self)
+    self.llm = (Llama if isinstance(self.cfg.llm, LlamaConfig) else Gemma)(self.cfg.llm)
 
   def embed(self, images_BHWC, tokens_BT, mask_ar_BT, mask_input_BT=None):
     """Embeddings, full-sequence mask_ar and validity of [image tokens][text]."""
     txt_BTD = self.llm.embed(tokens_BT)
     if mask_input_BT is None:
       mask_input_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+    mask_ar_BT = jnp.ones_like(mask_ar_BT) if self.cfg.causal else mask_ar_BT
     if images_BHWC is None:
       return txt_BTD, mask_ar_BT, mask_input_BT
-    img_BPD = self.img(images_BHWC).astype(txt_BTD.dtype)
+    img_BPD = _image_tokens(self, images_BHWC).astype(txt_BTD.dtype)
     b, p = img_BPD.shape[:2]
     ones_BP = jnp.ones((b, p), jnp.int32)
     return (jnp.concatenate([img_BPD, txt_BTD], axis=1),
-            jnp.concatenate([0 * ones_BP, mask_ar_BT.astype(jnp.int32)], axis=1),
+            jnp.concatenate([ones_BP if self.cfg.causal else 0 * ones_BP, mask_ar_BT.astype(jnp.int32)], axis=1),
             jnp.concatenate([ones_BP, mask_input_BT.astype(jnp.int32)], axis=1))
 
   def __call__(self, images_BHWC, tokens_BT, mask_ar_BT, mask_input_BT=None):
@@ -91,6 +132,14 @@ class PaliGemma(nn.Module):
              "index": jnp.asarray(s, jnp.int32)}
     return self.llm.logits(h_BSD[:, -tokens_BT.shape[1]:]), cache
 
+  def start(self, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens: int):
+    """Prefill of image + (right-padded) prefix: (logits [B,V] for the first new token, cache)."""
+    n_img = 0 if images_BHWC is None else self.cfg.num_image_tokens
+    logits_BTV, cache = self.prefill(images_BHWC, prefix_BT, jnp.zeros_like(prefix_BT), prefix_mask_BT,
+                                     n_img + prefix_BT.shape[1] + max_new_tokens)
+    last_B = jnp.sum(prefix_mask_BT, axis=-1) - 1
+    return jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0], cache
+
   def extend(self, tokens_BT, cache):
     """Appends T causal tokens per row at the shared cache index: (logits [B,T,V], new cache)."""
     b, t = tokens_BT.shape
@@ -109,12 +158,67 @@ class PaliGemma(nn.Module):
     return self.llm.logits(h_BTD), cache
 
 
+class EncoderDecoderVLM(nn.Module):
+  cfg: VLMConfig
+
+  def setup(self):
+    _setup_vision(self)
+    self.llm = T5(self.cfg.llm)
+
+  def encode(self, images_BHWC, tokens_BT, valid_BT):
+    """Encoder output and validity of [image tokens][valid text tokens]."""
+    x_BSD = self.llm.embed(tokens_BT)
+    valid_BS = valid_BT.astype(jnp.int32)
+    if images_BHWC is not None:
+      img_BPD = _image_tokens(self, images_BHWC).astype(x_BSD.dtype)
+      x_BSD = jnp.concatenate([img_BPD, x_BSD], axis=1)
+      valid_BS = jnp.concatenate([jnp.ones(img_BPD.shape[:2], jnp.int32), valid_BS], axis=1)
+    positions_BS = jnp.maximum(jnp.cumsum(valid_BS, axis=-1) - 1, 0)  # pads inside the sequence take no slot
+    return self.llm.encode(x_BSD, valid_BS, positions_BS=positions_BS), valid_BS
+
+  def __call__(self, images_BHWC, tokens_BT, mask_ar_BT, mask_input_BT=None):
+    """logits[:, t] predicts tokens[:, t + 1], as the decoder-only glue's: the prefix (mask_ar 0) is encoded, the
+    suffix is decoded teacher-forced from the start token, and its logits are put back at the positions of the
+    tokens before each target (positions before the prefix's last token get the first decoder step's logits;
+    nothing is ever supervised there)."""
+    if mask_input_BT is None:
+      mask_input_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+    b, t = tokens_BT.shape
+    is_prefix_BT = (mask_ar_BT == 0) & (mask_input_BT > 0)
+    enc_BSD, enc_valid_BS = self.encode(images_BHWC, tokens_BT, is_prefix_BT)
+    n_prefix_B = jnp.sum(is_prefix_BT, axis=-1)
+    # Decoder inputs, left-aligned: [start, suffix[0], suffix[1], ...] (the suffix starts at n_prefix).
+    idx_BT = jnp.clip(n_prefix_B[:, None] + jnp.arange(t)[None] - 1, 0, t - 1)
+    dec_BT = jnp.where(jnp.arange(t)[None] == 0, self.cfg.llm.decoder_start_id,
+                       jnp.take_along_axis(tokens_BT, idx_BT, axis=1))
+    logits_BTV = self.llm.decode(self.llm.embed(dec_BT), enc_BSD, enc_valid_BS)
+    back_BT = jnp.clip(jnp.arange(t)[None] + 1 - n_prefix_B[:, None], 0, t - 1)
+    return jnp.take_along_axis(logits_BTV, back_BT[:, :, None], axis=1)
+
+  def start(self, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens: int):
+    enc_BSD, enc_valid_BS = self.encode(images_BHWC, prefix_BT, prefix_mask_BT)
+    cache = self.llm.init_cache(enc_BSD, enc_valid_BS, max_new_tokens + 1)
+    start_B1 = jnp.full((prefix_BT.shape[0], 1), self.cfg.llm.decoder_start_id, jnp.int32)
+    logits_B1V, cache = self.llm.extend(start_B1, cache)
+    return logits_B1V[:, 0], cache
+
+  def extend(self, tokens_BT, cache):
+    return self.llm.extend(tokens_BT, cache)
+
+
+def model_for(cfg: VLMConfig) -> nn.Module:
+  return (EncoderDecoderVLM if isinstance(cfg.llm, T5Config) else DecoderVLM)(cfg)
+
+
+PaliGemma = DecoderVLM  # TODO(remove): old name, until every caller says model_for / DecoderVLM
+
+
 def init_params(cfg: VLMConfig, seed: int = 0):
-  """Random params {"params": {"img", "llm"}}; under `jax.eval_shape` the abstract template loaders fill."""
+  """Random params {"params": {"img", ["adapter",] "llm"}}; under `jax.eval_shape` the abstract template."""
   s = cfg.img.image_size
 
   @jax.jit  # one compiled program instead of op-by-op dispatch: seconds faster on CPU
   def init(rng):
-    return PaliGemma(cfg).init(rng, jnp.zeros((1, s, s, 3)), jnp.zeros((1, 2), jnp.int32),
-                               jnp.zeros((1, 2), jnp.int32))
+    return model_for(cfg).init(rng, jnp.zeros((1, s, s, 3)), jnp.zeros((1, 2), jnp.int32),
+                               jnp.array([[0, 1]], jnp.int32))
   return init(jax.random.key(seed))
