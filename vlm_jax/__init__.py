@@ -7,8 +7,8 @@ __all__ = ["Model", "load"]
 
 
 def load(path: str, dtype: str | None = None, config=None) -> Model:
-  """Loads a model from a HuggingFace PaliGemma directory, a big_vision `.npz` (with `config`), or a vlm_jax
-  checkpoint directory. `config`: a model config name such as "paligemma_3b_224" (see
+  """Loads a model from a HuggingFace PaliGemma or LLaVA (SigLIP + Llama / Qwen2) directory, a big_vision `.npz`
+  (with `config`), or a vlm_jax checkpoint directory. `config`: a model config name such as "paligemma_3b_224" (see
   `vlm_jax.models.registry.CONFIGS`) or a `VLMConfig`; required for .npz, else it replaces the stored one.
   `dtype` (float32 | bfloat16) sets both the stored params and the compute dtype; default: as stored.
   """
@@ -23,7 +23,10 @@ def load(path: str, dtype: str | None = None, config=None) -> Model:
   elif checkpoint.is_model_dir(path):
     cfg, params, tok = checkpoint.load_model(path, named)
   elif os.path.isfile(os.path.join(path, "config.json")):
-    cfg, params, tok = hf.load(path, named)
+    from vlm_jax import fileutil
+    from vlm_jax.convert import hf_llava
+    is_llava = fileutil.read_json(os.path.join(path, "config.json")).get("model_type") == "llava"
+    cfg, params, tok = (hf_llava.load if is_llava else hf.load)(path, named)
   elif not os.path.exists(path):
     raise FileNotFoundError(f"No such file or directory: {path}")
   else:

@@ -167,6 +167,12 @@ class Model:
     checkpoint.save_model(out_dir, self.config, self.params, self.tokenizer)
 
   def save_hf(self, out_dir: str, dtype: str | None = None):
-    """A HuggingFace PaliGemmaForConditionalGeneration directory with the same logits."""
-    from vlm_jax.convert import hf
+    """A HuggingFace directory with the same logits: PaliGemmaForConditionalGeneration (Gemma + linear
+    projector) or LlavaForConditionalGeneration (Llama-family + mlp adapter)."""
+    from vlm_jax.convert import hf, hf_llava
+    if hf_llava.is_llava(self.config):
+      return hf_llava.save(out_dir, self.config, self.params, self.tokenizer, dtype=dtype)
+    if self.config.llm_type != "gemma" or self.config.adapter.kind != "linear":
+      raise ValueError(f"no transformers model matches a {self.config.llm_type} language model with a "
+                       f"{self.config.adapter.kind} adapter; save a vlm_jax checkpoint with Model.save instead.")
     hf.save(out_dir, self.config, self.params, self.tokenizer, dtype=dtype)

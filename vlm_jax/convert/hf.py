@@ -324,7 +324,13 @@ def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | N
 
 def _write_hf_files(out_dir, hf_config, config, params, tokenizer, dtype, max_shard_bytes):
   flat = {k: np.asarray(jax.device_get(v)) for k, v in treeutil.flatten(params["params"]).items()}
-  tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in params_to_hf(flat, config).items()}
+  write_weights(out_dir, params_to_hf(flat, config), dtype, max_shard_bytes)
+  write_config_and_tokenizer(out_dir, hf_config, tokenizer)
+
+
+def write_weights(out_dir: str, tensors: dict, dtype: str, max_shard_bytes: int):
+  """model.safetensors, or shards of at most `max_shard_bytes` with HF's index file."""
+  tensors = {k: np.ascontiguousarray(np.asarray(v).astype(dtype)) for k, v in tensors.items()}
   shards, current, size = [], {}, 0
   for name, a in tensors.items():
     if current and size + a.nbytes > max_shard_bytes:
@@ -336,15 +342,19 @@ def _write_hf_files(out_dir, hf_config, config, params, tokenizer, dtype, max_sh
   meta = {"format": "pt"}
   if len(shards) == 1:
     safetensors_io.write(os.path.join(out_dir, "model.safetensors"), shards[0], meta)
-  else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      safetensors_io.write(os.path.join(out_dir, fn), shard, meta)
-      weight_map.update({name: fn for name in shard})
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map},
-                f, indent=2)
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    safetensors_io.write(os.path.join(out_dir, fn), shard, meta)
+    weight_map.update({name: fn for name in shard})
+  with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map},
+              f, indent=2)
+
+
+def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer):
+  """config.json (special token ids in its text_config), generation_config.json and the SentencePiece files."""
   special = {"pad": 0, "eos": 1, "bos": 2}
   if tokenizer is not None:
     special = {"pad": tokenizer.pad_id, "eos": tokenizer.eos_id, "bos": tokenizer.bos_id}

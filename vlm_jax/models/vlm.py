@@ -36,6 +36,9 @@ class VLMConfig:
   name: str = ""
   adapter: AdapterConfig = AdapterConfig()  # "linear": the ViT's own `head` (PaliGemma)
   causal: bool = False  # every token attends causally (LLaVA), instead of a bidirectional image + prefix block
+  # The vocabulary id transformers' LLaVA marks image positions with (it must lie inside the vocabulary): kept from
+  # an imported checkpoint, needed to export one.
+  image_token_id: int | None = None
 
   @property
   def llm_type(self) -> str:

@@ -1,0 +1,105 @@
+"""LLaVA-style models (SigLIP + MLP projector + Llama) against transformers' LlavaForConditionalGeneration."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vlm_jax
+from vlm_jax.convert import hf, hf_llava, safetensors_io
+
+IMAGE, PATCH, VOCAB = 28, 14, 300
+N_IMG = (IMAGE // PATCH) ** 2
+TOKENS = np.array([[2, 5, 6, 7, 10, 11, 12, 13], [2, 8, 9, 10, 11, 12, 13, 14]])
+
+
+def tiny_llava(seed=0):
+  from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+  vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=IMAGE, patch_size=PATCH, vision_use_head=False)
+  text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, vocab_size=VOCAB + 1, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+  cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=VOCAB, vision_feature_layer=-1,
+                    vision_feature_select_strategy="full", projector_hidden_act="gelu", image_seq_length=N_IMG)
+  torch.manual_seed(seed)
+  model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager")
+  with torch.no_grad():
+    for p in model.parameters():  # every tensor random, norms and biases too
+      p.copy_(torch.randn_like(p) * 0.3)
+  return model.eval()
+
+
+def hf_inputs(model, pixels, tokens):
+  ids = np.concatenate([np.full((len(tokens), N_IMG), model.config.image_token_index), tokens], axis=1)
+  return torch.tensor(ids), torch.tensor(pixels).permute(0, 3, 1, 2)
+
+
+def hf_logits(model, pixels, tokens):
+  ids, px = hf_inputs(model, pixels, tokens)
+  with torch.no_grad():
+    return model(input_ids=ids, pixel_values=px).logits[:, N_IMG:].float().numpy()
+
+
+def rel_err(ours, theirs):
+  return float(np.max(np.abs(np.asarray(ours) - theirs)) / np.max(np.abs(theirs)))
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("llava") / "hf")
+  model = tiny_llava()
+  model.save_pretrained(path)
+  return path, model
+
+
+@pytest.fixture(scope="module")
+def pixels():
+  return np.random.RandomState(1).uniform(-1, 1, (2, IMAGE, IMAGE, 3)).astype(np.float32)
+
+
+def test_llava_logits_and_greedy_match_transformers(llava_dir, pixels):
+  path, torch_model = llava_dir
+  model = vlm_jax.load(path)
+  assert model.config.causal and model.config.adapter.kind == "mlp" and not model.config.img.final_norm
+  mask_ar = np.ones_like(TOKENS)  # ignored: the LLaVA glue is causal everywhere
+  assert rel_err(model.logits(pixels, TOKENS, mask_ar), hf_logits(torch_model, pixels, TOKENS)) < 1e-4
+  prefix = TOKENS[:, :5]
+  ours = np.asarray(model.generate_ids(pixels, prefix, max_new_tokens=8, eos_id=-1))
+  ids, px = hf_inputs(torch_model, pixels, prefix)
+  with torch.no_grad():
+    out = torch_model.generate(input_ids=ids, pixel_values=px, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+  np.testing.assert_array_equal(ours, out[:, ids.shape[1]:].numpy())
+
+
+def test_llava_export_round_trip_and_loads_in_transformers(llava_dir, pixels, tmp_path):
+  from transformers import LlavaForConditionalGeneration
+  path, torch_model = llava_dir
+  model = vlm_jax.load(path)
+  out = str(tmp_path / "export")
+  model.save_hf(out)
+  theirs = {hf.canonical_name(k): v for k, v in safetensors_io.read(f"{path}/model.safetensors").items()}
+  ours = {hf.canonical_name(k): v for k, v in safetensors_io.read(f"{out}/model.safetensors").items()}
+  assert sorted(ours) == sorted(theirs)
+  for k in theirs:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  reloaded = LlavaForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+  assert rel_err(model.logits(pixels, TOKENS, np.ones_like(TOKENS)), hf_logits(reloaded, pixels, TOKENS)) < 1e-4
+
+
+def test_llava_config_errors_name_the_field(llava_dir, tmp_path):
+  path, _ = llava_dir
+  import dataclasses
+  model = vlm_jax.load(path)
+  model.config = dataclasses.replace(model.config, image_token_id=None)
+  with pytest.raises(ValueError, match="needs config.image_token_id"):
+    model.save_hf(str(tmp_path / "x"))
+  assert not (tmp_path / "x").exists()
+  with open(f"{path}/config.json") as f:
+    cfg = json.load(f)
+  with pytest.raises(ValueError, match="vision_feature_layer=-2 is not supported"):
+    hf_llava.config_from_hf({**cfg, "vision_feature_layer": -2})
+  bad = {**cfg, "text_config": {k: v for k, v in cfg["text_config"].items() if k != "hidden_size"}}
+  with pytest.raises(ValueError, match="hidden_size"):
+    hf_llava.config_from_hf(bad)
