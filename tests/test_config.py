@@ -60,3 +60,13 @@ def test_train_cli_rejects_unknown_key_cleanly(tmp_path):
 def test_train_cli_help():
   out = subprocess.run([sys.executable, "tools/train.py", "--help"], cwd=REPO, capture_output=True, text=True)
   assert out.returncode == 0 and "--workdir" in out.stdout and "--config.KEY=VALUE" in out.stdout
+
+
+def test_override_may_add_a_key_the_schema_knows_but_not_a_typo():
+  from vlm_jax.train_setup import ALLOWED_KEYS
+  c = config_util.load_config(TINY)
+  config_util.apply_override(c, "evals[0].sampler", "beam", ALLOWED_KEYS)
+  config_util.apply_override(c, "dcn_mesh", "{'data': 2}", ALLOWED_KEYS)
+  assert c.evals[0]["sampler"] == "beam" and dict(c.dcn_mesh) == {"data": 2}
+  with pytest.raises(ValueError, match="did you mean 'dcn_mesh'"):
+    config_util.apply_override(c, "dcn_mesj", "1", ALLOWED_KEYS)

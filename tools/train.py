@@ -8,6 +8,12 @@ overrides any field after loading (`--config.stages[0].lr=1e-4`); an unknown key
 with the same --workdir resumes from its latest checkpoint. The workdir receives checkpoints/, metrics.jsonl,
 loss.png, eval.json (held-out results with every prediction) and model/ (the final model for vlm_jax.load).
 SIGTERM (preemption) saves a checkpoint and exits with status 143.
+
+Multi-host (one process per host, or per GPU under SLURM): start the same command on every host. On a Cloud
+TPU VM (see tools/launch_tpu.py) and inside a SLURM job step (`srun`) the processes find each other by
+themselves; elsewhere give every process --coordinator_address (host:port of process 0, reachable by all),
+--num_processes and its own --process_id. The workdir must be one path every host can reach (gs://bucket/...
+or a shared file system).
 """
 import argparse
 import os
@@ -23,8 +29,14 @@ def parse_args(argv):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, metavar="FILE.py[:ARGS]",
                       help="config file defining get_config(arg); ARGS after the colon are passed as arg")
-  parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and results; "
-                      "an existing one is resumed")
+  parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and results "
+                      "(local or gs://...); an existing one is resumed")
+  dist = parser.add_argument_group("multi-host (jax.distributed); detected on TPU VMs and under SLURM")
+  dist.add_argument("--coordinator_address", metavar="HOST:PORT",
+                    help="address of process 0's coordinator, the same for every process")
+  dist.add_argument("--num_processes", type=int, metavar="N",
+                    help="number of processes in the run (1 alone: a single-process run, no detection)")
+  dist.add_argument("--process_id", type=int, metavar="I", help="this process's index, 0..N-1")
   args, rest = parser.parse_known_args(argv)
   overrides = []
   for item in rest:
@@ -37,14 +49,15 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  from vlm_jax import config_util
+  from vlm_jax import config_util, distributed
   from vlm_jax.train import Preempted, TrainingError, train
-  from vlm_jax.train_setup import check_config
+  from vlm_jax.train_setup import ALLOWED_KEYS, check_config
   try:
     config = config_util.load_config(args.config)
     for key, value in overrides:
-      config_util.apply_override(config, key, value)
+      config_util.apply_override(config, key, value, ALLOWED_KEYS)
     check_config(config)
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,10 +1,16 @@
-"""vlm_jax model checkpoints: `vlm_config.json` + Orbax `params/` (+ `tokenizer.model`), written atomically."""
+"""vlm_jax model checkpoints (`vlm_config.json` + Orbax `params/` + `tokenizer.model`) and training checkpoints.
+
+Both work across hosts: in a multi-process run every process calls the same save / restore, Orbax writes and
+reads each process's shards of the global arrays, and files that are not arrays come from process 0. Paths
+may be local or remote (`gs://...`, read through etils.epath).
+"""
 import json
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from vlm_jax import fileutil, treeutil
 from vlm_jax.models.registry import config_from_dict, config_to_dict
@@ -13,12 +19,23 @@ CONFIG_FILE = "vlm_config.json"
 TOKENIZER_FILE = "tokenizer.model"
 
 
+def is_remote(path: str) -> bool:
+  return "://" in str(path)
+
+
 def is_model_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "params"))
+  path = epath.Path(path)
+  return (path / CONFIG_FILE).is_file() and (path / "params").is_dir()
 
 
 def save_model(out_dir: str, config, params, tokenizer=None):
-  """Writes a new directory atomically: a crash never leaves half a checkpoint."""
+  """Writes a new model directory. A crash never leaves a directory that `is_model_dir`: one process writing
+  a local directory fills a temporary sibling and renames it; otherwise (several processes, each holding
+  shards of the global `params`, or a remote path) Orbax writes `params/` atomically and process 0 adds the
+  config last."""
+  if jax.process_count() > 1 or is_remote(out_dir):
+    return _save_model_shared(epath.Path(out_dir), config, params, tokenizer)
+  params = jax.device_get(params)
   with fileutil.atomic_dir(out_dir) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config_to_dict(config), f, indent=2)
@@ -30,13 +47,29 @@ def save_model(out_dir: str, config, params, tokenizer=None):
       ckptr.wait_until_finished()
 
 
+def _save_model_shared(path, config, params, tokenizer):
+  if is_model_dir(path):
+    raise FileExistsError(f"{path} is already a model directory; choose a new directory.")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path / "params", params, force=True)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    if tokenizer is not None:
+      (path / TOKENIZER_FILE).write_bytes(tokenizer.model_bytes())
+    (path / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"save_model {path}")
+
+
 def load_config(path: str):
   file = os.path.join(path, CONFIG_FILE)
   return config_from_dict(fileutil.read_json(file), source=file)
 
 
 def load_model(path: str, config=None, dtype: str | None = None):
-  """(config, params, tokenizer-or-None) from a `save_model` directory, params cast to `dtype` if given."""
+  """(config, params, tokenizer-or-None) from a `save_model` directory, params cast to `dtype` if given,
+  on this process's first device whatever mesh they were saved from."""
   from vlm_jax.models.vlm import init_params
   from vlm_jax.tokenizer import Tokenizer
   path = os.path.abspath(path)
@@ -48,11 +81,11 @@ def load_model(path: str, config=None, dtype: str | None = None):
     treeutil.check_shapes(treeutil.flatten(expected), {k: np.empty(v.shape, np.int8) for k, v in found.items()},
                           f"checkpoint {path}")
     stored = treeutil.unflatten({k: v.dtype for k, v in found.items()})
-    target = jax.tree.map(lambda x, d: jax.ShapeDtypeStruct(x.shape, dtype or d), expected, stored)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x, d: jax.ShapeDtypeStruct(x.shape, dtype or d, sharding=device), expected, stored)
     params = ckptr.restore(os.path.join(path, "params"), target)
   tok_file = os.path.join(path, TOKENIZER_FILE)
   return config, params, Tokenizer(tok_file) if os.path.isfile(tok_file) else None
-
 
 
 class TrainCheckpoints:
@@ -63,7 +96,7 @@ class TrainCheckpoints:
   def __init__(self, directory: str, keep: int = 3):
     import grain
     self._grain = grain
-    self.directory = os.path.abspath(directory)
+    self.directory = str(directory) if is_remote(directory) else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -82,7 +115,9 @@ class TrainCheckpoints:
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
-    """Restores onto the shardings/dtypes of the abstract trees, and the iterator in place."""
+    """Restores onto the shardings/dtypes of the abstract trees (any mesh, any number of processes), and the
+    iterator in place unless it is None (grain keeps one iterator state per process, so a checkpoint saved
+    by another number of processes has none for this one)."""
     args = {"params": ocp.args.StandardRestore(abstract_params),
             "opt_state": ocp.args.StandardRestore(abstract_opt_state)}
     if data_iterator is not None:

@@ -1,31 +1,38 @@
 """What a training run writes for people: `metrics.jsonl` (one JSON object per logged step) and a PNG plot."""
 import json
 import math
-import os
+
+from etils import epath
 
 
 class MetricsLog:
-  """Appends to workdir/metrics.jsonl; a resumed run drops records past its restored step first."""
+  """Appends to workdir/metrics.jsonl; a resumed run drops records past its restored step first. The workdir
+  may be remote (gs://...): object stores cannot append, so there each write rewrites the (small) file."""
 
   def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self.enabled = enabled
-    if enabled and os.path.exists(self.path):
-      kept = [line for line in open(self.path) if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+    self._local = "://" not in str(workdir)
+    if enabled and self.path.exists():
+      kept = [line + "\n" for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      self.path.write_text("".join(kept))
 
   def write(self, record: dict):
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                          for k, v in record.items()}) + "\n")
+    line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                       for k, v in record.items()}) + "\n"
+    if self._local:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self.path.write_text((self.path.read_text() if self.path.exists() else "") + line)
 
   def records(self) -> list[dict]:
-    if not os.path.exists(self.path):
+    if not self.path.exists():
       return []
-    return [json.loads(line) for line in open(self.path) if line.strip()]
+    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
 def plot(records: list[dict], out_png: str):

@@ -2,12 +2,13 @@
 
 Logical axes (per param dim) map to mesh axes `data`, `fsdp`, `tensor` through `LOGICAL_TO_MESH`. A param
 that no rule matches is an error, not a silent replicate. A dim whose size the mesh axis does not divide
-stays replicated (tiny test models), so the same config runs on any device count.
+stays replicated (tiny test models), so the same config runs on any device count. Specs depend on the mesh's
+axis sizes only, so layouts (and memory plans) can be computed without devices.
 """
+import math
 import re
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -45,6 +46,35 @@ PARAM_RULES = (
     (r"llm/layers/mlp/linear", ("layers", "mlp", "embed")),
     (r"llm/layers/.*norm/scale", ("layers", "embed")),
     (r"llm/final_norm/scale", ("embed",)),
+    # Llama family (models/llama.py).
+    (r"llm/layers/attn/(q|k|v)_proj/w", ("layers", "heads", "embed", "kv")),
+    (r"llm/layers/attn/(q|k|v)_proj/b", ("layers", "heads", "kv")),
+    (r"llm/layers/attn/o_proj/w", ("layers", "heads", "kv", "embed")),
+    (r"llm/layers/mlp/(gate|up)/w", ("layers", "embed", "mlp")),
+    (r"llm/layers/mlp/down/w", ("layers", "mlp", "embed")),
+    (r"llm/lm_head/w", ("embed", "vocab")),
+    # T5 / UL2 encoder-decoder (models/t5.py).
+    (r"llm/(encoder|decoder)/layers/(attn|cross_attn)/q_einsum/w", ("layers", "heads", "embed", "kv")),
+    (r"llm/(encoder|decoder)/layers/attn/kv_einsum/w", ("layers", None, "heads", "embed", "kv")),
+    (r"llm/decoder/cross_kv_einsum/w", ("layers", None, "heads", "embed", "kv")),
+    (r"llm/(encoder|decoder)/layers/(attn|cross_attn)/attn_vec_einsum/w", ("layers", "heads", "kv", "embed")),
+    (r"llm/(encoder|decoder)/layers/mlp/gating_einsum", ("layers", None, "embed", "mlp")),
+    (r"llm/(encoder|decoder)/layers/mlp/wi", ("layers", "embed", "mlp")),
+    (r"llm/(encoder|decoder)/layers/mlp/linear", ("layers", "mlp", "embed")),
+    (r"llm/(encoder|decoder)/layers/.*norm/scale", ("layers", "embed")),
+    (r"llm/(encoder|decoder)/final_norm/scale", ("embed",)),
+    (r"llm/(encoder|decoder)/relpos_bias", (None, "heads")),
+    (r"llm/lm_head", ("vocab", "embed")),
+    # Adapters (models/adapters.py): the MLP projector, the resampler's queries, projections and norms.
+    (r"adapter/linear_1/kernel", ("embed", "mlp")),
+    (r"adapter/linear_2/kernel", ("mlp", "embed")),
+    (r"adapter/(linear_1|linear_2)/bias", ("embed",)),
+    (r"adapter/queries", (None, "embed")),
+    (r"adapter/(kv_proj|proj)/kernel", (None, "embed")),
+    (r"adapter/attn/(query|key|value)/kernel", ("embed", "heads", "kv")),
+    (r"adapter/attn/(query|key|value)/bias", ("heads", "kv")),
+    (r"adapter/attn/out/kernel", ("heads", "kv", "embed")),
+    (r"adapter/.*(bias|scale)", ("embed",)),
 )
 
 # FSDP shards the embed dim of every weight; tensor parallelism splits heads, mlp and vocab.
@@ -52,27 +82,66 @@ LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab":
                    "layers": None, "batch": ("data", "fsdp")}
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
-  devices = jax.devices() if devices is None else devices
-  sizes = {k: int(v) for k, v in dict(mesh_cfg or {}).items()}
-  if unknown := set(sizes) - set(MESH_AXES):
-    raise ValueError(f"Unknown mesh axes {sorted(unknown)}; use {MESH_AXES}.")
+def resolve_axes(sizes_cfg, num_devices: int, what: str = "mesh") -> dict:
+  """{axis: size} over `MESH_AXES` (missing axes are 1) whose product is `num_devices`; one axis may be -1 to
+  take the devices the others leave. Raises ValueError naming the sizes when they do not fit."""
+  sizes = {k: int(v) for k, v in dict(sizes_cfg or {}).items()}
+  if unknown := sorted(set(sizes) - set(MESH_AXES)):
+    raise ValueError(f"Unknown {what} axes {unknown}; use {', '.join(MESH_AXES)}.")
   sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
+  if bad := {a: s for a, s in sizes.items() if s == 0 or s < -1}:
+    raise ValueError(f"{what} axis sizes must be positive or -1, got {bad}.")
   fill = [a for a, s in sizes.items() if s == -1]
   if len(fill) > 1:
-    raise ValueError(f"Only one mesh axis may be -1, got {fill}.")
-  known = int(np.prod([s for s in sizes.values() if s != -1]))
+    raise ValueError(f"Only one {what} axis may be -1, got {fill}.")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
   if fill:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices are not divisible by the fixed mesh axes {sizes}.")
-    sizes[fill[0]] = len(devices) // known
-  if int(np.prod(list(sizes.values()))) != len(devices):
-    raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, have {len(devices)}.")
+    if num_devices % fixed:
+      raise ValueError(f"{what} {_spell(sizes)}: {num_devices} devices are not divisible by the fixed axes' "
+                       f"product {fixed}.")
+    sizes[fill[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"{what} {_spell(sizes)} needs {math.prod(sizes.values())} devices, have {num_devices}.")
+  return sizes
+
+
+def _spell(sizes: dict) -> str:
+  return ",".join(f"{a}={s}" for a, s in sizes.items())
+
+
+def make_mesh(mesh_cfg, devices=None, dcn_mesh_cfg=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh.
+
+  `mesh_cfg` sizes the axes within one granule (a TPU slice; on GPUs and CPUs, a process), `dcn_mesh_cfg`
+  (optional) how many granules each axis spans over the data-centre network; a mesh axis is the product of
+  both. Without `dcn_mesh_cfg` the mesh covers all devices with `mesh_cfg` alone. Either may use -1 once.
+  """
+  devices = jax.devices() if devices is None else list(devices)
   from jax.experimental import mesh_utils
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  dcn = dict(dcn_mesh_cfg or {})
+  if all(int(v) == 1 for v in dcn.values()):  # one granule's worth of axes: a mesh over all devices
+    sizes = resolve_axes(mesh_cfg, len(devices))
+    grid = mesh_utils.create_device_mesh([sizes[a] for a in MESH_AXES], devices=devices,
+                                         allow_split_physical_axes=True)
+  else:
+    granules = _num_granules(devices)
+    dcn_sizes = resolve_axes(dcn, granules, "dcn_mesh")
+    ici_sizes = resolve_axes(mesh_cfg, len(devices) // granules, "mesh (per granule)")
+    grid = mesh_utils.create_hybrid_device_mesh(
+        [ici_sizes[a] for a in MESH_AXES], [dcn_sizes[a] for a in MESH_AXES], devices=devices,
+        process_is_granule=not _is_multislice_tpu(devices), allow_split_physical_axes=True)
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _is_multislice_tpu(devices) -> bool:
+  return devices[0].platform == "tpu" and hasattr(devices[0], "slice_index")
+
+
+def _num_granules(devices) -> int:
+  """TPU slices, else processes (hosts): the units the data-centre network connects."""
+  if _is_multislice_tpu(devices):
+    return len({d.slice_index for d in devices})
+  return len({d.process_index for d in devices})
 
 
 def logical_axes(name: str, ndim: int):
@@ -83,19 +152,67 @@ def logical_axes(name: str, ndim: int):
                    "vlm_jax.sharding.PARAM_RULES.")
 
 
-def spec_for(name: str, shape, mesh: Mesh) -> P:
-  """PartitionSpec of one param, replicating any dim its mesh axis does not divide."""
+def spec_for(name: str, shape, mesh_shape) -> P:
+  """PartitionSpec of one param, replicating any dim its mesh axis does not divide. `mesh_shape`: a Mesh's
+  `.shape` or any {axis: size} mapping (no devices needed); a Mesh itself also works."""
+  mesh_shape = mesh_shape.shape if isinstance(mesh_shape, Mesh) else mesh_shape
   out = []
   for dim, logical in zip(shape, logical_axes(name, len(shape))):
     axis = LOGICAL_TO_MESH.get(logical) if logical else None
-    size = int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))])) if axis else 1
-    out.append(axis if axis and size > 1 and dim % size == 0 else None)
+    size = axis_size(axis, mesh_shape)
+    out.append(axis if size > 1 and dim % size == 0 else None)
   return P(*out)
+
+
+def axis_size(axis, mesh_shape) -> int:
+  """Devices along one mesh axis name, a tuple of names, or None."""
+  if axis is None:
+    return 1
+  return math.prod(mesh_shape[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
+
+
+def shard_shape(shape, spec: P, mesh_shape) -> tuple:
+  """The per-device block of an array of `shape` laid out by `spec`."""
+  return tuple(dim // axis_size(axis, mesh_shape) for dim, axis in zip(shape, tuple(spec) + (None,) * len(shape)))
+
+
+def param_specs(flat_shapes: dict, mesh_shape) -> dict:
+  """{name: PartitionSpec} for a flat {name: array-or-ShapeDtypeStruct} dict."""
+  return {k: spec_for(k, v.shape, mesh_shape) for k, v in flat_shapes.items()}
 
 
 def param_shardings(flat_shapes: dict, mesh: Mesh) -> dict:
   """{name: NamedSharding} for a flat {name: array-or-ShapeDtypeStruct} dict."""
-  return {k: NamedSharding(mesh, spec_for(k, v.shape, mesh)) for k, v in flat_shapes.items()}
+  return {k: NamedSharding(mesh, spec) for k, spec in param_specs(flat_shapes, mesh.shape).items()}
+
+
+def opt_state_specs(abstract_opt_state, flat_params: dict, mesh_shape):
+  """PartitionSpecs for an optimizer state: a leaf that mirrors a param (Adam's moments: its key path ends in
+  the param's name and it has the param's shape) is laid out like that param; anything else (step counts,
+  factored second moments) is replicated."""
+  def spec(path, leaf):
+    keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    for i in range(len(keys)):
+      name = "/".join(keys[i:])
+      if name in flat_params and tuple(flat_params[name].shape) == tuple(leaf.shape):
+        return spec_for(name, leaf.shape, mesh_shape)
+    return P()
+  return jax.tree_util.tree_map_with_path(spec, abstract_opt_state)
+
+
+def process_batch_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+  """(first row, number of rows) of every global batch that this process's devices hold under
+  `batch_sharding`: the part of each batch it must read. Rows are contiguous for meshes built by
+  `make_mesh` (devices are grouped by process)."""
+  index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
+  rows = sorted({(idx[0].start or 0, batch_size if idx[0].stop is None else idx[0].stop)
+                 for idx in index_map.values()})
+  start, stop = rows[0][0], rows[-1][1]
+  covered = sum(b - a for a, b in rows)
+  if covered != stop - start or any(b0 > a1 for (a0, b0), (a1, b1) in zip(rows, rows[1:])):
+    raise ValueError(f"process {jax.process_index()} holds batch rows {rows}, not one contiguous block; "
+                     "order the mesh devices by process.")
+  return start, stop - start
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

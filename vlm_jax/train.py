@@ -4,10 +4,15 @@ Per stage: image resolution, text length, steps, data mixture, lr schedule, lr m
 params. Between stages the position embeddings are resampled to the new grid, the pipeline is rebuilt and
 the optimizer starts fresh for the new trainable set. A restart in the same workdir resumes from the latest
 checkpoint (params, optimizer, data iterator, stage), so a killed run ends where an uninterrupted one does.
+
+The same code runs on one process or many (one per host, after `vlm_jax.distributed.initialize`): each
+process reads its rows of every global batch and hands them to `jax.make_array_from_process_local_data`;
+params and optimizer state are global arrays laid out by `vlm_jax.sharding`; Orbax saves and restores
+them from all processes; metrics.jsonl, loss.png, config.json and eval.json come from process 0. A run
+may resume on another mesh or number of processes.
 """
 import dataclasses
 import json
-import os
 import signal
 import time
 
@@ -16,11 +21,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
+from jax.experimental import multihost_utils
 
 from vlm_jax import checkpoint, evaluate, optim, sharding, treeutil
-from vlm_jax.data.pipeline import make_train_iterator
+from vlm_jax.data.pipeline import make_train_iterator, seek
 from vlm_jax.models.vit import resample_posemb
-from vlm_jax.models.vlm import PaliGemma
+from vlm_jax.models.vlm import model_for
 from vlm_jax.run_log import MetricsLog, plot
 from vlm_jax.train_setup import (build_model_config, check_config, initial_params, make_tokenizer,
                                  model_for_stage, normalize)
@@ -37,10 +44,14 @@ class Preempted(Exception):
 def loss_fn(model_cfg, params, batch):
   """Per-example mean NLL over supervised tokens, then the batch mean (big_vision's convention)."""
   tokens, mask_loss = batch["tokens"], batch["mask_loss"]
-  logits_BTV = PaliGemma(model_cfg).apply(params, batch["image"], tokens[:, :-1], batch["mask_ar"][:, :-1],
+  logits_BTV = model_for(model_cfg).apply(params, batch["image"], tokens[:, :-1], batch["mask_ar"][:, :-1],
                                           batch["mask_input"][:, :-1])
-  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  nll_BT = -jnp.take_along_axis(logp_BTV, tokens[:, 1:, None], axis=-1)[..., 0]
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  # -log_softmax at the target = logsumexp - target logit. The target logit is picked with an iota compare, not
+  # a gather: the gradient is then one fused pass (softmax - one-hot) over [B,T,V], with no scatter into a zero
+  # [B,T,V] buffer and no full-vocab log-probabilities materialised.
+  target_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, 2) == tokens[:, 1:, None]
+  nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.sum(jnp.where(target_BTV, logits_BTV, 0.0), axis=-1)
   weights_BT = mask_loss[:, 1:].astype(jnp.float32)
   per_example_B = jnp.sum(nll_BT * weights_BT, axis=-1) / jnp.maximum(jnp.sum(weights_BT, axis=-1), 1.0)
   return jnp.mean(per_example_B)
@@ -93,17 +104,24 @@ def resample_for(params, model_cfg):
 
 
 class _Preempted:
-  """SIGTERM (preemption) sets a flag; the loop checkpoints and exits at the next step boundary."""
+  """SIGTERM (preemption) stops the loop at a step boundary, where it checkpoints and exits. One process: a
+  signal handler sets a flag. Several: JAX's preemption service (it catches SIGTERM on any host) names one
+  step at which every process stops, so that all of them join the same checkpoint save."""
 
   def __init__(self):
     self.flag = False
-    self._old = signal.signal(signal.SIGTERM, self._handler)
+    self._multi = jax.process_count() > 1
+    self._old = None if self._multi else signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):
     self.flag = True
 
+  def should_stop(self, step: int) -> bool:
+    return multihost_utils.reached_preemption_sync_point(step) if self._multi else self.flag
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 @dataclasses.dataclass
@@ -113,29 +131,35 @@ class StageState:
   model_cfg: object
   frozen: set
   abstract: dict  # the stage's param shapes (traced once, reused for names, shardings and restore targets)
+  param_sh: dict  # NamedSharding per param (nested like the params)
+  opt_sh: object  # NamedSharding per optimizer-state leaf
   step_fn: object
   optimizer: object
   data_iter: object
   preprocess: object
+  rows: tuple  # (first row, number of rows) of each global batch this process reads
 
 
 def train(config, workdir: str, log=print) -> dict:
-  """Runs (or resumes) all stages. Returns the final evaluation results (also in workdir/eval.json)."""
+  """Runs (or resumes) all stages. Returns the final evaluation results (also in workdir/eval.json).
+  `workdir` may be remote (gs://...); in a multi-process run every process calls this with the same
+  arguments and only process 0 logs."""
   check_config(config)
   config = normalize(config)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.get("mesh"))
+  log = log if is_main else (lambda *a, **k: None)
+  workdir_path = epath.Path(workdir)
+  if is_main:
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.get("mesh"), dcn_mesh_cfg=config.get("dcn_mesh"))
   tokenizer = make_tokenizer(config)
   base_cfg = build_model_config(config.model, tokenizer)
-  ckpts = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3))
+  ckpts = checkpoint.TrainCheckpoints(str(workdir_path / "checkpoints"), keep=config.get("keep_checkpoints", 3))
   latest = ckpts.latest_step()
   resume = ckpts.read_meta(latest) if latest is not None else None
   global_step = resume["step"] if resume else 0
   metrics_log = MetricsLog(workdir, resume_step=global_step, enabled=is_main)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   if resume:
     log(f"resuming from step {global_step} (stage {resume['stage']}, step {resume['stage_step']} in the stage)")
   preempted = _Preempted()
@@ -148,13 +172,9 @@ def train(config, workdir: str, log=print) -> dict:
         continue
       stage = _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh)
       n_params = len(treeutil.flatten(stage.abstract))
-      param_sh = treeutil.unflatten(sharding.param_shardings(treeutil.flatten(stage.abstract), mesh))
       start = 0
       if resume and index == resume["stage"]:
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                stage.abstract, param_sh)
-        abstract_opt = _abstract_opt_state(stage.optimizer, abstract, stage.frozen)
-        params, opt_state = ckpts.restore(latest, abstract, abstract_opt, stage.data_iter)
+        params, opt_state = _restore(ckpts, latest, resume, stage, log)
         start = resume["stage_step"]
         resume = None
       else:
@@ -163,33 +183,53 @@ def train(config, workdir: str, log=print) -> dict:
         else:
           log(f"stage {index}: resampling position embeddings to {stage.model_cfg.img.grid}x"
               f"{stage.model_cfg.img.grid}")
-        params = jax.device_put(resample_for(jax.device_get(params), stage.model_cfg), param_sh)
+        params = _place(params, stage, mesh)
         trainable, _ = split_params(params, stage.frozen)
-        opt_state = jax.jit(stage.optimizer.init)(trainable)
+        opt_state = jax.jit(stage.optimizer.init, out_shardings=stage.opt_sh)(trainable)
       log(f"stage {index}: {stage_steps} steps at {stage.model_cfg.img.image_size}px, text_len "
           f"{stage_cfg.text_len}, batch {stage_cfg.batch_size}, {len(stage.frozen)} frozen / "
           f"{n_params - len(stage.frozen)} trainable param tensors")
       params, global_step, stopped = _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts,
-                                                metrics_log, preempted, tokenizer, workdir, log)
+                                                metrics_log, preempted, tokenizer, log)
       if stopped:
         raise Preempted(f"stopped by SIGTERM at step {global_step}; re-run to resume")
     ckpts.wait()
-    results = _final_eval(config, base_cfg, params, tokenizer, workdir, metrics_log, global_step, log)
-    if is_main:
-      records = metrics_log.records()
-      if records:
-        plot(records, os.path.join(workdir, "loss.png"))
-      if config.get("export_model", True):
-        final_cfg = model_for_stage(base_cfg, config.stages[-1])
-        export_dir = os.path.join(workdir, "model")
-        if not os.path.exists(export_dir):
-          from vlm_jax.api import Model
-          Model(final_cfg, {"params": jax.device_get(params)}, tokenizer).save(export_dir)
-          log(f"wrote {export_dir} (vlm_jax.load it)")
+    results = _final_eval(config, base_cfg, params, tokenizer, workdir_path, metrics_log, global_step, log)
+    if is_main and (records := metrics_log.records()):
+      with (workdir_path / "loss.png").open("wb") as f:
+        plot(records, f)
+    export_dir = workdir_path / "model"
+    if config.get("export_model", True) and not checkpoint.is_model_dir(export_dir):
+      final_cfg = model_for_stage(base_cfg, config.stages[-1])
+      checkpoint.save_model(str(export_dir), final_cfg, {"params": params}, tokenizer)  # on every process
+      log(f"wrote {export_dir} (vlm_jax.load it)")
   finally:
     preempted.restore()
     ckpts.close()
   return results
+
+
+def _restore(ckpts, step, meta, stage, log):
+  """(params, opt_state) of checkpoint `step` on this run's mesh; the data iterator restored in place, or put
+  at the step's global batch when the checkpoint was written by a different process layout."""
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), stage.abstract,
+                          stage.param_sh)
+  abstract_opt = _abstract_opt_state(stage, abstract)
+  saved_layout = (meta.get("process_count", 1), meta.get("data_rows", int(stage.cfg.batch_size)))
+  same_layout = saved_layout == (jax.process_count(), stage.rows[1])
+  params, opt_state = ckpts.restore(step, abstract, abstract_opt, stage.data_iter if same_layout else None)
+  if not same_layout:
+    log(f"checkpoint written by {meta.get('process_count', 1)} process(es): the data continues at global batch "
+        f"{meta['stage_step']} of the stage")
+    seek(stage.data_iter, meta["stage_step"], stage.rows[1])
+  return params, opt_state
+
+
+def _place(params, stage, mesh):
+  """Params onto the stage's shardings, position embeddings resampled to its grid. The resampling works on
+  the placed (global) arrays: in a multi-process run no process holds the whole of a sharded param."""
+  params = jax.device_put(params, treeutil.unflatten(sharding.param_shardings(treeutil.flatten(params), mesh)))
+  return jax.device_put(resample_for(params, stage.model_cfg), stage.param_sh)
 
 
 def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh) -> StageState:
@@ -199,10 +239,22 @@ def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh) -> StageSt
   frozen = optim.frozen_names(names, stage_cfg.get("frozen"))
   optimizer, schedule = optim.make_optimizer(config.get("optim", {}), stage_cfg, set(names) - frozen)
   step_fn = make_train_step(model_cfg, optimizer, schedule, int(config.get("grad_accum", 1)))
+  batch_size, data_ways = int(stage_cfg.batch_size), mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % data_ways:
+    raise ValueError(f"config.stages[{index}].batch_size {batch_size} is not divisible by the mesh's "
+                     f"data x fsdp = {data_ways} devices.")
+  rows = sharding.process_batch_rows(mesh, batch_size)
   data_iter, preprocess = make_train_iterator(
-      stage_cfg.data, tokenizer, model_cfg.img.image_size, int(stage_cfg.text_len), int(stage_cfg.batch_size),
-      seed=int(config.seed) + 1000 * index, process_index=jax.process_index(), process_count=jax.process_count())
-  return StageState(index, stage_cfg, model_cfg, frozen, abstract, step_fn, optimizer, data_iter, preprocess)
+      stage_cfg.data, tokenizer, model_cfg.img.image_size, int(stage_cfg.text_len), batch_size,
+      seed=int(config.seed) + 1000 * index, rows=rows)
+  flat = treeutil.flatten(abstract)
+  param_sh = treeutil.unflatten(sharding.param_shardings(flat, mesh))
+  trainable, _ = split_params(abstract, frozen)
+  opt_specs = sharding.opt_state_specs(jax.eval_shape(optimizer.init, trainable), flat, mesh.shape)
+  opt_sh = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), opt_specs,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return StageState(index, stage_cfg, model_cfg, frozen, abstract, param_sh, opt_sh, step_fn, optimizer, data_iter,
+                    preprocess, rows)
 
 
 def _abstract_params(model_cfg):
@@ -210,25 +262,28 @@ def _abstract_params(model_cfg):
   return jax.eval_shape(lambda: init_params(model_cfg))["params"]
 
 
-def _abstract_opt_state(optimizer, abstract_params, frozen):
-  trainable, _ = split_params(abstract_params, frozen)
-  shapes = jax.eval_shape(optimizer.init, trainable)
-  shardings = jax.jit(optimizer.init).lower(trainable).compile().output_shardings
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+def _abstract_opt_state(stage, abstract_params):
+  trainable, _ = split_params(abstract_params, stage.frozen)
+  shapes = jax.eval_shape(stage.optimizer.init, trainable)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, stage.opt_sh)
 
 
-def _global_batch(batch, mesh):
-  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+def _global_batch(batch, mesh, batch_size):
+  """This process's rows of a batch -> global arrays of `batch_size` rows split over the mesh's data axes."""
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v),
+                                                    (batch_size, *np.shape(v)[1:]))
           for k, v in batch.items()}
 
 
 def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts, metrics_log, preempted,
-               tokenizer, workdir, log):
+               tokenizer, log):
   """Runs one stage from `start`; returns (params, global step, stopped by SIGTERM)."""
   from tqdm.auto import tqdm
   steps = int(stage.cfg.steps)
   trainable, frozen = split_params(params, stage.frozen)
-  jitted = jax.jit(stage.step_fn, donate_argnums=(0, 2))
+  trainable_sh, _ = split_params(stage.param_sh, stage.frozen)
+  jitted = jax.jit(stage.step_fn, donate_argnums=(0, 2),
+                   out_shardings=(trainable_sh, stage.opt_sh, sharding.replicated(mesh)))
   log_every, ckpt_every = int(config.get("log_every", 10)), int(config.get("checkpoint_every", 0) or 0)
   eval_every = int(config.get("eval_every", 0) or 0)
   batch_size = int(stage.cfg.batch_size)
@@ -239,7 +294,8 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
 
   def meta(stage_step):
     return {"step": global_step, "stage": stage.index, "stage_step": stage_step,
-            "image_size": stage.model_cfg.img.image_size}
+            "image_size": stage.model_cfg.img.image_size, "process_count": jax.process_count(),
+            "data_rows": stage.rows[1]}
 
   def save(stage_step):
     nonlocal last_good
@@ -253,13 +309,13 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
                           f"The last good checkpoint (step {last_good}) is kept in {ckpts.directory}.")
 
   for stage_step in range(start, steps):
-    if preempted.flag:
+    if preempted.should_stop(global_step):
       save(stage_step)
       ckpts.wait()
       log(f"SIGTERM: saved checkpoint at step {global_step}; exiting.")
       bar.close()
       return merge_params(trainable, frozen), global_step, True
-    batch = _global_batch(next(stage.data_iter), mesh)
+    batch = _global_batch(next(stage.data_iter), mesh, batch_size)
     trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, batch, jnp.asarray(stage_step))
     global_step += 1
     if pending is not None:  # read the previous step's metrics: no host sync on the step just dispatched
@@ -318,14 +374,13 @@ def _periodic_eval(config, model_cfg, params, tokenizer, metrics_log, step, stag
   metrics_log.write(_eval_record(_run_evals(config, model_cfg, params, tokenizer, log), step, stage))
 
 
-def _final_eval(config, base_cfg, params, tokenizer, workdir, metrics_log, step, log):
+def _final_eval(config, base_cfg, params, tokenizer, workdir_path, metrics_log, step, log):
   model_cfg = model_for_stage(base_cfg, config.stages[-1])
   results = _run_evals(config, model_cfg, params, tokenizer, log)
   if not results or jax.process_index() != 0:
     return {}
   out = {r["name"]: r for r in results}
   metrics_log.write(_eval_record(results, step, len(config.stages) - 1))
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(out, f, indent=1)
-  log(f"wrote {os.path.join(workdir, 'eval.json')}")
+  (workdir_path / "eval.json").write_text(json.dumps(out, indent=1))
+  log(f"wrote {workdir_path / 'eval.json'}")
   return out

@@ -7,10 +7,11 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import config_util, treeutil
-from vlm_jax.models.gemma import GemmaConfig, gemma_config
+from vlm_jax.models.adapters import AdapterConfig
+from vlm_jax.models.gemma import gemma_config
 from vlm_jax.models.registry import get_model_config, with_overrides
-from vlm_jax.models.vit import vit_config
-from vlm_jax.models.vlm import VLMConfig
+from vlm_jax.models.vit import resample_posemb, vit_config
+from vlm_jax.models.vlm import LLM_TYPES, VLMConfig
 
 _SOURCE = {k: None for k in ("kind", "weight", "num_examples", "seed", "split", "image_size", "tasks",
                              "max_objects", "grid", "json_path", "image_dir", "skip_bad", "name", "data_dir",
@@ -18,9 +19,11 @@ _SOURCE = {k: None for k in ("kind", "weight", "num_examples", "seed", "split", 
 _DATA = dict(_SOURCE, sources=_SOURCE)
 # Every key a training config may set; anything else is a typo, reported with the closest known key.
 ALLOWED_KEYS = {
-    "seed": None, "mesh": None, "checkpoint_every": None, "keep_checkpoints": None, "log_every": None,
-    "eval_every": None, "grad_accum": None, "export_model": None, "tokenizer": None, "total_steps": None,
-    "model": {"name": None, "img": None, "llm": None, "dtype": None, "remat": None, "init": None},
+    "seed": None, "mesh": None, "dcn_mesh": None, "checkpoint_every": None, "keep_checkpoints": None,
+    "log_every": None, "eval_every": None, "grad_accum": None, "export_model": None, "tokenizer": None,
+    "total_steps": None,
+    "model": {"name": None, "img": None, "llm": None, "adapter": None, "causal": None, "dtype": None, "remat": None,
+              "init": None},
     "optim": {"name": None, "b1": None, "b2": None, "eps": None, "momentum": None, "clip_norm": None,
               "weight_decay": None, "wd_mults": None},
     "stages": {"name": None, "steps": None, "image_size": None, "text_len": None, "batch_size": None,
@@ -62,28 +65,70 @@ def make_tokenizer(config):
   return Tokenizer(spec)
 
 
-def build_model_config(model_cfg, tokenizer) -> VLMConfig:
+def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
   """The model: named (`model.name`), spelled out (`model.img` = ViT variant + options, `model.llm` = Gemma
   variant or explicit sizes; `vocab_size` defaults to the tokenizer's), or read from the checkpoint that
-  `model.init` points at (a HF or vlm_jax directory)."""
+  `model.init` points at (a HF or vlm_jax directory). Without a tokenizer (memory planning) its vocabulary
+  is not checked against the model's."""
   overrides = {k: model_cfg[k] for k in ("dtype", "remat") if model_cfg.get(k)}
   if model_cfg.get("name"):
     cfg = get_model_config(model_cfg.name)
   elif model_cfg.get("img") and model_cfg.get("llm"):
-    llm_kw = dict(model_cfg.llm)
-    llm_kw.setdefault("vocab_size", tokenizer.vocab_size)
-    variant = llm_kw.pop("variant", None)
-    llm = gemma_config(variant, **llm_kw) if variant else GemmaConfig(**llm_kw)
-    img_kw = dict(model_cfg.img)
-    img = vit_config(img_kw.pop("variant"), head_dim_out=llm.width, **img_kw)
-    cfg = VLMConfig(img=img, llm=llm, name="custom")
+    llm = _llm_config(dict(model_cfg.llm), tokenizer)
+    adapter = AdapterConfig(**dict(model_cfg.get("adapter") or {}))
+    img_kw = {k: v for k, v in dict(model_cfg.img).items() if k != "init"}
+    img = vit_config(img_kw.pop("variant"), head_dim_out=llm.width if adapter.kind == "linear" else None, **img_kw)
+    cfg = VLMConfig(img=img, llm=llm, name="custom", adapter=adapter, causal=bool(model_cfg.get("causal", False)))
   elif model_cfg.get("init"):
     cfg = _checkpoint_config(model_cfg.init)
   else:
     raise ValueError("config.model needs a name, img + llm, or an init checkpoint to take the config from.")
-  if cfg.llm.vocab_size < tokenizer.vocab_size:
+  if tokenizer is not None and cfg.llm.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model vocab_size {cfg.llm.vocab_size} < tokenizer vocab size {tokenizer.vocab_size}.")
   return with_overrides(cfg, **overrides) if overrides else cfg
+
+
+def _llm_config(kw: dict, tokenizer):
+  """The language model from `model.llm`: `type` gemma (default; a `variant` or explicit sizes) | llama | t5, or
+  `init`: a local HF Llama / Qwen2 / T5 directory whose config (and, in initial_params, weights) it takes."""
+  if "init" in kw:
+    if not kw["init"]:
+      raise ValueError("config.model.llm.init is empty: point it at a HF Llama / Qwen2 / T5 directory.")
+    return _text_checkpoint(kw["init"])[0]
+  kind = kw.pop("type", "gemma")
+  if kind not in LLM_TYPES:
+    raise ValueError(f"config.model.llm.type {kind!r} is not one of {sorted(LLM_TYPES)}.")
+  if "vocab_size" not in kw:
+    if tokenizer is None:
+      raise ValueError("config.model.llm needs a vocab_size when there is no tokenizer to take it from.")
+    kw["vocab_size"] = tokenizer.vocab_size
+  variant = kw.pop("variant", None)
+  if variant:
+    if kind != "gemma":
+      raise ValueError(f"config.model.llm.variant is for Gemma; give a {kind} model's sizes instead.")
+    return gemma_config(variant, **kw)
+  try:
+    return LLM_TYPES[kind](**kw)
+  except TypeError as e:
+    raise ValueError(f"config.model.llm ({kind}): {e}") from e
+
+
+def _text_checkpoint(path: str, with_params: bool = False):
+  """(config, flat params or None) of a HF text model directory: Llama / Qwen2 or T5 / UL2."""
+  from vlm_jax import fileutil
+  from vlm_jax.convert import hf_llama, hf_t5
+  file = os.path.join(path, "config.json")
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"config.model.llm.init {path}: no config.json (expected a HF Llama/Qwen2/T5 directory).")
+  if fileutil.read_json(file).get("model_type") in ("t5", "mt5"):
+    if not with_params:
+      return hf_t5.config_from_hf(fileutil.read_json(file), source=file), None
+    cfg, params = hf_t5.load(path)
+    return cfg, treeutil.flatten(params["params"])
+  if not with_params:
+    return hf_llama.read_config(path), None
+  cfg, params = hf_llama.load_text_model(path)
+  return cfg, treeutil.flatten(params)
 
 
 def _checkpoint_config(path: str) -> VLMConfig:
@@ -101,11 +146,30 @@ def model_for_stage(base: VLMConfig, stage_cfg) -> VLMConfig:
 
 
 def initial_params(config, model_cfg, log):
-  """Random init (seeded), or `config.model.init`: a HF directory, big_vision .npz or vlm_jax checkpoint."""
+  """Random init (seeded), or `config.model.init`: a HF directory, big_vision .npz or vlm_jax checkpoint. With a
+  random init, `model.llm.init` (a HF text model) and `model.img.init` (any checkpoint vlm_jax.load reads) supply
+  the language model's or the vision tower's weights."""
   from vlm_jax.models.vlm import init_params
   init = config.model.get("init")
   if not init:
-    return init_params(model_cfg, int(config.seed))["params"]
+    params = treeutil.flatten(init_params(model_cfg, int(config.seed))["params"])
+    if llm_init := dict(config.model.get("llm") or {}).get("init"):
+      log(f"loading language-model weights from {llm_init}")
+      found = _text_checkpoint(llm_init, with_params=True)[1]
+      want = {k.removeprefix("llm/"): v for k, v in params.items() if k.startswith("llm/")}
+      treeutil.check_shapes(want, found, f"config.model.llm.init {llm_init}")
+      params.update({f"llm/{k}": np.asarray(v, np.float32) for k, v in found.items()})
+    if img_init := dict(config.model.get("img") or {}).get("init"):
+      import vlm_jax
+      log(f"loading vision-tower weights from {img_init}")
+      loaded = treeutil.flatten(vlm_jax.load(img_init).params["params"])
+      want = {k: v for k, v in params.items() if k.startswith("img/") and not k.startswith("img/head/")
+              and k != "img/pos_embedding"}
+      treeutil.check_shapes(want, {k: v for k, v in loaded.items() if k in want}, f"config.model.img.init {img_init}")
+      params.update({k: np.asarray(loaded[k], np.float32) for k in want})
+      grid = model_cfg.img.grid
+      params["img/pos_embedding"] = np.asarray(resample_posemb(loaded["img/pos_embedding"], grid), np.float32)
+    return treeutil.unflatten(params)
   import vlm_jax
   log(f"loading initial params from {init}")
   loaded = vlm_jax.load(init, config=config.model.get("name") if init.endswith(".npz") else None)

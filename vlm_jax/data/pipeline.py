@@ -1,5 +1,6 @@
-"""The grain input pipeline: sources -> per-process shard -> shuffle/repeat -> weighted mixture -> preprocess ->
-batch. Each process reads only its shard; the iterator's state goes into the checkpoint.
+"""The grain input pipeline: sources -> shuffle/repeat -> weighted mixture -> this process's rows of each global
+batch -> preprocess -> batch. Each process reads and preprocesses only its rows; the iterator's state goes into
+the checkpoint.
 
 A source is any random-access object (`__len__`, `__getitem__`) returning examples
 {"id", "image": uint8 [H,W,3] or None, "turns": [(prompt, answer), ...], "task"} (or None for a bad example
@@ -74,22 +75,56 @@ class Preprocess:
             "mask_input": tok.mask_input}
 
 
+class _BatchRows(grain.MapDataset):
+  """Rows [start, start + rows) of every global batch of `batch_size` consecutive elements of `parent`:
+  element k is row `start + k % rows` of global batch `k // rows`."""
+
+  def __init__(self, parent, batch_size: int, start: int, rows: int):
+    super().__init__(parent)
+    self._batch_size, self._start, self._rows = batch_size, start, rows
+
+  def __len__(self):
+    return len(self._parent) // self._batch_size * self._rows
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      raise TypeError("_BatchRows does not support slicing.")
+    batch, row = divmod(index, self._rows)
+    return self._parent[batch * self._batch_size + self._start + row]
+
+
 def make_train_iterator(data_cfg, tokenizer, image_size: int, text_len: int, batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1, num_threads: int = 4):
-  """(grain iterator of host-local batches of `batch_size // process_count`, Preprocess with its counts)."""
-  if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} processes.")
+                        process_index: int = 0, process_count: int = 1, num_threads: int = 4, rows=None):
+  """(grain iterator of this process's host-local batches, Preprocess with its counts).
+
+  Every process walks the same shuffled, mixed stream of examples, cut into global batches of `batch_size`,
+  and reads only its own rows of each: `rows` = (first row, number of rows), by default the
+  `process_index`-th of `process_count` equal contiguous parts. So the global batch of step s holds the same
+  examples in the same order whatever the number of processes (examples a `skip_bad` source drops are
+  replaced from the process's next rows, which makes that exact only when none are dropped).
+  """
+  if rows is None:
+    if batch_size % process_count:
+      raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} processes.")
+    rows = (process_index * (batch_size // process_count), batch_size // process_count)
   parts, weights, sources = [], [], []
   skip_bad = bool(dict(data_cfg).get("skip_bad", False))
   for i, src_cfg in enumerate(source_configs(data_cfg)):
     sources.append(make_source(src_cfg, skip_bad))
-    ds = grain.MapDataset.source(sources[-1])[process_index::process_count]
-    if len(ds) == 0:
-      raise ValueError(f"data source {src_cfg} has no examples for process {process_index}.")
-    parts.append(ds.shuffle(seed=seed + 7919 * i).repeat(None))
+    if len(sources[-1]) == 0:
+      raise ValueError(f"data source {src_cfg} has no examples.")
+    parts.append(grain.MapDataset.source(sources[-1]).shuffle(seed=seed + 7919 * i).repeat(None))
     weights.append(float(src_cfg.get("weight", 1.0)))
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  ds = _BatchRows(ds, batch_size, *rows)
   preprocess = Preprocess(tokenizer, image_size, text_len, skip_bad, sources)
   it_ds = ds.map(preprocess).to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8))
-  it_ds = it_ds.filter(lambda x: x is not None).batch(batch_size // process_count, drop_remainder=True)
+  it_ds = it_ds.filter(lambda x: x is not None).batch(rows[1], drop_remainder=True)
   return iter(it_ds), preprocess
+
+
+def seek(iterator, batch_index: int, rows: int):
+  """Puts a fresh `make_train_iterator` iterator (reading `rows` rows of each global batch) at global batch
+  `batch_index`: how a run resumed on a different number of processes, whose saved iterator states do not
+  fit it, continues where the data was."""
+  iterator.set_state({"next_index": batch_index * rows})

@@ -1,0 +1,51 @@
+"""LLaVA-style: SigLIP ViT -> MLP (or resampler) adapter -> Llama-family decoder, attending causally.
+
+  python tools/train.py --config configs/siglip_llama.py --workdir runs/llama                    # tiny, synthetic
+  python tools/train.py --config configs/siglip_llama.py:adapter=resampler --workdir runs/llama_rs
+  python tools/train.py --config configs/siglip_llama.py:tiny=False,llm=/ckpt/Qwen2-0.5B,tokenizer=/ckpt/tok.model,\\
+      data=/data/llava.json,images=/data/images --workdir runs/llava
+
+tiny (default): the README main job's two-stage recipe on the shipped synthetic data, with a 3+3-layer
+LLaVA-shaped model trained from scratch (CPU, minutes). Otherwise: a SigLIP So400m/14 tower (random, or the
+vision tower of the PaliGemma / LLaVA / vlm_jax checkpoint `img`), an MLP adapter and the language model of
+the local HF Llama / Qwen2 directory `llm` (its config and weights), trained on LLaVA-style JSON: stage 1 trains
+the adapter only (LLaVA's pre-training), stage 2 everything but the vision tower.
+"""
+import os
+
+from ml_collections import ConfigDict
+
+from vlm_jax import config_util
+
+
+def get_config(arg=None):
+  arg = config_util.parse_arg(arg, tiny=True, adapter="mlp", steps1=1300, steps2=250, llm="", img="",
+                              tokenizer="", data="", images="", batch=256)
+  adapter = dict(kind=arg.adapter, num_queries=16, num_heads=4)
+  if arg.tiny:
+    c = config_util.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py") +
+                                f":steps1={arg.steps1},steps2={arg.steps2}")
+    c.model = dict(img=dict(variant="Ti/8", depth=3, num_heads=4, width=128, mlp_dim=512, final_norm=False),
+                   llm=dict(type="llama", width=128, depth=3, mlp_dim=512, num_heads=4, num_kv_heads=2, head_dim=32),
+                   adapter=adapter, causal=True)
+    return c
+  c = ConfigDict()
+  c.seed = 0
+  c.tokenizer = arg.tokenizer
+  c.model = dict(img=dict(variant="So400m/14", final_norm=False, init=arg.img), llm=dict(init=arg.llm),
+                 adapter=adapter, causal=True, dtype="bfloat16", remat="full")
+  c.optim = dict(name="adamw", b1=0.9, b2=0.999, clip_norm=1.0, weight_decay=0.0)
+  data = dict(kind="llava_json", json_path=arg.data, image_dir=arg.images, skip_bad=True)
+  schedule = dict(decay="cosine", warmup_steps=200)
+  c.stages = [
+      dict(name="align", steps=2000, image_size=384, text_len=128, batch_size=arg.batch, data=data, lr=1e-3,
+           schedule=schedule, frozen=["img/.*", "llm/.*"], lr_mults=[]),
+      dict(name="instruct", steps=5000, image_size=384, text_len=512, batch_size=arg.batch // 2, data=data,
+           lr=2e-5, schedule=schedule, frozen=["img/.*"], lr_mults=[]),
+  ]
+  c.evals = []
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.log_every = 50
+  return c

@@ -1,0 +1,52 @@
+"""PaLI-3-style: SigLIP ViT -> linear projector -> UL2 / T5 encoder-decoder (image tokens and the prompt in the
+encoder, the answer from the decoder).
+
+  python tools/train.py --config configs/siglip_ul2.py --workdir runs/ul2                        # tiny, synthetic
+  python tools/train.py --config configs/siglip_ul2.py:tiny=False,llm=/ckpt/ul2-3b,tokenizer=/ckpt/spiece.model,\\
+      data=/data/llava.json,images=/data/images --workdir runs/pali3
+
+tiny (default): the README main job's two-stage recipe on the shipped synthetic data, with a 3-layer ViT and a
+3+3-layer gated-GELU encoder-decoder trained from scratch (CPU, minutes). Otherwise: a SigLIP So400m/14 tower
+(random or from `img`) and the T5 / UL2 weights of the local HF T5ForConditionalGeneration directory `llm`, in
+PaLI-3's resolution stages 224 -> 448 -> 896 with the vision tower frozen in the first.
+"""
+import os
+
+from ml_collections import ConfigDict
+
+from vlm_jax import config_util
+
+
+def get_config(arg=None):
+  arg = config_util.parse_arg(arg, tiny=True, steps1=1300, steps2=250, llm="", img="", tokenizer="", data="",
+                              images="", batch=128)
+  if arg.tiny:
+    c = config_util.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py") +
+                                f":steps1={arg.steps1},steps2={arg.steps2}")
+    c.model = dict(img=dict(variant="Ti/8", depth=3, num_heads=4, width=128, mlp_dim=512),
+                   llm=dict(type="t5", width=128, num_heads=4, head_dim=32, mlp_dim=512, encoder_depth=3,
+                            decoder_depth=3))
+    return c
+  c = ConfigDict()
+  c.seed = 0
+  c.tokenizer = arg.tokenizer
+  c.model = dict(img=dict(variant="So400m/14", init=arg.img), llm=dict(init=arg.llm), dtype="bfloat16",
+                 remat="full")
+  c.optim = dict(name="adafactor", clip_norm=1.0)
+  data = dict(kind="llava_json", json_path=arg.data, image_dir=arg.images, skip_bad=True)
+  vision = "img/(embedding|pos_embedding|Transformer)"
+  schedule = dict(decay="rsqrt", warmup_steps=1000)
+  c.stages = [
+      dict(name="224", steps=20_000, image_size=224, text_len=64, batch_size=arg.batch, data=data, lr=1e-3,
+           schedule=schedule, frozen=[vision], lr_mults=[]),
+      dict(name="448", steps=5000, image_size=448, text_len=64, batch_size=arg.batch // 4, data=data, lr=3e-4,
+           schedule=schedule, frozen=[], lr_mults=[(vision, 0.1)]),
+      dict(name="896", steps=2000, image_size=896, text_len=64, batch_size=arg.batch // 8, data=data, lr=1e-4,
+           schedule=schedule, frozen=[], lr_mults=[(vision, 0.1)]),
+  ]
+  c.evals = []
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.log_every = 50
+  return c

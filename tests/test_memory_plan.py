@@ -1,0 +1,122 @@
+"""tools/memory_plan.py: bytes per device from abstract shapes, checked by hand; the CLI on PaliGemma 2 28B."""
+import dataclasses
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests import train_helpers as th
+from vlm_jax import memory_plan, sharding, treeutil
+from vlm_jax.models.vlm import init_params
+from vlm_jax.train_setup import build_model_config, make_tokenizer, model_for_stage, normalize
+
+MESH = dict(data=1, fsdp=1, tensor=1)
+
+
+def small(**kw):
+  c = th.small_config(steps=(3,), **kw)
+  c.stages = c.stages[:1]
+  return c
+
+
+def abstract_params(c):
+  c = normalize(c)
+  cfg = model_for_stage(build_model_config(c.model, make_tokenizer(c)), c.stages[0])
+  return treeutil.flatten(jax.eval_shape(lambda: init_params(cfg))["params"])
+
+
+def test_params_grads_and_optimizer_state_by_hand():
+  """Replicated (data=2): every device holds all float32 params; the vision tower is frozen, so gradients and
+  Adam's two moments exist for the LLM only (plus two int32 step counts: Adam's and the schedule's)."""
+  c = small()
+  c.stages[0]["frozen"] = ["img"]
+  flat = abstract_params(c)
+  n_all = sum(math.prod(v.shape) for v in flat.values())
+  n_llm = sum(math.prod(v.shape) for k, v in flat.items() if k.startswith("llm/"))
+  (p,) = memory_plan.plan(c, dict(MESH, data=2)).stages
+  assert (p.params, p.grads, p.opt_state) == (4 * n_all, 4 * n_llm, 2 * 4 * n_llm + 2 * 4)
+  assert p.examples_per_device == 4  # batch 8 over data=2
+
+  # FSDP over 2: a param whose rule has an "embed" dim (all widths here are even) is halved, the rest
+  # (biases of attention heads and MLPs) are replicated.
+  halved = lambda k, v: "embed" in sharding.logical_axes(k, len(v.shape))
+  (p,) = memory_plan.plan(small(), dict(MESH, fsdp=2)).stages
+  expected = sum(4 * math.prod(v.shape) // (2 if halved(k, v) else 1) for k, v in flat.items())
+  assert any(not halved(k, v) for k, v in flat.items())
+  assert p.params == p.grads == expected and p.opt_state == 2 * expected + 2 * 4
+
+
+def test_activation_estimate_scales_with_examples_remat_and_tensor_parallelism():
+  def act(mesh=MESH, batch=8, remat="none"):
+    c = small(batch=batch)
+    c.model["remat"] = remat
+    c.model.img.depth = c.model.llm.depth = 4  # with one layer, remat only adds the recomputed copy
+    return memory_plan.plan(c, mesh).stages[0].activations
+
+  assert act(batch=16) == pytest.approx(2 * act(batch=8), rel=1e-6)
+  assert act(remat="full") < act(remat="dots") < act(remat="none")
+  assert act(mesh=dict(MESH, tensor=2)) < act()
+  # By hand for one layer per tower: remat full keeps each layer's input (S tokens x D in the LLM, P x D in the
+  # ViT, float32) on top of recomputing that one layer, which is exactly what remat none keeps.
+  c = normalize(small())
+  cfg = model_for_stage(build_model_config(c.model, make_tokenizer(c)), c.stages[0])
+  assert cfg.img.depth == cfg.llm.depth == 1
+  full = dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, remat="full"),
+                             llm=dataclasses.replace(cfg.llm, remat="full"))
+  p, s = cfg.img.num_patches, cfg.img.num_patches + 16
+  inputs = (s * cfg.llm.width + p * cfg.img.width) * 4
+  assert memory_plan.activation_bytes(full, 16) == pytest.approx(memory_plan.activation_bytes(cfg, 16) + inputs)
+
+
+def run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "tools/memory_plan.py", *args], cwd=th.REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_cli_plans_paligemma2_28b_in_seconds():
+  start = time.time()
+  p = run_cli("--config", "configs/paligemma_stages.py:model=paligemma2_28b_224", "--mesh", "fsdp=32,tensor=2",
+              "--device_memory", "16G")
+  elapsed = time.time() - start
+  assert p.returncode == 0, p.stderr
+  assert elapsed < 60, elapsed
+  lines = p.stdout.splitlines()
+  assert lines[0].startswith("paligemma2_28b_224: 27.65B params, compute bfloat16, remat full; mesh data=1 "
+                             "fsdp=32 tensor=2 (64 devices)")
+  rows = [line.split() for line in lines[2:]]
+  assert [r[:4] for r in rows] == [["0", "224", "128", "256"], ["1", "448", "128", "64"], ["2", "896", "128", "32"]]
+  per_device = float(rows[0][5]) * memory_plan.GIB
+  ideal = 4 * 27_650_192_112 / 64  # float32, split 64 ways; norms are split only 32 ways
+  assert ideal <= per_device * 1.01 and per_device <= ideal * 1.02
+  assert all(r[-2] in ("yes", "NO") for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mesh", "data=3,fsdp=2", "--num_devices", "8"], "error: mesh data=3,fsdp=2,tensor=1 needs 6 devices, have 8"),
+    (["--mesh", "data=4,pipe=2"], "error: Unknown mesh axes ['pipe']"),
+    (["--mesh", "data=-1"], "error: --mesh data=-1 has a -1 axis: give --num_devices"),
+    (["--mesh", "data"], "error: --mesh 'data': expected AXIS=SIZE"),
+    (["--mesh", "data=3"], "error: config.stages[0].batch_size 64 is not divisible by data x fsdp = 3"),
+    (["--mesh", "data=2", "--device_memory", "lots"], "error: cannot read 'lots' as a memory size"),
+])
+def test_cli_errors_are_clear(args, message, capsys):
+  spec = importlib.util.spec_from_file_location("memory_plan_cli", os.path.join(th.REPO, "tools", "memory_plan.py"))
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  assert cli.main(["--config", th.TINY, *args]) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_parse_helpers():
+  assert memory_plan.parse_bytes("16G") == 16 * 2 ** 30 == memory_plan.parse_bytes("16GiB")
+  assert memory_plan.parse_bytes("512M") == 2 ** 29 and memory_plan.parse_bytes("80GB") == 80 * 2 ** 30
+  assert memory_plan.parse_mesh("data=2, fsdp=-1") == {"data": 2, "fsdp": -1}
+  assert np.isclose(memory_plan.device_bytes((8, 6), np.float32, jax.sharding.PartitionSpec("fsdp"),
+                                             dict(MESH, fsdp=4)), 2 * 6 * 4)

@@ -1,0 +1,68 @@
+"""Bytes per device of a training config on a mesh, before launch: params, gradients, optimizer state and an
+activation estimate for every stage, from abstract shapes only (no device, nothing allocated; seconds on a CPU
+even for PaliGemma 2 28B).
+
+  python tools/memory_plan.py --config configs/paligemma_stages.py:model=paligemma2_28b_224 \\
+      --mesh data=1,fsdp=64,tensor=1 --device_memory 16G
+  python tools/memory_plan.py --config configs/tiny_synthetic.py --mesh data=-1 --num_devices 8
+  python tools/memory_plan.py --config ... --mesh fsdp=8 --config.grad_accum=4 --config.model.remat=full
+
+Config arguments and --config.KEY=VALUE overrides work as in tools/train.py. Params, gradients and optimizer
+state follow the same sharding rules as training, exactly; activations are an estimate (formula in
+vlm_jax/memory_plan.py and docs/scaling.md). The last column says whether the total fits --device_memory
+(v5e: 16G, v5p: 95G, H100: 80G); keep 10-20% headroom for XLA's temporaries.
+"""
+import argparse
+import math
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, metavar="FILE.py[:ARGS]",
+                      help="training config file, as for tools/train.py")
+  parser.add_argument("--mesh", required=True, metavar="data=N,fsdp=N,tensor=N",
+                      help="mesh axis sizes (missing axes are 1; one may be -1 with --num_devices)")
+  parser.add_argument("--num_devices", type=int, metavar="N", help="total devices, to resolve a -1 mesh axis")
+  parser.add_argument("--device_memory", metavar="SIZE", help="memory of one device (16G, 95G, 80G): adds a "
+                      "column saying whether each stage fits")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config.") or "=" not in item:
+      parser.error(f"unrecognised argument {item!r} (overrides look like --config.KEY=VALUE)")
+    key, _, value = item[len("--config."):].partition("=")
+    overrides.append((key, value))
+  return args, overrides
+
+
+def main(argv=None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # shapes only: never claim an accelerator
+  from vlm_jax import config_util, memory_plan, sharding
+  try:
+    sizes = memory_plan.parse_mesh(args.mesh)
+    if -1 in sizes.values() and not args.num_devices:
+      raise ValueError(f"--mesh {args.mesh} has a -1 axis: give --num_devices to resolve it.")
+    num_devices = args.num_devices or math.prod(sizes.values())
+    mesh_shape = sharding.resolve_axes(sizes, num_devices)
+    device_memory = memory_plan.parse_bytes(args.device_memory) if args.device_memory else None
+    config = config_util.load_config(args.config)
+    for key, value in overrides:
+      config_util.apply_override(config, key, value)
+    result = memory_plan.plan(config, mesh_shape)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(memory_plan.format_table(result, mesh_shape, device_memory))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

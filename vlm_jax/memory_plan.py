@@ -1,0 +1,174 @@
+"""Memory per device before launch: params, gradients, optimizer state and activations of each stage of a
+training config on a mesh, from abstract shapes alone (`jax.eval_shape`: nothing is allocated, no devices).
+
+Params, gradients and optimizer state are exact for the layout training uses: every array's per-device block
+follows `vlm_jax.sharding`'s rules for the mesh's axis sizes. Params are float32 (as training keeps them);
+gradients exist for the stage's trainable params only; the optimizer state is the stage's optimizer's, which
+frozen params do not get.
+
+Activations are an estimate of what the backward pass keeps alive, in bytes per example. With s the bytes of
+the compute dtype, S = P image tokens + T text tokens, N / K query / kv heads of size H, D the width and F the
+MLP width, per token and layer:
+
+  remat none  Gemma: (4D + 2NH + 2KH + 5F) s, + 4D s with Gemma 2's post-norms, + N S (4 + s) for the
+              attention logits (float32) and probabilities, + 4 N S for Gemma 2's logit soft-cap;
+              ViT: (4D + 4D + 3F) s + N P (4 + s)
+  remat dots  matmul outputs only: Gemma (3D + NH + 2KH + 2F) s, ViT (6D + F) s
+  remat full  the layer input: D s
+
+summed over the layers of both towers (ViT over P tokens, Gemma over S), plus, with remat, one layer of each
+tower at the `none` rate while it is recomputed, plus the text logits T V (s + 8) (logits, float32
+log-probs and their gradient). Tensor parallelism divides the head, MLP, attention and vocab terms by the
+tensor axis when it divides them, as the weights are split; the examples per device are batch / (data x fsdp)
+/ grad_accum. Embeddings, norms and XLA's temporaries are not counted: keep 10-20% of the device free.
+"""
+import dataclasses
+import math
+import re
+
+import jax
+import numpy as np
+
+from vlm_jax import optim, sharding, treeutil
+from vlm_jax.models.vlm import init_params
+from vlm_jax.train_setup import build_model_config, check_config, make_tokenizer, model_for_stage, normalize
+
+GIB = 2 ** 30
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": GIB, "T": 2 ** 40}
+
+
+@dataclasses.dataclass
+class StagePlan:
+  """Bytes per device for one stage."""
+  stage: int
+  image_size: int
+  text_len: int
+  batch_size: int
+  examples_per_device: int  # per micro-batch (batch / (data x fsdp) / grad_accum)
+  params: int
+  grads: int
+  opt_state: int
+  activations: int
+
+  @property
+  def total(self) -> int:
+    return self.params + self.grads + self.opt_state + self.activations
+
+
+def parse_mesh(spec: str) -> dict:
+  """"data=8,fsdp=4,tensor=2" -> {"data": 8, "fsdp": 4, "tensor": 2} (sizes may be -1)."""
+  sizes = {}
+  for item in filter(None, spec.split(",")):
+    m = re.fullmatch(r"\s*(\w+)\s*=\s*(-?\d+)\s*", item)
+    if not m:
+      raise ValueError(f"--mesh {spec!r}: expected AXIS=SIZE,... (axes {', '.join(sharding.MESH_AXES)}).")
+    sizes[m.group(1)] = int(m.group(2))
+  return sizes
+
+
+def parse_bytes(text: str) -> int:
+  """"16G", "95GiB", "512M", "80GB" -> bytes (K/M/G/T are powers of 1024)."""
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+  if not m:
+    raise ValueError(f"cannot read {text!r} as a memory size (e.g. 16G, 95GiB, 80GB).")
+  return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def device_bytes(shape, dtype, spec, mesh_shape) -> int:
+  """Bytes of one device's block of an array laid out by `spec`."""
+  return math.prod(sharding.shard_shape(shape, spec, mesh_shape)) * np.dtype(dtype).itemsize
+
+
+def _split(size: int, dim: int, tensor: int) -> float:
+  """`size` per device when the tensor axis splits a dimension of `dim` entries (only if it divides it)."""
+  return size / tensor if dim % tensor == 0 else size
+
+
+def activation_bytes(cfg, text_len: int, tensor: int = 1) -> float:
+  """Estimated activation bytes per example (module docstring) for `cfg`'s remat policy and compute dtype."""
+  img, llm = cfg.img, cfg.llm
+  s = np.dtype(llm.dtype).itemsize
+  p, seq = img.num_patches, img.num_patches + text_len
+  d, dv = llm.width, img.width
+  nh = _split(llm.num_heads * llm.head_dim, llm.num_heads, tensor)
+  kh = _split(llm.num_kv_heads * llm.head_dim, llm.num_kv_heads, tensor)
+  hv = _split(dv, img.num_heads, tensor)  # ViT heads x head size = its width
+  f, fv = _split(llm.mlp_dim, llm.mlp_dim, tensor), _split(img.mlp_dim, img.mlp_dim, tensor)
+  attn = _split(llm.num_heads, llm.num_heads, tensor) * seq * (4 + s)
+  attn_v = _split(img.num_heads, img.num_heads, tensor) * p * (4 + s)
+  softcap = 4 * attn / (4 + s) if llm.attn_logits_softcap else 0  # tanh of the capped logits, float32
+  none_llm = (4 * d + 4 * d * llm.post_norms + 2 * nh + 2 * kh + 5 * f) * s + attn + softcap
+  none_vit = (4 * dv + 4 * hv + 3 * fv) * s + attn_v
+  kept_llm = {"none": none_llm, "dots": (3 * d + nh + 2 * kh + 2 * f) * s, "full": d * s}[llm.remat]
+  kept_vit = {"none": none_vit, "dots": (3 * dv + 3 * hv + fv) * s, "full": dv * s}[img.remat]
+  total = llm.depth * seq * kept_llm + img.depth * p * kept_vit
+  if llm.remat != "none":
+    total += seq * none_llm
+  if img.remat != "none":
+    total += p * none_vit
+  return total + text_len * _split(llm.vocab_size, llm.vocab_size, tensor) * (s + 8)
+
+
+@dataclasses.dataclass
+class Plan:
+  """A config's memory plan: its model, parameter count and per-stage bytes per device."""
+  model_cfg: object
+  num_params: int
+  stages: list  # StagePlan per stage
+
+
+def plan(config, mesh_shape: dict) -> Plan:
+  """The memory plan of a training config on a mesh of the given axis sizes ({"data", "fsdp", "tensor"})."""
+  check_config(config)
+  config = normalize(config)
+  tokenizer = None if config.model.get("name") else make_tokenizer(config)
+  base = build_model_config(config.model, tokenizer)
+  data_ways = mesh_shape["data"] * mesh_shape["fsdp"]
+  grad_accum = int(config.get("grad_accum", 1))
+  plans, num_params = [], 0
+  for index, stage_cfg in enumerate(config.stages):
+    model_cfg = model_for_stage(base, stage_cfg)
+    flat = treeutil.flatten(jax.eval_shape(lambda: init_params(model_cfg))["params"])
+    num_params = sum(math.prod(v.shape) for v in flat.values())
+    frozen = optim.frozen_names(list(flat), stage_cfg.get("frozen"))
+    trainable = {k: v for k, v in flat.items() if k not in frozen}
+    optimizer, _ = optim.make_optimizer(config.get("optim", {}), stage_cfg, set(trainable))
+    opt_state = jax.eval_shape(optimizer.init, treeutil.unflatten(trainable))
+    specs = sharding.param_specs(flat, mesh_shape)
+    opt_bytes = jax.tree.map(lambda leaf, spec: device_bytes(leaf.shape, leaf.dtype, spec, mesh_shape), opt_state,
+                             sharding.opt_state_specs(opt_state, flat, mesh_shape))
+    batch = int(stage_cfg.batch_size)
+    if batch % (data_ways * grad_accum):
+      raise ValueError(f"config.stages[{index}].batch_size {batch} is not divisible by data x fsdp = {data_ways}"
+                       + (f" x grad_accum {grad_accum}" if grad_accum > 1 else "") + ".")
+    examples = batch // data_ways // grad_accum
+    plans.append(StagePlan(
+        stage=index, image_size=model_cfg.img.image_size, text_len=int(stage_cfg.text_len), batch_size=batch,
+        examples_per_device=examples,
+        params=sum(device_bytes(v.shape, v.dtype, specs[k], mesh_shape) for k, v in flat.items()),
+        grads=sum(device_bytes(v.shape, v.dtype, specs[k], mesh_shape) for k, v in trainable.items()),
+        opt_state=sum(jax.tree.leaves(opt_bytes)),
+        activations=int(examples * activation_bytes(model_cfg, int(stage_cfg.text_len), mesh_shape["tensor"]))))
+  return Plan(base, num_params, plans)
+
+
+def format_table(result: Plan, mesh_shape: dict, device_memory: int | None = None) -> str:
+  """The plan as a text table, sizes in GiB per device."""
+  cfg = result.model_cfg
+  mesh = " ".join(f"{a}={n}" for a, n in mesh_shape.items())
+  size = f"{result.num_params / 1e9:.2f}B" if result.num_params >= 1e8 else f"{result.num_params / 1e6:.2f}M"
+  head = (f"{cfg.name or 'model'}: {size} params, compute {cfg.llm.dtype}, "
+          f"remat {cfg.llm.remat}; mesh {mesh} ({math.prod(mesh_shape.values())} devices); GiB per device")
+  cols = ["stage", "res", "text", "batch", "ex/dev", "params", "grads", "opt state", "activations", "total"]
+  if device_memory:
+    cols.append(f"fits {device_memory / GIB:g} GiB")
+  rows = []
+  for p in result.stages:
+    row = [str(p.stage), str(p.image_size), str(p.text_len), str(p.batch_size), str(p.examples_per_device),
+           *(f"{b / GIB:.2f}" for b in (p.params, p.grads, p.opt_state, p.activations, p.total))]
+    if device_memory:
+      row.append(f"{'yes' if p.total <= device_memory else 'NO'} ({p.total / device_memory:.0%})")
+    rows.append(row)
+  widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+  line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
+  return "\n".join([head, line(cols), *map(line, rows)])
