@@ -181,7 +181,7 @@ RESHARD = textwrap.dedent("""
   import numpy as np
   from tests import train_helpers as th
   from vlm_jax import checkpoint, sharding, train as train_lib
-  from vlm_jax.models.vlm import PaliGemma
+  from vlm_jax.models.vlm import model_for
   from vlm_jax.train_setup import build_model_config, make_tokenizer, normalize
 
   workdir = sys.argv[1]
@@ -199,7 +199,7 @@ RESHARD = textwrap.dedent("""
     params, _ = train_lib._restore(ckpts, 2, ckpts.read_meta(2), stage, print)  # the resume code path
     ckpts.close()
     batch = train_lib._global_batch(next(stage.data_iter), mesh, 8)
-    logits = jax.jit(lambda p, b: PaliGemma(stage.model_cfg).apply({{"params": p}}, b["image"], b["tokens"],
+    logits = jax.jit(lambda p, b: model_for(stage.model_cfg).apply({{"params": p}}, b["image"], b["tokens"],
                                                                     b["mask_ar"], b["mask_input"]))(params, batch)
     np.save(f"{{workdir}}/{{name}}.npy", np.asarray(logits))
     out[name] = {{k: str(v.sharding.spec) for k, v in th.treeutil.flatten(params).items()}}

@@ -12,7 +12,7 @@ from vlm_jax import treeutil
 from vlm_jax.convert import hf_llama, safetensors_io
 from vlm_jax.models import vlm
 from vlm_jax.models.llama import Llama, LlamaConfig
-from vlm_jax.models.vit import ViT, vit_config
+from vlm_jax.models.vit import vit_config
 
 VOCAB = 96
 TOKENS = np.random.RandomState(0).randint(3, VOCAB, (2, 12))
@@ -228,16 +228,11 @@ def test_legacy_rope_fields_and_defaults():
 
 
 def test_works_as_the_vlm_language_model():
-  """Llama in PaliGemma's glue (prefill + extend read only the interface Gemma also has) = the full pass."""
-  class LlavaLike(vlm.PaliGemma):
-    def setup(self):
-      self.img = ViT(self.cfg.img, name="img")
-      self.llm = Llama(self.cfg.llm, name="llm")
-
+  """Llama in the decoder glue (prefill + extend read only the interface Gemma also has) = the full pass."""
   llm = LlamaConfig(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=2, head_dim=8, vocab_size=VOCAB,
                     qkv_bias=True)
   cfg = vlm.VLMConfig(img=vit_config("mu/14", image_size=28, head_dim_out=32), llm=llm)
-  model = LlavaLike(cfg)
+  model = vlm.DecoderVLM(cfg)
   images = None  # the text-only path: the image tokens would only lengthen the bidirectional prefix
   mask_ar = np.array([[0] * PROMPT + [1] * (12 - PROMPT)] * 2)
   variables = jax.jit(model.init)(jax.random.key(0), images, TOKENS, mask_ar)

@@ -9,7 +9,7 @@ import pytest
 from vlm_jax.api import Model
 from vlm_jax.models.registry import get_model_config
 from vlm_jax.models.vit import ViT, resample_posemb, vit_config
-from vlm_jax.models.vlm import PaliGemma, init_params
+from vlm_jax.models.vlm import DecoderVLM, init_params
 
 
 def randomize(params, seed=0):
@@ -66,12 +66,12 @@ def test_padding_is_never_attended(model, images):
 def test_kv_cache_path_equals_full_pass(model, images):
   """Prefill the prefix, then extend one token at a time: the same logits as one full pass."""
   full = np.asarray(model.logits(images, TOKENS, MASK_AR))
-  m = PaliGemma(model.config)
+  m = DecoderVLM(model.config)
   logits, cache = m.apply(model.params, images, TOKENS[:, :4], MASK_AR[:, :4], None, 4 + 4 + 4,
-                          method=PaliGemma.prefill)
+                          method=DecoderVLM.prefill)
   steps = [logits]
   for t in range(4, 8):
-    step_logits, cache = m.apply(model.params, jnp.asarray(TOKENS[:, t:t + 1]), cache, method=PaliGemma.extend)
+    step_logits, cache = m.apply(model.params, jnp.asarray(TOKENS[:, t:t + 1]), cache, method=DecoderVLM.extend)
     steps.append(step_logits)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4 * np.abs(full).max())
 

@@ -213,7 +213,6 @@ def model_for(cfg: VLMConfig) -> nn.Module:
   return (EncoderDecoderVLM if isinstance(cfg.llm, T5Config) else DecoderVLM)(cfg)
 
 
-PaliGemma = DecoderVLM  # TODO(remove): old name, until every caller says model_for / DecoderVLM
 
 
 def init_params(cfg: VLMConfig, seed: int = 0):

@@ -1,0 +1,486 @@
+"""Greedy decode throughput and latency of vlm_jax against transformers' `generate` on one PaliGemma-shaped model.
+
+  python benchmarks/decode.py                     # ~50M params, 224px (196 image tokens) + a 16-token prefix
+  python benchmarks/decode.py --quick             # a small model, float32 only: a smoke run in ~30 s
+  python benchmarks/decode.py --quick --dtypes float32,bfloat16   # the smoke run of both dtypes (~1 min)
+  python benchmarks/decode.py --dtypes float32 --reps 5 --json out.json
+
+One HF directory, written once by `vlm_jax.convert.hf.save` from random weights, is loaded by `vlm_jax.load`
+and by transformers' `PaliGemmaForConditionalGeneration` (its default attention, sdpa), so both sides decode
+the SAME weights. Two shapes: (a) batch 8, 32 new tokens (prefill-dominated throughput) and (b) batch 1, 128 new
+tokens (per-token latency). For each dtype (float32, then bfloat16 weights) it reports:
+- tokens/s of `vlm_jax.decode.decode` (params put on the device once, as transformers' live in its model) and
+  of transformers' greedy `generate`, and their ratio;
+- our prefill FLOP/s (XLA's count, cross-checked by an analytic one) as a fraction of a 2048^3 (quick: 1024^3)
+  matmul peak timed in this run (bfloat16 work: the better of the bfloat16 and float32 peaks);
+- our per-token latency at batch 1, (t(128 tokens) - t(1 token)) / 127, against the memory-bandwidth bound:
+  LLM parameter bytes (embedding = tied lm-head included, vision tower not) / the better of two read-only
+  bandwidth probes (a sum and a matrix-vector product over an array bigger than the caches) timed in this run;
+- pieces that locate the cost: one extend step jitted alone, the lm-head alone, prefill's share of shape (a).
+In float32 the greedy tokens of both sides must be identical (exit status 1 otherwise); in bfloat16 their
+agreement is printed for information. Times are the best of --reps runs after a warm-up (medians are in the
+JSON). Targets (the table marks each MET / NOT MET): >= 1.5x transformers on both shapes (float32), prefill >= 60%
+of the matmul peak, per-token latency <= 1.3x the bandwidth bound.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (REPO_ROOT, os.path.join(REPO_ROOT, "benchmarks")):
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import train_step  # noqa: E402  (the same model config and matmul peak as the training benchmark)
+
+TARGET_RATIO, TARGET_UTIL, TARGET_LATENCY = 1.5, 0.60, 1.3
+PREFIX_LEN = 16
+BOS, NEWLINE = 2, 108  # Gemma's BOS and "\n" ids (any ids work with random weights)
+SHAPES = {"a": (8, 32), "b": (1, 128)}  # name: (batch, new tokens)
+QUICK_SHAPES = {"a": (4, 8), "b": (1, 16)}
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def model_config(quick: bool, vit_depth: int | None):
+  """train_step's configs: the full model is a SigLIP-S/16-like tower (width 384, 6 of S/16's 12 layers, 224px
+  -> 196 image tokens) + a 6-layer MQA Gemma 512 wide with a 32k vocab: 50.4M params (61.1M with all 12
+  tower layers, --vit-depth 12)."""
+  cfg = train_step.model_config(quick, "float32")
+  if vit_depth:
+    cfg = dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, depth=vit_depth))
+  return cfg
+
+
+def random_params(cfg, seed: int = 0, llm_scale: float = 2.0):
+  """init_params, with every constant leaf (norm scales, biases: zeros at init) given random values too, and the
+  decoder's layer matrices scaled by `llm_scale`. At init scale the residual stream is dominated by the input
+  token's (tied) embedding, so greedy decoding just repeats the last prefix token forever and the token check
+  would compare two constant sequences; at 2x, greedy outputs are diverse (~120 distinct tokens in 128) and
+  depend on the image."""
+  from vlm_jax import treeutil
+  from vlm_jax.models.vlm import init_params
+  flat = treeutil.flatten(jax.device_get(init_params(cfg, seed))["params"])
+  rs = np.random.RandomState(seed)
+  for name, v in flat.items():
+    if np.all(v == v.flat[0]):
+      v = (v + 0.1 * rs.standard_normal(v.shape)).astype(v.dtype)
+    elif name.startswith("llm/layers/"):
+      v = (v * llm_scale).astype(v.dtype)
+    flat[name] = v
+  return {"params": treeutil.unflatten(flat)}
+
+
+def make_inputs(cfg, batch: int, seed: int = 0):
+  """images float32 [B,S,S,3] in [-1,1]; prefix int32 [B,16] = BOS, 14 random tokens, "\\n"; mask all ones."""
+  rs = np.random.RandomState(seed)
+  s = cfg.img.image_size
+  prefix = rs.randint(3, cfg.llm.vocab_size, (batch, PREFIX_LEN)).astype(np.int32)
+  prefix[:, 0], prefix[:, -1] = BOS, NEWLINE % cfg.llm.vocab_size
+  return {"images": rs.uniform(-1, 1, (batch, s, s, 3)).astype(np.float32), "prefix": prefix,
+          "mask": np.ones_like(prefix)}
+
+
+def best_of(fn, reps: int):
+  """(best seconds, median seconds) of `reps` calls of fn (which must block until its result is ready)."""
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times), float(np.median(times))
+
+
+def l3_cache_bytes() -> int | None:
+  try:
+    with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+      text = f.read().strip()
+    return int(text[:-1]) * {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}[text[-1]] if text[-1] in "KMG" else int(text)
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def memory_bandwidth(mbytes: int, reps: int = 5):
+  """Best bytes/s over one float32 array of `mbytes` MiB (bigger than the caches), three ways: a jitted in-place
+  `x + 1` (reads and writes every byte; the input is donated, so no fresh pages), a jitted sum (reads every
+  byte) and a matrix-vector product over the array (reads every byte, as a decode step reads its weights).
+  Returns (the better of the two read-only probes, {probe: bytes/s}): a decode step only reads its weights,
+  and the copy's read+write rate can overstate what reads alone reach (by ~1.5x on this project's machine)."""
+  n = mbytes * 2 ** 20 // 4 // 1024 * 1024
+  nbytes = 4 * n
+  x = jnp.zeros((n,), jnp.float32).block_until_ready()
+  v = jnp.ones((1, 1024), jnp.float32)
+  add = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+  total = jax.jit(jnp.sum)
+  gemv = jax.jit(lambda v, x: v @ x.reshape(1024, -1))
+  x = add(x).block_until_ready()
+  total(x).block_until_ready()
+  gemv(v, x).block_until_ready()
+  best = {"copy_rw": float("inf"), "sum_read": float("inf"), "gemv_read": float("inf")}
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    x = add(x).block_until_ready()
+    best["copy_rw"] = min(best["copy_rw"], time.perf_counter() - t0)
+    for name, fn in (("sum_read", total), ("gemv_read", lambda x: gemv(v, x))):
+      t0 = time.perf_counter()
+      fn(x).block_until_ready()
+      best[name] = min(best[name], time.perf_counter() - t0)
+  rates = {name: (2 if name == "copy_rw" else 1) * nbytes / t for name, t in best.items()}
+  del x
+  return max(rates["sum_read"], rates["gemv_read"]), rates
+
+
+# ---------------------------------------------------------------------------------------------- ours
+
+
+def our_decode(model, inputs, n: int):
+  from vlm_jax import decode as decode_lib
+  return decode_lib.decode(model.config, model.params, inputs["images"], inputs["prefix"], inputs["mask"],
+                           jax.random.key(0), max_new_tokens=n, sampling=decode_lib.Sampling(), eos_id=-1,
+                           pad_id=0)
+
+
+def prefill_fn(cfg, cache_size: int):
+  """The prefill pass alone (image tower + decoder over image + prefix, filling a cache): (logits, cache)."""
+  from vlm_jax.models.vlm import DecoderVLM
+
+  def prefill(params, images, prefix, mask):
+    return DecoderVLM(cfg).apply(params, images, prefix, jnp.zeros_like(prefix), mask, cache_size,
+                                method=DecoderVLM.prefill)
+  return prefill
+
+
+def xla_prefill_flops(cfg, cache_size: int, *args):
+  """XLA's FLOP count of the prefill, or None. XLA's cost analysis counts a while-loop body once, so, as in
+  train_step.py, the layer scans (ViT and Gemma) are built fully unrolled for this count only. The count is
+  taken on the lowered program: the compiled one's agrees to within 1% (checked on the 50M model, float32 and
+  bfloat16) and would cost seconds more of compiling."""
+  import flax.linen as nn
+  scan = nn.scan
+  nn.scan = lambda *a, **kw: scan(*a, **{**kw, "unroll": True})
+  try:
+    cost = jax.jit(prefill_fn(cfg, cache_size)).lower(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and cost.get("flops", -1) > 0 else None
+  except Exception as e:  # an unexpected flax / jax API: fall back to the analytic count
+    print(f"XLA FLOP count unavailable ({type(e).__name__}: {e})")
+    return None
+  finally:
+    nn.scan = scan
+
+
+def analytic_prefill_flops(cfg, flat, batch: int, text_len: int) -> float:
+  """2 x matmul params x tokens through them + 4 x layers x queries x keys x attention width; the tied output
+  projection only over the text positions whose logits prefill returns."""
+  p, s = cfg.img.num_patches, cfg.img.num_patches + text_len
+  total = 0.0
+  for name, v in flat.items():
+    if name.split("/")[-1] not in ("kernel", "w", "gating_einsum", "linear", "input_embedding"):
+      continue  # biases, norms, position embeddings: no matmul
+    tokens = text_len if name.endswith("input_embedding") else (p if name.startswith("img/") else s)
+    total += 2 * v.size * tokens
+  total += 4 * cfg.img.depth * p * p * cfg.img.width
+  total += 4 * cfg.llm.depth * s * s * cfg.llm.num_heads * cfg.llm.head_dim
+  return total * batch
+
+
+def extend_step_time(model, inputs, cache_size: int, steps: int):
+  """Seconds per call of ONE jitted extend step (cache donated) at this batch, outside the while loop; and of
+  the tied lm-head (logits over the whole vocab) alone. With bfloat16 params both include XLA:CPU's per-call
+  bfloat16 -> float32 conversion of every weight, which the decode program mostly hoists out of its loop."""
+  from vlm_jax.models.vlm import DecoderVLM
+  cfg, params = model.config, model.params
+  _, cache = jax.jit(prefill_fn(cfg, cache_size))(params, inputs["images"], inputs["prefix"], inputs["mask"])
+  step = jax.jit(lambda params, tok, cache: DecoderVLM(cfg).apply(params, tok, cache, method=DecoderVLM.extend),
+                 donate_argnums=2)
+  tok = jnp.full((inputs["prefix"].shape[0], 1), 5, jnp.int32)
+  logits, cache = step(params, tok, cache)
+  jax.block_until_ready((logits, cache))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    logits, cache = step(params, tok, cache)
+  jax.block_until_ready((logits, cache))
+  t_step = (time.perf_counter() - t0) / steps
+  emb = params["params"]["llm"]["embedder"]["input_embedding"]
+  head = jax.jit(lambda x, e: jnp.einsum("BTD,VD->BTV", x, e.astype(x.dtype), preferred_element_type=jnp.float32))
+  x = jnp.ones((tok.shape[0], 1, cfg.llm.width), jnp.dtype(cfg.llm.dtype))
+  head(x, emb).block_until_ready()
+  t_head, _ = best_of(lambda: head(x, emb).block_until_ready(), max(steps, 5))
+  return t_step, t_head
+
+
+def bench_ours(model, shapes, inputs, reps: int, peak: float, bandwidth: float):
+  """All our figures for one dtype."""
+  from vlm_jax import treeutil
+  cfg, params = model.config, model.params
+  flat = treeutil.flatten(params["params"])
+  out = {}
+  for name, (b, n) in shapes.items():
+    t0 = time.perf_counter()
+    tokens = np.asarray(our_decode(model, inputs[name], n))
+    compile_s = time.perf_counter() - t0
+    best, med = best_of(lambda: our_decode(model, inputs[name], n).block_until_ready(), reps)
+    out[name] = {"tokens": tokens, "seconds": best, "median_seconds": med, "tokens_per_s": b * n / best,
+                 "first_call_seconds": compile_s}
+
+  # Prefill alone at shape (a): FLOP/s against the matmul peak; and its share of shape (a)'s decode.
+  b_a, n_a = shapes["a"]
+  x = inputs["a"]
+  cache_size = cfg.img.num_patches + PREFIX_LEN + n_a
+  args = (params, x["images"], x["prefix"], x["mask"])
+  prefill = jax.jit(prefill_fn(cfg, cache_size))
+  jax.block_until_ready(prefill(*args))
+  t_prefill, t_prefill_med = best_of(lambda: jax.block_until_ready(prefill(*args)), reps)
+  xla_flops = xla_prefill_flops(cfg, cache_size, *args)
+  est_flops = analytic_prefill_flops(cfg, flat, b_a, PREFIX_LEN)
+  flops = xla_flops or est_flops
+  out["prefill"] = {"batch": b_a, "seconds": t_prefill, "median_seconds": t_prefill_med,
+                    "flops_xla": xla_flops, "flops_analytic": est_flops,
+                    "flops_source": "xla" if xla_flops else "analytic",
+                    "achieved_gflops": flops / t_prefill / 1e9, "utilisation": flops / t_prefill / peak,
+                    "share_of_decode_a": t_prefill / out["a"]["seconds"],
+                    "loop_per_step_a_ms": 1e3 * (out["a"]["seconds"] - t_prefill) / n_a}
+
+  # Per-token latency at batch 1: (t(N) - t(1)) / (N - 1) from whole decodes, against the bandwidth bound.
+  b_b, n_b = shapes["b"]
+  x = inputs["b"]
+  our_decode(model, x, 1).block_until_ready()
+  t1, _ = best_of(lambda: our_decode(model, x, 1).block_until_ready(), reps)
+  per_token = (out["b"]["seconds"] - t1) / (n_b - 1)
+  llm_bytes = sum(v.size * v.dtype.itemsize for k, v in flat.items() if k.startswith("llm/"))
+  bound = llm_bytes / bandwidth
+  t_step, t_head = extend_step_time(model, x, cfg.img.num_patches + PREFIX_LEN + n_b, max(reps, 5) * 4)
+  out["latency"] = {"batch": b_b, "decode_1_seconds": t1, "per_token_ms": 1e3 * per_token,
+                    "llm_param_bytes": int(llm_bytes), "bound_ms": 1e3 * bound, "ratio_to_bound": per_token / bound,
+                    "extend_step_alone_ms": 1e3 * t_step, "lm_head_alone_ms": 1e3 * t_head}
+  return out
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+
+
+def load_torch(hf_dir: str, dtype: str):
+  import torch
+  from transformers import PaliGemmaForConditionalGeneration
+  torch.set_num_threads(os.cpu_count())
+  model = PaliGemmaForConditionalGeneration.from_pretrained(
+      hf_dir, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32).eval()
+  model.generation_config.eos_token_id = None  # never stop early: exactly max_new_tokens, like eos_id=-1
+  model.generation_config.pad_token_id = 0
+  return model
+
+
+def torch_generate(model, inputs, n: int):
+  """transformers' greedy `generate`: input_ids = image tokens then our prefix; token_type_ids 0 over the whole
+  prompt, which makes the prefix bidirectional as in our PaliGemma (without it HF's prefix is causal)."""
+  import torch
+  b, n_img = inputs["prefix"].shape[0], model.config.vision_config.num_image_tokens
+  ids = np.concatenate([np.full((b, n_img), model.config.image_token_index), inputs["prefix"]], axis=1)
+  pixels = torch.tensor(inputs["images"]).permute(0, 3, 1, 2).contiguous().to(model.dtype)
+  with torch.inference_mode():
+    out = model.generate(pixel_values=pixels, input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape,
+                         dtype=torch.long), token_type_ids=torch.zeros(ids.shape, dtype=torch.long),
+                         max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+  return out[:, ids.shape[1]:].numpy()
+
+
+def bench_torch(hf_dir: str, dtype: str, shapes, inputs, reps: int):
+  model = load_torch(hf_dir, dtype)
+  out = {"attn_implementation": model.config._attn_implementation}
+  for name, (b, n) in shapes.items():
+    tokens = torch_generate(model, inputs[name], n)  # warm-up
+    if tokens.shape != (b, n):
+      raise RuntimeError(f"transformers generated {tokens.shape} tokens for shape ({b}, {n}).")
+    best, med = best_of(lambda: torch_generate(model, inputs[name], n), reps)
+    out[name] = {"tokens": tokens, "seconds": best, "median_seconds": med, "tokens_per_s": b * n / best}
+  return out
+
+
+def first_mismatch(model, inputs, ours, theirs):
+  """Where the two greedy sequences first differ, with our teacher-forced logit margin there (a near-tie
+  between the two picks means float noise; a large margin means the implementations differ)."""
+  rows, cols = np.nonzero(ours != theirs)
+  r = rows[np.argmin(cols)]
+  t = cols[rows == r].min()
+  tokens = np.concatenate([inputs["prefix"][r:r + 1], theirs[r:r + 1, :t]], axis=1)
+  mask_ar = np.concatenate([np.zeros((1, PREFIX_LEN), np.int32), np.ones((1, t), np.int32)], axis=1)
+  logits = np.asarray(model.logits(inputs["images"][r:r + 1], tokens, mask_ar))[0, -1]
+  return {"row": int(r), "step": int(t), "ours": int(ours[r, t]), "theirs": int(theirs[r, t]),
+          "our_logit_margin": float(logits[ours[r, t]] - logits[theirs[r, t]]),
+          "our_logit_scale": float(np.std(logits))}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true", help="a small model and short shapes for a fast smoke run")
+  ap.add_argument("--dtypes", default=None,
+                  help="comma-separated: float32 and/or bfloat16 (default both; --quick: float32 only)")
+  ap.add_argument("--reps", type=int, default=None, help="timed repetitions after a warm-up (default 3; quick 2)")
+  ap.add_argument("--vit-depth", type=int, default=None,
+                  help="vision tower layers (default: train_step's 6; 12 is the full SigLIP-S/16, 61M params)")
+  ap.add_argument("--bandwidth-mb", type=int, default=None,
+                  help="MiB for the bandwidth probe (default max(512, 2 x the L3 cache); quick 64)")
+  ap.add_argument("--no-torch", action="store_true", help="skip transformers (no ratio, no token check)")
+  ap.add_argument("--json", metavar="OUT", help="write the figures to this JSON file")
+  args = ap.parse_args(argv)
+  dtypes = [d.strip() for d in (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
+            if d.strip()]
+  if not dtypes or len(set(dtypes)) != len(dtypes) or any(d not in ("float32", "bfloat16") for d in dtypes):
+    ap.error(f"--dtypes takes float32 and/or bfloat16, got {args.dtypes!r}")
+  reps = args.reps or (2 if args.quick else 3)
+  shapes = QUICK_SHAPES if args.quick else SHAPES
+
+  import vlm_jax
+  from vlm_jax import treeutil
+  from vlm_jax.convert import hf
+  from vlm_jax.models.vlm import init_params
+  t_start = time.perf_counter()
+  cfg = model_config(args.quick, args.vit_depth)
+  flat = treeutil.flatten(jax.eval_shape(lambda: init_params(cfg))["params"])
+  n_params = sum(v.size for v in flat.values())
+  n_llm = sum(v.size for k, v in flat.items() if k.startswith("llm/"))
+  print(f"model {cfg.name}: {n_params:,} params ({n_llm:,} in the LLM; ViT {cfg.img.width}x{cfg.img.depth} at "
+        f"{cfg.img.image_size}px/{cfg.img.patch_size} = {cfg.img.num_patches} image tokens, Gemma "
+        f"{cfg.llm.width}x{cfg.llm.depth}, vocab {cfg.llm.vocab_size}); prefix {PREFIX_LEN} tokens; shapes "
+        + ", ".join(f"({k}) batch {b} x {n} new" for k, (b, n) in shapes.items())
+        + f"; greedy; best of {reps}; jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs",
+        flush=True)
+
+  l3 = l3_cache_bytes()
+  bw_mb = args.bandwidth_mb or (64 if args.quick else max(512, 2 * (l3 or 0) // 2 ** 20))
+  bandwidth, bw_rates = memory_bandwidth(bw_mb)
+  print(f"memory bandwidth ({bw_mb} MiB array; L3 {'unknown' if l3 is None else f'{l3 // 2 ** 20} MiB'}): "
+        + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw_rates.items()) + f" -> {bandwidth / 1e9:.1f} GB/s",
+        flush=True)
+  peak_n = 1024 if args.quick else 2048
+  peaks = {d: train_step.matmul_peak(d, n=peak_n) for d in sorted(set(dtypes) | {"float32"})}
+  print(f"matmul peak ({peak_n}^3): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
+  inputs = {name: make_inputs(cfg, b, seed=i) for i, (name, (b, _)) in enumerate(shapes.items())}
+  fig = {"model": cfg.name, "params": int(n_params), "llm_params": int(n_llm), "vit_depth": cfg.img.depth,
+         "image_tokens": cfg.img.num_patches, "prefix_tokens": PREFIX_LEN,
+         "shapes": {k: {"batch": b, "new_tokens": n} for k, (b, n) in shapes.items()}, "reps": reps,
+         "timing": "best of reps after a warm-up (medians alongside)", "bandwidth_gbs": bandwidth / 1e9,
+         "bandwidth_probe_gbs": {k: v / 1e9 for k, v in bw_rates.items()}, "bandwidth_probe_mib": bw_mb,
+         "l3_cache_mib": None if l3 is None else l3 / 2 ** 20,
+         "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()}, "platform": jax.devices()[0].platform,
+         "cpu_count": os.cpu_count(), "jax": jax.__version__, "results": {}}
+  token_check_ok = True
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_dir = os.path.join(tmp, "hf")
+    hf.save(hf_dir, cfg, random_params(cfg), dtype="float32")  # the one directory both sides load
+    base = vlm_jax.load(hf_dir)  # host (numpy) params: put them on the device once, as transformers' are
+    base = vlm_jax.Model(base.config, jax.device_put(base.params), base.tokenizer)
+    for dtype in dtypes:
+      model = base if dtype == "float32" else base.with_dtype(dtype)
+      # bfloat16 prefill against the better of the two peaks: XLA's CPU bfloat16 dot can be slower than float32's.
+      peak = peaks["float32"] if dtype == "float32" else max(peaks[dtype], peaks["float32"])
+      ours = bench_ours(model, shapes, inputs, reps, peak, bandwidth)
+      res = {"peak_gflops": peak / 1e9, "ours": ours}
+      print(f"[{dtype}] vlm_jax: " + ", ".join(f"({k}) {ours[k]['tokens_per_s']:.1f} tok/s" for k in shapes)
+            + f"; prefill {ours['prefill']['seconds'] * 1e3:.0f} ms, per token {ours['latency']['per_token_ms']:.2f}"
+            " ms", flush=True)
+      if not args.no_torch:
+        theirs = bench_torch(hf_dir, dtype, shapes, inputs, reps)
+        res["torch"] = theirs
+        print(f"[{dtype}] transformers ({theirs['attn_implementation']}): "
+              + ", ".join(f"({k}) {theirs[k]['tokens_per_s']:.1f} tok/s" for k in shapes), flush=True)
+        res["ratio"] = {k: ours[k]["tokens_per_s"] / theirs[k]["tokens_per_s"] for k in shapes}
+        check = {}
+        for k in shapes:
+          a, b = ours[k]["tokens"], theirs[k]["tokens"]
+          check[k] = {"agreement": float(np.mean(a == b)), "identical": bool(np.array_equal(a, b)),
+                      "distinct_tokens_per_row": float(np.mean([len(set(r)) for r in a]))}
+          if not check[k]["identical"]:
+            check[k]["first_mismatch"] = first_mismatch(model, inputs[k], a, b)
+        res["token_check"] = check
+        same = all(c["identical"] for c in check.values())
+        if dtype == "float32":
+          token_check_ok = same
+        print(f"[{dtype}] token check (greedy, ours vs transformers): "
+              + ", ".join(f"({k}) {100 * c['agreement']:.1f}% equal ({c['distinct_tokens_per_row']:.0f} distinct "
+                          f"tokens per row of {shapes[k][1]})" for k, c in check.items())
+              + (" -> IDENTICAL" if same else (" -> DIFFER: FAIL" if dtype == "float32" else " (information only)")),
+              flush=True)
+        for k, c in check.items():
+          if "first_mismatch" in c:
+            print(f"  ({k}) first mismatch: {c['first_mismatch']}")
+      for side in ("ours", "torch"):
+        for k in shapes:
+          if side in res:
+            res[side][k].pop("tokens")
+      fig["results"][dtype] = res
+  fig["token_check_float32"] = None if args.no_torch or "float32" not in dtypes else token_check_ok
+  fig["wall_s"] = time.perf_counter() - t_start
+  fig["verdicts"] = verdicts(fig, shapes)
+  print_table(fig, shapes)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(fig, f, indent=2)
+  return fig
+
+
+def verdicts(fig, shapes):
+  """{dtype: {target: True/False/None}}; the ratio target is stated for float32 (bfloat16's is informative)."""
+  out = {}
+  for dtype, res in fig["results"].items():
+    ours = res["ours"]
+    v = {"prefill_util": bool(ours["prefill"]["utilisation"] >= TARGET_UTIL),
+         "latency_bound": bool(ours["latency"]["ratio_to_bound"] <= TARGET_LATENCY)}
+    for k in shapes:
+      v[f"ratio_{k}"] = None if "ratio" not in res else bool(res["ratio"][k] >= TARGET_RATIO)
+    out[dtype] = v
+  return out
+
+
+def print_table(fig, shapes):
+  mark = lambda ok: "n/a" if ok is None else ("MET" if ok else "NOT MET")
+  rows = []
+  for dtype, res in fig["results"].items():
+    ours, v = res["ours"], fig["verdicts"][dtype]
+    rows.append((f"--- {dtype}", ""))
+    for k, (b, n) in shapes.items():
+      theirs = res.get("torch", {}).get(k)
+      line = f"ours {ours[k]['tokens_per_s']:8.1f} tok/s ({ours[k]['seconds']:.3f} s)"
+      if theirs:
+        line += (f" | transformers {theirs['tokens_per_s']:8.1f} tok/s ({theirs['seconds']:.3f} s) | ratio "
+                 f"{res['ratio'][k]:.2f}x (target >= {TARGET_RATIO}x"
+                 + (f": {mark(v[f'ratio_{k}'])})" if dtype == "float32" else ", float32 only: info)"))
+      rows.append((f"({k}) batch {b}, {n} new", line))
+    p, lat = ours["prefill"], ours["latency"]
+    xla = "n/a" if p["flops_xla"] is None else f"{p['flops_xla'] / 1e9:.1f}"
+    rows.append((f"prefill (batch {p['batch']})",
+                 f"{p['seconds'] * 1e3:.1f} ms, {p['achieved_gflops']:.1f} GFLOP/s of {res['peak_gflops']:.1f} peak = "
+                 f"{100 * p['utilisation']:.1f}% (target >= {100 * TARGET_UTIL:.0f}%: {mark(v['prefill_util'])}); "
+                 f"GFLOPs {p['flops_source']} (XLA {xla}, analytic {p['flops_analytic'] / 1e9:.1f})"))
+    rows.append(("  shape (a) split", f"prefill {100 * p['share_of_decode_a']:.0f}% of the decode, loop "
+                 f"{p['loop_per_step_a_ms']:.2f} ms/step"))
+    rows.append((f"per token (batch {lat['batch']})",
+                 f"{lat['per_token_ms']:.2f} ms vs bound {lat['bound_ms']:.2f} ms "
+                 f"({lat['llm_param_bytes'] / 1e6:.0f} MB / {fig['bandwidth_gbs']:.1f} GB/s) = "
+                 f"{lat['ratio_to_bound']:.2f}x (target <= {TARGET_LATENCY}x: {mark(v['latency_bound'])})"))
+    rows.append(("  per-token pieces", f"one extend step jitted alone {lat['extend_step_alone_ms']:.2f} ms, lm-head "
+                 f"alone {lat['lm_head_alone_ms']:.2f} ms"))
+    if "token_check" in res:
+      rows.append(("token check", ", ".join(f"({k}) {100 * c['agreement']:.1f}% equal"
+                                            for k, c in res["token_check"].items())
+                   + ("" if dtype != "float32" else (" -> PASS" if fig["token_check_float32"] else " -> FAIL"))))
+  width = max(len(k) for k, _ in rows)
+  print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+  print(f"(wall {fig['wall_s']:.0f} s; timings on a shared machine are noisy: compare on an idle one)")
+
+
+if __name__ == "__main__":
+  result = main()
+  sys.exit(1 if result["token_check_float32"] is False else 0)
