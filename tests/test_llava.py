@@ -103,3 +103,20 @@ def test_llava_config_errors_name_the_field(llava_dir, tmp_path):
   bad = {**cfg, "text_config": {k: v for k, v in cfg["text_config"].items() if k != "hidden_size"}}
   with pytest.raises(ValueError, match="hidden_size"):
     hf_llava.config_from_hf(bad)
+
+
+def test_convert_cli_round_trips_llava(llava_dir, tmp_path):
+  import os
+  import subprocess
+  import sys
+  path, _ = llava_dir
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for args in (["--from", "hf", path, "--to", "vlm_jax", str(tmp_path / "ckpt")],
+               ["--from", "vlm_jax", str(tmp_path / "ckpt"), "--to", "hf", str(tmp_path / "hf")]):
+    proc = subprocess.run([sys.executable, "tools/convert.py", *args], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+  theirs = {hf.canonical_name(k): v for k, v in safetensors_io.read(f"{path}/model.safetensors").items()}
+  ours = {hf.canonical_name(k): v for k, v in safetensors_io.read(f"{tmp_path}/hf/model.safetensors").items()}
+  assert sorted(ours) == sorted(theirs)
+  for k in theirs:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)

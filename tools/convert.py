@@ -1,4 +1,4 @@
-"""Converts PaliGemma checkpoints between HuggingFace, big_vision and vlm_jax formats.
+"""Converts PaliGemma and LLaVA-style checkpoints between HuggingFace, big_vision and vlm_jax formats.
 
   python tools/convert.py --from hf ./paligemma-3b-pt-224 --to vlm_jax ./ckpt --dtype bfloat16
 
@@ -90,14 +90,17 @@ def read_model(src: str, path: str, config):
   """A `Model` from PATH with the loader of format `src`; `config` (or None) overrides the stored one."""
   from vlm_jax import checkpoint
   from vlm_jax.api import Model
-  from vlm_jax.convert import big_vision, hf
+  from vlm_jax import fileutil
+  from vlm_jax.convert import big_vision, hf, hf_llava
   if src == "big_vision":
     return Model(config, big_vision.load(path, config))
   if src == "vlm_jax":
     if not checkpoint.is_model_dir(path):
       raise FileNotFoundError(f"{path} is not a vlm_jax checkpoint (no {checkpoint.CONFIG_FILE} + params/).")
     return Model(*checkpoint.load_model(path, config))
-  return Model(*hf.load(path, config))
+  hf_config = os.path.join(path, "config.json")
+  is_llava = os.path.isfile(hf_config) and fileutil.read_json(hf_config).get("model_type") == "llava"
+  return Model(*(hf_llava.load if is_llava else hf.load)(path, config))
 
 
 def output_dtype(model, dtype: str | None) -> str:
@@ -107,10 +110,7 @@ def output_dtype(model, dtype: str | None) -> str:
 
 
 def write_model(model, dst: str, out: str, dtype: str):
-  if dst == "hf":
-    from vlm_jax.convert import hf
-    # hf.save only checks the config after writing the tensors: check it first to leave no partial output.
-    hf.config_to_hf(model.config)
+  if dst == "hf":  # PaliGemma or LLaVA by the model's family; the config is checked before anything is written
     model.save_hf(out, dtype=dtype)
   else:
     model.with_dtype(dtype).save(out)
