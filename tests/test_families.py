@@ -68,3 +68,21 @@ def test_llm_init_loads_hf_text_weights(tmp_path):
   for k, v in treeutil.flatten(ref).items():
     np.testing.assert_array_equal(ours[k], v, err_msg=k)
   assert set(params) >= {"img", "adapter", "llm"}
+
+
+def test_img_init_takes_the_vision_tower_of_another_checkpoint(tmp_path):
+  """A LLaVA-style model starting from the ViT of a (PaliGemma-family) vlm_jax checkpoint."""
+  from vlm_jax.api import Model
+  source = config_util.load_config("configs/tiny_synthetic.py")
+  src_cfg = build_model_config(normalize(source).model, make_tokenizer(source))
+  src_params = randomize(init_params(src_cfg), seed=5)
+  Model(src_cfg, src_params).save(str(tmp_path / "pg"))
+  config = config_util.load_config("configs/siglip_llama.py")
+  config.model.img = dict(config.model.img, init=str(tmp_path / "pg"))
+  cfg = build_model_config(normalize(config).model, make_tokenizer(config))
+  params = treeutil.flatten(initial_params(normalize(config), cfg, log=lambda *_: None))
+  src = treeutil.flatten(src_params["params"])
+  img_keys = [k for k in params if k.startswith("img/")]
+  assert img_keys and "img/head/kernel" not in params
+  for k in img_keys:
+    np.testing.assert_array_equal(params[k], src[k], err_msg=k)
