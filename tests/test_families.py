@@ -7,7 +7,7 @@ import pytest
 from vlm_jax import config_util, treeutil
 from vlm_jax.models.registry import get_model_config
 from vlm_jax.models.vlm import EncoderDecoderVLM, init_params, model_for
-from vlm_jax.train_setup import build_model_config, check_config, initial_params, make_tokenizer, normalize
+from vlm_jax.train_setup import ALLOWED_KEYS, build_model_config, check_config, initial_params, make_tokenizer, normalize
 from tests.test_model import randomize
 
 
@@ -23,6 +23,15 @@ def test_family_configs_build_their_model(spec, llm_type, adapter, causal):
   cfg = build_model_config(normalize(config).model, make_tokenizer(config))
   assert (cfg.llm_type, cfg.adapter.kind, cfg.causal) == (llm_type, adapter, causal)
   assert jax.eval_shape(lambda: init_params(cfg))["params"]["llm"]
+
+
+def test_model_wide_options_reach_every_sub_config():
+  config = config_util.load_config("configs/siglip_llama.py")
+  for key, value in (("model.scan_unroll", "True"), ("model.remat", "'dots'")):
+    config_util.apply_override(config, key, value, ALLOWED_KEYS)
+  cfg = build_model_config(normalize(config).model, make_tokenizer(config))
+  assert cfg.img.scan_unroll is True and cfg.llm.scan_unroll is True
+  assert cfg.img.remat == cfg.llm.remat == "dots"
 
 
 def test_encoder_decoder_logits_line_up_with_the_targets():

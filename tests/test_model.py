@@ -153,9 +153,57 @@ def test_vit_variants_and_patch_sizes():
     vit_config("Q/14")
 
 
-def test_remat_gives_same_logits(images):
-  cfg = get_model_config("tiny")
+@pytest.mark.parametrize("name", ["tiny", "tiny_llama_mlp", "tiny_t5"])
+def test_layer_options_give_same_loss_and_grads(name, images):
+  """remat and unrolled layer loops change how the step is computed, never what: same loss, same gradients."""
+  from vlm_jax.train import loss_fn
+  cfg = get_model_config(name)
   params = randomize(init_params(cfg))
-  plain = Model(cfg, params).logits(images, TOKENS, MASK_AR)
-  remat = Model(get_model_config("tiny", remat="full"), params).logits(images, TOKENS, MASK_AR)
-  np.testing.assert_allclose(remat, plain, atol=1e-5)
+  batch = {"image": images, "tokens": TOKENS, "mask_ar": MASK_AR, "mask_loss": MASK_AR,
+           "mask_input": np.ones_like(TOKENS)}
+
+  def loss_and_grads(c):
+    return jax.jit(jax.value_and_grad(lambda p: loss_fn(c, p, batch)))(params)
+  ref_loss, ref_grads = loss_and_grads(cfg)
+  for overrides in (dict(remat="full"), dict(remat="dots"), dict(scan_unroll=True)):
+    loss, grads = loss_and_grads(get_model_config(name, **overrides))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(overrides))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(overrides)),
+                 grads, ref_grads)
+  with pytest.raises(ValueError, match="Unknown model override 'depth_typo'"):
+    get_model_config(name, depth_typo=2)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_gemma2", "tiny_llama_mlp", "tiny_t5"])
+def test_per_layer_decode_layout_gives_same_logits(name, images):
+  """The decode loop's layout (each layer's weights in arrays of their own) computes the same function."""
+  from vlm_jax.models.vlm import model_for, per_layer
+  cfg = get_model_config(name)
+  params = randomize(init_params(cfg))
+  step_cfg, step_params = per_layer(cfg, params)
+  llm = step_params["params"]["llm"]
+  if name == "tiny_t5":  # no such option: returned as is
+    assert step_params is params
+  else:
+    assert "layers" not in llm and sorted(k for k in llm if k.startswith("layers_")) == [
+        f"layers_{i}" for i in range(cfg.llm.depth)]
+    assert jax.tree.structure(llm["layers_0"]) == jax.tree.structure(params["params"]["llm"]["layers"])
+  args = (images, TOKENS, MASK_AR, np.ones_like(TOKENS))
+  np.testing.assert_allclose(model_for(step_cfg).apply(step_params, *args), model_for(cfg).apply(params, *args),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape_x,shape_w,n", [((6, 8), (8, 24), 1), ((6, 24), (24, 8), 1),
+                                               ((2, 3, 4, 5), (4, 5, 7), 2)])
+def test_dense_custom_vjp_equals_autodiff(shape_x, shape_w, n):
+  """`dense` has a hand-written backward (a GEMM layout XLA CPU runs fast): it must equal einsum's autodiff."""
+  from vlm_jax.models.layers import dense
+  rng = np.random.RandomState(0)
+  x, w = rng.randn(*shape_x).astype(np.float32), rng.randn(*shape_w).astype(np.float32)
+  dy = rng.randn(*shape_x[:len(shape_x) - n], *shape_w[n:]).astype(np.float32)
+  ref = lambda x, w: jnp.tensordot(x, w, n)
+  np.testing.assert_allclose(dense(x, w, n), ref(x, w), rtol=1e-5)
+  got = jax.vjp(lambda x, w: dense(x, w, n), x, w)[1](dy)
+  want = jax.vjp(ref, x, w)[1](dy)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)

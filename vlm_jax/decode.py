@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.vlm import VLMConfig, model_for
+from vlm_jax.models.vlm import VLMConfig, model_for, per_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,11 +207,15 @@ def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, 
   sampling only). Returns int32 [B, max_new_tokens], positions after EOS filled with `pad_id`, and with
   return_scores also float32 [B] scores (see `Sampling`).
   """
-  model = model_for(cfg)
-  logits_BV, cache = model.apply(params, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens, method="start")
+  logits_BV, cache = model_for(cfg).apply(params, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens,
+                                          method="start")
+  # The steps read each layer's weights from arrays of their own, split off once here: slicing them out of the
+  # stacked [depth, ...] params inside the loop would copy every weight at every step.
+  step_cfg, step_params = per_layer(cfg, params)
+  step_model = model_for(step_cfg)
 
   def extend(token_B, cache):
-    logits_B1V, cache = model.apply(params, token_B[:, None], cache, method="extend")
+    logits_B1V, cache = step_model.apply(step_params, token_B[:, None], cache, method="extend")
     return logits_B1V[:, 0], cache
 
   common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, logits_mask_V=logits_mask_V)

@@ -23,7 +23,7 @@ ALLOWED_KEYS = {
     "log_every": None, "eval_every": None, "grad_accum": None, "export_model": None, "tokenizer": None,
     "total_steps": None,
     "model": {"name": None, "img": None, "llm": None, "adapter": None, "causal": None, "dtype": None, "remat": None,
-              "init": None},
+              "scan_unroll": None, "init": None},
     "optim": {"name": None, "b1": None, "b2": None, "eps": None, "momentum": None, "clip_norm": None,
               "weight_decay": None, "wd_mults": None},
     "stages": {"name": None, "steps": None, "image_size": None, "text_len": None, "batch_size": None,
@@ -70,7 +70,7 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
   variant or explicit sizes; `vocab_size` defaults to the tokenizer's), or read from the checkpoint that
   `model.init` points at (a HF or vlm_jax directory). Without a tokenizer (memory planning) its vocabulary
   is not checked against the model's."""
-  overrides = {k: model_cfg[k] for k in ("dtype", "remat") if model_cfg.get(k)}
+  overrides = {k: model_cfg[k] for k in ("dtype", "remat", "scan_unroll") if model_cfg.get(k)}
   if model_cfg.get("name"):
     cfg = get_model_config(model_cfg.name)
   elif model_cfg.get("img") and model_cfg.get("llm"):

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.vit import remat_block
+from vlm_jax.models.layers import (attend, dense, fused_matrix, heads_matrix, layer_stack, run_layers, softcap,
+                                   update_cache)
 
-NEG_INF = -2.3819763e38  # big_vision's mask value: finite, so a fully masked row gives no NaN.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,11 @@ class GemmaConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"
   remat: str = "none"
+  # nn.scan's `unroll` over the layers: True unrolls the layer loop into straight-line code (no per-layer slicing
+  # of stacked params, activations and grads; ~12% faster train steps on XLA CPU, longer compiles for deep models).
+  scan_unroll: int | bool = 1
+  # False: one param subtree per layer (`layers.layer_stack`); the decode loop's layout, never a checkpoint's.
+  stacked_layers: bool = True
 
   @property
   def query_scale(self) -> float:
@@ -82,10 +87,6 @@ def apply_rope(x_BTNH, positions_BT, base):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
 
 
-def softcap(x, cap):
-  return x if cap is None else jnp.tanh(x / cap) * cap
-
-
 class Attention(nn.Module):
   cfg: GemmaConfig
 
@@ -94,35 +95,22 @@ class Attention(nn.Module):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
     init = nn.initializers.normal(stddev=d ** -0.5)
+    # q, k and v from one [B*T, D] x [D, (N + 2K) H] GEMM.
     if n == k:  # big_vision stores one fused projection when heads are not grouped.
       w = self.param("qkv_einsum", lambda *a: {"w": init(*a)}, (3, n, d, h))["w"].astype(dtype)
-      q_BTNH, k_BTKH, v_BTKH = jnp.einsum("BTD,CNDH->CBTNH", x_BTD, w)
+      w_DX = fused_matrix(*(heads_matrix(w[i]) for i in range(3)))
     else:
       wq = self.param("q_einsum", lambda *a: {"w": init(*a)}, (n, d, h))["w"].astype(dtype)
       wkv = self.param("kv_einsum", lambda *a: {"w": init(*a)}, (2, k, d, h))["w"].astype(dtype)
-      q_BTNH = jnp.einsum("BTD,NDH->BTNH", x_BTD, wq)
-      k_BTKH, v_BTKH = jnp.einsum("BTD,CKDH->CBTKH", x_BTD, wkv)
-    q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_base) * jnp.asarray(cfg.query_scale, dtype)
-    k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_base)
-
-    if cache is not None:
-      new_cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTKH.astype(cache["k"].dtype),
-                                                            cache_index, axis=1),
-                   "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTKH.astype(cache["v"].dtype),
-                                                            cache_index, axis=1)}
-      k_BSKH, v_BSKH = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
-    else:
-      new_cache, k_BSKH, v_BSKH = None, k_BTKH, v_BTKH
-
+      w_DX = fused_matrix(heads_matrix(wq), heads_matrix(wkv[0]), heads_matrix(wkv[1]))
     b, t = x_BTD.shape[:2]
-    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    logits_BKGTS = softcap(logits_BKGTS, cfg.attn_logits_softcap)
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, NEG_INF)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dtype)
-    out_BTNH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH).reshape(b, t, n, h)
+    q_BTNH, k_BTKH, v_BTKH = jnp.split(dense(x_BTD, w_DX), [n * h, (n + k) * h], axis=-1)
+    q_BTNH = apply_rope(q_BTNH.reshape(b, t, n, h), positions_BT, cfg.rope_base) * jnp.asarray(cfg.query_scale, dtype)
+    k_BTKH = apply_rope(k_BTKH.reshape(b, t, k, h), positions_BT, cfg.rope_base)
+    new_cache, k_BSKH, v_BSKH = update_cache(cache, k_BTKH, v_BTKH.reshape(b, t, k, h), cache_index, dtype)
+    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, dtype, cfg.attn_logits_softcap)
     w_out = self.param("attn_vec_einsum", lambda *a: {"w": init(*a)}, (n, h, d))["w"].astype(dtype)
-    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_out), new_cache
+    return dense(out_BTNH, w_out, 2), new_cache
 
 
 class FeedForward(nn.Module):
@@ -134,8 +122,10 @@ class FeedForward(nn.Module):
     init = nn.initializers.normal(stddev=cfg.width ** -0.5)
     w_gating = self.param("gating_einsum", init, (2, cfg.width, cfg.mlp_dim)).astype(dtype)
     w_linear = self.param("linear", init, (cfg.mlp_dim, cfg.width)).astype(dtype)
-    gate_BTF, up_BTF = jnp.einsum("BTD,CDF->CBTF", x_BTD, w_gating)
-    return jnp.einsum("BTF,FD->BTD", nn.gelu(gate_BTF, approximate=True) * up_BTF, w_linear)
+    # One [B*T, D] x [D, 2F] GEMM. (An einsum over the stacked (2, D, F) weight puts C outermost in its output and
+    # costs XLA CPU a transpose of the [B, T, 2F] activations and of their gradient.)
+    gate_BTF, up_BTF = jnp.split(dense(x_BTD, fused_matrix(w_gating[0], w_gating[1])), 2, axis=-1)
+    return dense(nn.gelu(gate_BTF, approximate=True) * up_BTF, w_linear)
 
 
 class Block(nn.Module):
@@ -166,9 +156,7 @@ class Gemma(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embedder = Embedder(cfg, name="embedder")
-    block = nn.scan(remat_block(Block, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth)
-    self.layers = block(cfg, name="layers")
+    self.layers = layer_stack(Block, cfg, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
     self.final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
 
   def embed(self, tokens_BT):
@@ -194,8 +182,8 @@ class Gemma(nn.Module):
       if same_block_BTS is not None:
         in_window_BTS |= same_block_BTS
       local_mask_BTS = mask_BTS & in_window_BTS
-    x_BTD, new_cache = self.layers(x_BTD, (jnp.arange(cfg.depth), cache), positions_BT, mask_BTS,
-                                   local_mask_BTS, cache_index)
+    x_BTD, new_cache = run_layers(self.layers, x_BTD, (jnp.arange(cfg.depth), cache), positions_BT, mask_BTS,
+                                  local_mask_BTS, cache_index)
     return self.final_norm(x_BTD), new_cache
 
 

@@ -33,8 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.gemma import NEG_INF
-from vlm_jax.models.vit import remat_block
+from vlm_jax.models.layers import attend, dense, fused_matrix, heads_matrix, layer_stack, run_layers, update_cache
 
 # Keys each rope scaling type needs (besides "rope_type"); all values are numbers.
 ROPE_SCALING_KEYS = {
@@ -78,6 +77,8 @@ class LlamaConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"
   remat: str = "none"
+  scan_unroll: int | bool = 1  # nn.scan's `unroll` over the layers (see GemmaConfig)
+  stacked_layers: bool = True  # see GemmaConfig
 
   def __post_init__(self):
     object.__setattr__(self, "rope_scaling", _rope_scaling_tuple(self.rope_scaling))
@@ -150,33 +151,22 @@ class Attention(nn.Module):
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
     init = nn.initializers.normal(stddev=d ** -0.5)
 
-    def project(name, m):
-      p = _proj(self, name, (m, d, h), (m, h) if cfg.qkv_bias else None, init)
-      y_BTMH = jnp.einsum("BTD,MDH->BTMH", x_BTD, p["w"].astype(dtype))
-      return y_BTMH + p["b"].astype(dtype) if cfg.qkv_bias else y_BTMH
-
-    inv_freq = cfg.rope_inv_freq()
-    q_BTNH = apply_rope(project("q_proj", n), positions_BT, inv_freq) * jnp.asarray(cfg.query_scale, dtype)
-    k_BTKH = apply_rope(project("k_proj", k), positions_BT, inv_freq)
-    v_BTKH = project("v_proj", k)
-
-    if cache is not None:
-      new_cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTKH.astype(cache["k"].dtype),
-                                                            cache_index, axis=1),
-                   "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTKH.astype(cache["v"].dtype),
-                                                            cache_index, axis=1)}
-      k_BSKH, v_BSKH = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
-    else:
-      new_cache, k_BSKH, v_BSKH = None, k_BTKH, v_BTKH
-
+    proj = {name: _proj(self, name, (m, d, h), (m, h) if cfg.qkv_bias else None, init)
+            for name, m in (("q_proj", n), ("k_proj", k), ("v_proj", k))}
+    # q, k and v from one [B*T, D] x [D, (N + 2K) H] GEMM (as gemma.py).
+    w_DX = fused_matrix(*(heads_matrix(p["w"].astype(dtype)) for p in proj.values()))
+    qkv_BTX = dense(x_BTD, w_DX)
+    if cfg.qkv_bias:
+      qkv_BTX = qkv_BTX + jnp.concatenate([p["b"].reshape(-1) for p in proj.values()]).astype(dtype)
     b, t = x_BTD.shape[:2]
-    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, NEG_INF)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dtype)
-    out_BTNH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH).reshape(b, t, n, h)
+    q_BTX, k_BTX, v_BTX = jnp.split(qkv_BTX, [n * h, (n + k) * h], axis=-1)
+    inv_freq = cfg.rope_inv_freq()
+    q_BTNH = apply_rope(q_BTX.reshape(b, t, n, h), positions_BT, inv_freq) * jnp.asarray(cfg.query_scale, dtype)
+    k_BTKH = apply_rope(k_BTX.reshape(b, t, k, h), positions_BT, inv_freq)
+    new_cache, k_BSKH, v_BSKH = update_cache(cache, k_BTKH, v_BTX.reshape(b, t, k, h), cache_index, dtype)
+    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, dtype)
     w_out = _proj(self, "o_proj", (n, h, d), None, init)["w"].astype(dtype)
-    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_out), new_cache
+    return dense(out_BTNH, w_out, 2), new_cache
 
 
 class FeedForward(nn.Module):
@@ -190,9 +180,8 @@ class FeedForward(nn.Module):
     w_gate = _proj(self, "gate", (d, f), None, nn.initializers.normal(stddev=d ** -0.5))["w"].astype(dtype)
     w_up = _proj(self, "up", (d, f), None, nn.initializers.normal(stddev=d ** -0.5))["w"].astype(dtype)
     w_down = _proj(self, "down", (f, d), None, nn.initializers.normal(stddev=f ** -0.5))["w"].astype(dtype)
-    gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_gate)
-    up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_up)
-    return jnp.einsum("BTF,FD->BTD", nn.silu(gate_BTF) * up_BTF, w_down)
+    gate_BTF, up_BTF = jnp.split(dense(x_BTD, fused_matrix(w_gate, w_up)), 2, axis=-1)
+    return dense(nn.silu(gate_BTF) * up_BTF, w_down)
 
 
 class Block(nn.Module):
@@ -218,9 +207,7 @@ class Llama(nn.Module):
     # gets the head's D**-0.5 scale instead (the first RMSNorm makes the input scale irrelevant).
     emb_std = cfg.width ** -0.5 if cfg.tie_embeddings else 1.0
     self.embedder = Embedder(cfg.vocab_size, cfg.width, cfg.dtype, emb_std, name="embedder")
-    block = nn.scan(remat_block(Block, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth)
-    self.layers = block(cfg, name="layers")
+    self.layers = layer_stack(Block, cfg, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast))
     self.final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
     if not cfg.tie_embeddings:
       self.lm_head = self.param("lm_head", lambda rng: {"w": nn.initializers.normal(stddev=cfg.width ** -0.5)(
@@ -246,7 +233,7 @@ class Llama(nn.Module):
     """
     del key_positions_BS, same_block_BTS
     x_BTD = x_BTD.astype(jnp.dtype(self.cfg.dtype))
-    x_BTD, new_cache = self.layers(x_BTD, cache, positions_BT, mask_BTS, cache_index)
+    x_BTD, new_cache = run_layers(self.layers, x_BTD, cache, positions_BT, mask_BTS, cache_index)
     return self.final_norm(x_BTD), new_cache
 
 

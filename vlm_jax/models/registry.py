@@ -62,15 +62,16 @@ def get_model_config(name: str, **overrides) -> VLMConfig:
 
 
 def with_overrides(cfg: VLMConfig, **overrides) -> VLMConfig:
-  """Applies dtype / remat (and any field every sub-config shares) to the image, adapter and language configs."""
-  shared = {f.name for f in dataclasses.fields(ViTConfig)} & {f.name for f in dataclasses.fields(type(cfg.llm))}
+  """Applies model-wide options (dtype, remat, scan_unroll) to every sub-config that has the field: image
+  tower, adapter and language model. A key no sub-config has is rejected."""
+  subs = {"img": cfg.img, "llm": cfg.llm, "adapter": cfg.adapter}
+  fields = {name: {f.name for f in dataclasses.fields(sub)} for name, sub in subs.items()}
   for key in overrides:
-    if key not in shared:
-      raise ValueError(f"Unknown model override {key!r}; allowed: dtype, remat.")
-  adapter_kw = {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(AdapterConfig)}}
-  return dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, **overrides),
-                             llm=dataclasses.replace(cfg.llm, **overrides),
-                             adapter=dataclasses.replace(cfg.adapter, **adapter_kw))
+    if not any(key in f for f in fields.values()) or key in ("name", "variant", "kind"):
+      raise ValueError(f"Unknown model override {key!r}; allowed: dtype, remat, scan_unroll.")
+  return dataclasses.replace(cfg, **{name: dataclasses.replace(sub, **{k: v for k, v in overrides.items()
+                                                                      if k in fields[name]})
+                                     for name, sub in subs.items()})
 
 
 def config_to_dict(cfg: VLMConfig) -> dict:

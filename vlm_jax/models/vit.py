@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.models.layers import dense_dot_general, remat_block
+
 # width, depth, mlp_dim, num_heads (big_vision's decode_variant table).
 VARIANTS = {
     "mu": (32, 1, 128, 2),
@@ -45,6 +47,7 @@ class ViTConfig:
   layernorm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype
   remat: str = "none"  # none | full | dots
+  scan_unroll: int | bool = 1  # nn.scan's `unroll` over the blocks (True: fully unrolled; see GemmaConfig)
 
   @property
   def grid(self) -> int:
@@ -103,9 +106,9 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, dot_general=dense_dot_general, name="Dense_0")(x)
     x = nn.gelu(x, approximate=True)
-    return nn.Dense(d, dtype=self.dtype, name="Dense_1")(x)
+    return nn.Dense(d, dtype=self.dtype, dot_general=dense_dot_general, name="Dense_1")(x)
 
 
 class MultiHeadAttention(nn.Module):
@@ -117,14 +120,16 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, q_in_BTD, kv_in_BSD):
     d = q_in_BTD.shape[-1]
     h = d // self.num_heads
-    proj = lambda name: nn.DenseGeneral((self.num_heads, h), dtype=self.dtype, name=name)
+    proj = lambda name: nn.DenseGeneral((self.num_heads, h), dtype=self.dtype, dot_general=dense_dot_general,
+                                        name=name)
     q_BTNH = proj("query")(q_in_BTD)
     k_BSNH = proj("key")(kv_in_BSD)
     v_BSNH = proj("value")(kv_in_BSD)
     logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
     probs_BNTS = jax.nn.softmax(logits_BNTS * h ** -0.5, axis=-1).astype(self.dtype)
     out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
-    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out_BTNH)
+    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, dot_general=dense_dot_general,
+                           name="out")(out_BTNH)
 
 
 class EncoderBlock(nn.Module):
@@ -141,22 +146,13 @@ class EncoderBlock(nn.Module):
     return x, None
 
 
-def remat_block(block_cls, remat: str):
-  if remat == "none":
-    return block_cls
-  policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
-  if remat not in policies:
-    raise ValueError(f"Unknown remat policy {remat!r}; use none | full | dots.")
-  return nn.remat(block_cls, prevent_cse=False, policy=policies[remat])
-
-
 class Encoder(nn.Module):
   cfg: ViTConfig
 
   @nn.compact
   def __call__(self, x_BPD):
     block = nn.scan(remat_block(EncoderBlock, self.cfg.remat), variable_axes={"params": 0},
-                    split_rngs={"params": True}, length=self.cfg.depth)
+                    split_rngs={"params": True}, length=self.cfg.depth, unroll=self.cfg.scan_unroll)
     x_BPD, _ = block(self.cfg, name="encoderblock")(x_BPD, None)
     normed_BPD = nn.LayerNorm(epsilon=self.cfg.layernorm_eps, dtype=jnp.dtype(self.cfg.dtype),
                               name="encoder_norm")(x_BPD)
@@ -205,5 +201,5 @@ class ViT(nn.Module):
     elif cfg.pool != "none":
       raise ValueError(f"Unknown pool {cfg.pool!r}; use none | map | gap.")
     if cfg.head_dim_out:
-      x_BPD = nn.Dense(cfg.head_dim_out, dtype=dtype, name="head")(x_BPD)
+      x_BPD = nn.Dense(cfg.head_dim_out, dtype=dtype, dot_general=dense_dot_general, name="head")(x_BPD)
     return x_BPD

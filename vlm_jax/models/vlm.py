@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from vlm_jax.models.adapters import AdapterConfig, make_adapter
 from vlm_jax.models.gemma import Gemma, GemmaConfig
+from vlm_jax.models.layers import unstack_layers
 from vlm_jax.models.llama import Llama, LlamaConfig
 from vlm_jax.models.t5 import T5, T5Config
 from vlm_jax.models.vit import ViT, ViTConfig
@@ -211,6 +212,16 @@ class EncoderDecoderVLM(nn.Module):
 
 def model_for(cfg: VLMConfig) -> nn.Module:
   return (EncoderDecoderVLM if isinstance(cfg.llm, T5Config) else DecoderVLM)(cfg)
+
+
+def per_layer(cfg: VLMConfig, params):
+  """(cfg, params) with the language model's layers as separate arrays (`layers.layer_stack`), for the decode
+  loop's `extend`; unchanged for backbones without the option. Same function, same results."""
+  if not getattr(cfg.llm, "stacked_layers", False):
+    return cfg, params
+  llm = unstack_layers(params["params"]["llm"], cfg.llm.depth)
+  return (dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, stacked_layers=False)),
+          {**params, "params": {**params["params"], "llm": llm}})
 
 
 
