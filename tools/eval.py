@@ -32,13 +32,8 @@ def parse_args(argv):
   parser.add_argument("--evals", help="comma-separated evaluator names (default: all of the config's)")
   parser.add_argument("--out", help="results JSON (default: eval_results.json beside the checkpoint)")
   args, rest = parser.parse_known_args(argv)
-  overrides = []
-  for item in rest:
-    if not item.startswith("--config.") or "=" not in item:
-      parser.error(f"unrecognised argument {item!r} (overrides look like --config.KEY=VALUE)")
-    key, _, value = item[len("--config."):].partition("=")
-    overrides.append((key, value))
-  return args, overrides
+  from vlm_jax.config_util import override_pairs
+  return args, override_pairs(parser, rest)
 
 
 def select_evals(config, names: str | None):
@@ -65,9 +60,7 @@ def main(argv=None) -> int:
   from vlm_jax import config_util
   from vlm_jax.train_setup import ALLOWED_KEYS, check_config, make_tokenizer, normalize
   try:
-    config = config_util.load_config(args.config)
-    for key, value in overrides:
-      config_util.apply_override(config, key, value, ALLOWED_KEYS)
+    config = config_util.load_with_overrides(args.config, overrides, ALLOWED_KEYS)
     check_config(config)
     evals = select_evals(normalize(config), args.evals)
     model = load_model(args, default_tokenizer=lambda: make_tokenizer(config))

@@ -33,13 +33,8 @@ def parse_args(argv):
   parser.add_argument("--device_memory", metavar="SIZE", help="memory of one device (16G, 95G, 80G): adds a "
                       "column saying whether each stage fits")
   args, rest = parser.parse_known_args(argv)
-  overrides = []
-  for item in rest:
-    if not item.startswith("--config.") or "=" not in item:
-      parser.error(f"unrecognised argument {item!r} (overrides look like --config.KEY=VALUE)")
-    key, _, value = item[len("--config."):].partition("=")
-    overrides.append((key, value))
-  return args, overrides
+  from vlm_jax.config_util import override_pairs
+  return args, override_pairs(parser, rest)
 
 
 def main(argv=None) -> int:
@@ -53,9 +48,7 @@ def main(argv=None) -> int:
     num_devices = args.num_devices or math.prod(sizes.values())
     mesh_shape = sharding.resolve_axes(sizes, num_devices)
     device_memory = memory_plan.parse_bytes(args.device_memory) if args.device_memory else None
-    config = config_util.load_config(args.config)
-    for key, value in overrides:
-      config_util.apply_override(config, key, value)
+    config = config_util.load_with_overrides(args.config, overrides)
     result = memory_plan.plan(config, mesh_shape)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -38,13 +38,8 @@ def parse_args(argv):
                     help="number of processes in the run (1 alone: a single-process run, no detection)")
   dist.add_argument("--process_id", type=int, metavar="I", help="this process's index, 0..N-1")
   args, rest = parser.parse_known_args(argv)
-  overrides = []
-  for item in rest:
-    if not item.startswith("--config.") or "=" not in item:
-      parser.error(f"unrecognised argument {item!r} (overrides look like --config.KEY=VALUE)")
-    key, _, value = item[len("--config."):].partition("=")
-    overrides.append((key, value))
-  return args, overrides
+  from vlm_jax.config_util import override_pairs
+  return args, override_pairs(parser, rest)
 
 
 def main(argv=None) -> int:
@@ -53,9 +48,7 @@ def main(argv=None) -> int:
   from vlm_jax.train import Preempted, TrainingError, train
   from vlm_jax.train_setup import ALLOWED_KEYS, check_config
   try:
-    config = config_util.load_config(args.config)
-    for key, value in overrides:
-      config_util.apply_override(config, key, value, ALLOWED_KEYS)
+    config = config_util.load_with_overrides(args.config, overrides, ALLOWED_KEYS)
     check_config(config)
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   except (ValueError, FileNotFoundError) as e:

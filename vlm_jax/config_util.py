@@ -55,6 +55,26 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
+def override_pairs(parser, rest: list[str]) -> list[tuple[str, str]]:
+  """The `--config.KEY=VALUE` arguments argparse's parse_known_args left over, as (KEY, VALUE) pairs; any other
+  leftover is a usage error (argparse's: message and exit status 2)."""
+  pairs = []
+  for item in rest:
+    if not item.startswith("--config.") or "=" not in item:
+      parser.error(f"unrecognised argument {item!r} (overrides look like --config.KEY=VALUE)")
+    key, _, value = item[len("--config."):].partition("=")
+    pairs.append((key, value))
+  return pairs
+
+
+def load_with_overrides(spec: str, overrides, allowed: dict | None = None) -> ml_collections.ConfigDict:
+  """`load_config(spec)`, then each (KEY, VALUE) of `overrides` applied in order (see `apply_override`)."""
+  config = load_config(spec)
+  for key, value in overrides:
+    apply_override(config, key, value, allowed)
+  return config
+
+
 def apply_override(config, dotted: str, text: str, allowed: dict | None = None):
   """`config.a.b[0].c = value`, value parsed like the current one. A key the config does not have yet is added
   only if the schema `allowed` (see check_keys) knows it; any other unknown key is a clear error."""
