@@ -39,7 +39,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import train_step  # noqa: E402  (the same model config and matmul peak as the training benchmark)
+import train_step  # noqa: E402  (the same model as the training benchmark)
+from machine import best_of, l3_cache_bytes, matmul_peak, memory_bandwidth  # noqa: E402
 
 TARGET_RATIO, TARGET_UTIL, TARGET_LATENCY = 1.5, 0.60, 1.3
 PREFIX_LEN = 16
@@ -88,55 +89,6 @@ def make_inputs(cfg, batch: int, seed: int = 0):
   prefix[:, 0], prefix[:, -1] = BOS, NEWLINE % cfg.llm.vocab_size
   return {"images": rs.uniform(-1, 1, (batch, s, s, 3)).astype(np.float32), "prefix": prefix,
           "mask": np.ones_like(prefix)}
-
-
-def best_of(fn, reps: int):
-  """(best seconds, median seconds) of `reps` calls of fn (which must block until its result is ready)."""
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times), float(np.median(times))
-
-
-def l3_cache_bytes() -> int | None:
-  try:
-    with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-      text = f.read().strip()
-    return int(text[:-1]) * {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}[text[-1]] if text[-1] in "KMG" else int(text)
-  except (OSError, ValueError, KeyError):
-    return None
-
-
-def memory_bandwidth(mbytes: int, reps: int = 5):
-  """Best bytes/s over one float32 array of `mbytes` MiB (bigger than the caches), three ways: a jitted in-place
-  `x + 1` (reads and writes every byte; the input is donated, so no fresh pages), a jitted sum (reads every
-  byte) and a matrix-vector product over the array (reads every byte, as a decode step reads its weights).
-  Returns (the better of the two read-only probes, {probe: bytes/s}): a decode step only reads its weights,
-  and the copy's read+write rate can overstate what reads alone reach (by ~1.5x on this project's machine)."""
-  n = mbytes * 2 ** 20 // 4 // 1024 * 1024
-  nbytes = 4 * n
-  x = jnp.zeros((n,), jnp.float32).block_until_ready()
-  v = jnp.ones((1, 1024), jnp.float32)
-  add = jax.jit(lambda x: x + 1.0, donate_argnums=0)
-  total = jax.jit(jnp.sum)
-  gemv = jax.jit(lambda v, x: v @ x.reshape(1024, -1))
-  x = add(x).block_until_ready()
-  total(x).block_until_ready()
-  gemv(v, x).block_until_ready()
-  best = {"copy_rw": float("inf"), "sum_read": float("inf"), "gemv_read": float("inf")}
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    x = add(x).block_until_ready()
-    best["copy_rw"] = min(best["copy_rw"], time.perf_counter() - t0)
-    for name, fn in (("sum_read", total), ("gemv_read", lambda x: gemv(v, x))):
-      t0 = time.perf_counter()
-      fn(x).block_until_ready()
-      best[name] = min(best[name], time.perf_counter() - t0)
-  rates = {name: (2 if name == "copy_rw" else 1) * nbytes / t for name, t in best.items()}
-  del x
-  return max(rates["sum_read"], rates["gemv_read"]), rates
 
 
 # ---------------------------------------------------------------------------------------------- ours
@@ -365,7 +317,7 @@ def main(argv=None):
         + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw_rates.items()) + f" -> {bandwidth / 1e9:.1f} GB/s",
         flush=True)
   peak_n = 1024 if args.quick else 2048
-  peaks = {d: train_step.matmul_peak(d, n=peak_n) for d in sorted(set(dtypes) | {"float32"})}
+  peaks = {d: matmul_peak(d, n=peak_n) for d in sorted(set(dtypes) | {"float32"})}
   print(f"matmul peak ({peak_n}^3): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
   inputs = {name: make_inputs(cfg, b, seed=i) for i, (name, (b, _)) in enumerate(shapes.items())}
   fig = {"model": cfg.name, "params": int(n_params), "llm_params": int(n_llm), "vit_depth": cfg.img.depth,

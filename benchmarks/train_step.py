@@ -20,12 +20,15 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
+for _p in (REPO_ROOT, os.path.join(REPO_ROOT, "benchmarks")):
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from machine import matmul_peak, timed  # noqa: E402
 
 TARGET_RATIO, TARGET_UTIL = 1.5, 0.40
 
@@ -72,40 +75,6 @@ def analytic_flops(cfg, flat, batch: int, text_len: int) -> float:
   total += 12 * cfg.img.depth * p * p * cfg.img.width
   total += 12 * cfg.llm.depth * s * s * cfg.llm.num_heads * cfg.llm.head_dim
   return total * batch
-
-
-def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
-  """Best FLOP/s of a jitted n x n @ n x n matmul."""
-  a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.dtype(dtype)) for i in (1, 2))
-  f = jax.jit(jnp.dot)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
-
-
-def _cpu_seconds():
-  """(CPU seconds the whole machine was busy, CPU seconds of this process) so far (Linux; zeros elsewhere)."""
-  try:
-    with open("/proc/stat") as f:
-      v = [int(x) for x in f.readline().split()[1:9]]
-  except OSError:
-    return 0.0, 0.0
-  t = os.times()
-  return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system
-
-
-def timed(fn):
-  """(seconds fn() took, share of the machine's cores other processes kept busy meanwhile)."""
-  busy0, own0 = _cpu_seconds()
-  t0 = time.perf_counter()
-  fn()
-  dt = time.perf_counter() - t0
-  busy1, own1 = _cpu_seconds()
-  return dt, max(0.0, (busy1 - busy0) - (own1 - own0)) / (dt * (os.cpu_count() or 1))
 
 
 def xla_step_flops(cfg, optimizer, schedule, *args):
