@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import (attend, dense, fused_matrix, heads_matrix, layer_stack, run_layers, softcap,
+from vlm_jax.models.layers import (attend, dense, heads_matrix, layer_stack, project, run_layers, softcap,
                                    update_cache)
 
 
@@ -42,6 +42,7 @@ class GemmaConfig:
   scan_unroll: int | bool = 1
   # False: one param subtree per layer (`layers.layer_stack`); the decode loop's layout, never a checkpoint's.
   stacked_layers: bool = True
+  fuse_projections: bool | None = None  # q/k/v and gate/up as one GEMM each (None: on CPU only; `layers.project`)
 
   @property
   def query_scale(self) -> float:
@@ -95,16 +96,16 @@ class Attention(nn.Module):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
     init = nn.initializers.normal(stddev=d ** -0.5)
-    # q, k and v from one [B*T, D] x [D, (N + 2K) H] GEMM.
+    # q, k and v: [D, heads * H] matrices, on CPU one GEMM over their concatenation (`layers.project`).
     if n == k:  # big_vision stores one fused projection when heads are not grouped.
       w = self.param("qkv_einsum", lambda *a: {"w": init(*a)}, (3, n, d, h))["w"].astype(dtype)
-      w_DX = fused_matrix(*(heads_matrix(w[i]) for i in range(3)))
+      w_DXs = [heads_matrix(w[i]) for i in range(3)]
     else:
       wq = self.param("q_einsum", lambda *a: {"w": init(*a)}, (n, d, h))["w"].astype(dtype)
       wkv = self.param("kv_einsum", lambda *a: {"w": init(*a)}, (2, k, d, h))["w"].astype(dtype)
-      w_DX = fused_matrix(heads_matrix(wq), heads_matrix(wkv[0]), heads_matrix(wkv[1]))
+      w_DXs = [heads_matrix(wq), heads_matrix(wkv[0]), heads_matrix(wkv[1])]
     b, t = x_BTD.shape[:2]
-    q_BTNH, k_BTKH, v_BTKH = jnp.split(dense(x_BTD, w_DX), [n * h, (n + k) * h], axis=-1)
+    q_BTNH, k_BTKH, v_BTKH = project(x_BTD, w_DXs, cfg.fuse_projections)
     q_BTNH = apply_rope(q_BTNH.reshape(b, t, n, h), positions_BT, cfg.rope_base) * jnp.asarray(cfg.query_scale, dtype)
     k_BTKH = apply_rope(k_BTKH.reshape(b, t, k, h), positions_BT, cfg.rope_base)
     new_cache, k_BSKH, v_BSKH = update_cache(cache, k_BTKH, v_BTKH.reshape(b, t, k, h), cache_index, dtype)
@@ -122,9 +123,9 @@ class FeedForward(nn.Module):
     init = nn.initializers.normal(stddev=cfg.width ** -0.5)
     w_gating = self.param("gating_einsum", init, (2, cfg.width, cfg.mlp_dim)).astype(dtype)
     w_linear = self.param("linear", init, (cfg.mlp_dim, cfg.width)).astype(dtype)
-    # One [B*T, D] x [D, 2F] GEMM. (An einsum over the stacked (2, D, F) weight puts C outermost in its output and
-    # costs XLA CPU a transpose of the [B, T, 2F] activations and of their gradient.)
-    gate_BTF, up_BTF = jnp.split(dense(x_BTD, fused_matrix(w_gating[0], w_gating[1])), 2, axis=-1)
+    # [B*T, D] x [D, F] GEMMs (on CPU one over [D, 2F]). An einsum over the stacked (2, D, F) weight puts C outermost
+    # in its output and costs XLA CPU a transpose of the [B, T, 2F] activations and of their gradient.
+    gate_BTF, up_BTF = project(x_BTD, [w_gating[0], w_gating[1]], cfg.fuse_projections)
     return dense(nn.gelu(gate_BTF, approximate=True) * up_BTF, w_linear)
 
 

@@ -108,11 +108,19 @@ def heads_matrix(w_MDH):
   return jnp.moveaxis(w_MDH, 1, 0).reshape(d, m * h)
 
 
-def fused_matrix(*w_DX):
-  """Several projections of one input as a single [D, sum X] matrix: one GEMM instead of several. Built with a
-  concatenate on purpose: XLA hoists that out of the decode loop (the weights are loop-invariant), whereas a bare
-  slice or transpose of a weight counts as too cheap to hoist and is recomputed, i.e. copied, at every step."""
-  return jnp.concatenate(w_DX, axis=1)
+def project(x_BTD, w_DXs, fuse: bool | None = None):
+  """x times each [D, X_i] matrix of `w_DXs`: a list of [..., X_i].
+
+  fuse: one GEMM over the matrices' concatenation (None: on CPU only). On CPU one large GEMM beats several, and
+  the concatenation is hoisted out of the decode loop by XLA (the weights are loop-invariant), whereas a bare
+  slice or transpose of a weight counts as too cheap to hoist and is copied again at every step. On
+  accelerators separate GEMMs are as fast, and each keeps its weight's tensor-parallel sharding, which a
+  concatenation of head- or mlp-sharded weights would reshuffle at every step.
+  """
+  if not (jax.default_backend() == "cpu" if fuse is None else fuse):
+    return [dense(x_BTD, w) for w in w_DXs]
+  splits = np.cumsum([w.shape[1] for w in w_DXs])[:-1].tolist()
+  return jnp.split(dense(x_BTD, jnp.concatenate(w_DXs, axis=1)), splits, axis=-1)
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, dtype, logits_softcap=None):

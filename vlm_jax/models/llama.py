@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.layers import attend, dense, fused_matrix, heads_matrix, layer_stack, run_layers, update_cache
+from vlm_jax.models.layers import attend, dense, heads_matrix, layer_stack, project, run_layers, update_cache
 
 # Keys each rope scaling type needs (besides "rope_type"); all values are numbers.
 ROPE_SCALING_KEYS = {
@@ -79,6 +79,7 @@ class LlamaConfig:
   remat: str = "none"
   scan_unroll: int | bool = 1  # nn.scan's `unroll` over the layers (see GemmaConfig)
   stacked_layers: bool = True  # see GemmaConfig
+  fuse_projections: bool | None = None  # see GemmaConfig
 
   def __post_init__(self):
     object.__setattr__(self, "rope_scaling", _rope_scaling_tuple(self.rope_scaling))
@@ -153,13 +154,13 @@ class Attention(nn.Module):
 
     proj = {name: _proj(self, name, (m, d, h), (m, h) if cfg.qkv_bias else None, init)
             for name, m in (("q_proj", n), ("k_proj", k), ("v_proj", k))}
-    # q, k and v from one [B*T, D] x [D, (N + 2K) H] GEMM (as gemma.py).
-    w_DX = fused_matrix(*(heads_matrix(p["w"].astype(dtype)) for p in proj.values()))
-    qkv_BTX = dense(x_BTD, w_DX)
+    # q, k and v: [D, heads * H] matrices, on CPU one GEMM over their concatenation (`layers.project`).
+    q_BTX, k_BTX, v_BTX = project(x_BTD, [heads_matrix(p["w"].astype(dtype)) for p in proj.values()],
+                                  cfg.fuse_projections)
     if cfg.qkv_bias:
-      qkv_BTX = qkv_BTX + jnp.concatenate([p["b"].reshape(-1) for p in proj.values()]).astype(dtype)
+      q_BTX, k_BTX, v_BTX = (y + p["b"].reshape(-1).astype(dtype) for y, p in zip((q_BTX, k_BTX, v_BTX),
+                                                                                 proj.values()))
     b, t = x_BTD.shape[:2]
-    q_BTX, k_BTX, v_BTX = jnp.split(qkv_BTX, [n * h, (n + k) * h], axis=-1)
     inv_freq = cfg.rope_inv_freq()
     q_BTNH = apply_rope(q_BTX.reshape(b, t, n, h), positions_BT, inv_freq) * jnp.asarray(cfg.query_scale, dtype)
     k_BTKH = apply_rope(k_BTX.reshape(b, t, k, h), positions_BT, inv_freq)
@@ -180,7 +181,7 @@ class FeedForward(nn.Module):
     w_gate = _proj(self, "gate", (d, f), None, nn.initializers.normal(stddev=d ** -0.5))["w"].astype(dtype)
     w_up = _proj(self, "up", (d, f), None, nn.initializers.normal(stddev=d ** -0.5))["w"].astype(dtype)
     w_down = _proj(self, "down", (f, d), None, nn.initializers.normal(stddev=f ** -0.5))["w"].astype(dtype)
-    gate_BTF, up_BTF = jnp.split(dense(x_BTD, fused_matrix(w_gate, w_up)), 2, axis=-1)
+    gate_BTF, up_BTF = project(x_BTD, [w_gate, w_up], cfg.fuse_projections)
     return dense(nn.silu(gate_BTF) * up_BTF, w_down)
 
 
