@@ -47,10 +47,14 @@ def main(argv=None) -> int:
         print(f"{name}: training failed\n{proc.stderr[-2000:]}", file=sys.stderr)
         return 1
       with open(os.path.join(workdir, "eval.json")) as f:
-        acc = json.load(f)["val"]["exact_match"]
-      results.append({"family": name, "config": config, "exact_match": acc, "minutes": round(minutes, 1)})
+        val = json.load(f)["val"]
+      acc = val["exact_match"]
+      per_task = {k.split("/", 1)[1]: round(v, 3) for k, v in sorted(val.items()) if k.startswith("exact_match/")}
+      results.append({"family": name, "config": config, "exact_match": acc, "per_task": per_task,
+                      "minutes": round(minutes, 1)})
       print(f"{name:40s} {config:45s} exact match {acc:.3f} ({'MET' if acc >= BAR else 'NOT MET'}) "
-            f"in {minutes:.1f} min", flush=True)
+            f"in {minutes:.1f} min; per task: {', '.join(f'{k} {v:.2f}' for k, v in per_task.items())}",
+            flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)

@@ -19,13 +19,24 @@ from vlm_jax import config_util
 
 def get_config(arg=None):
   arg = config_util.parse_arg(arg, tiny=True, steps1=1300, steps2=250, llm="", img="", tokenizer="", data="",
-                              images="", batch=128)
+                              images="", batch=128, posemb="sincos2d", q_lr=32 ** -0.5)
   if arg.tiny:
     c = config_util.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py") +
                                 f":steps1={arg.steps1},steps2={arg.steps2}")
+    # The ViT head's image tokens get a fixed 2D sin-cos position embedding (adapters.py, posemb): T5's only
+    # positions are 1D bucketed relative biases, and a from-scratch tiny ViT's learned position embedding does
+    # not carry usable position (the decoder-only families localise through RoPE over the image tokens instead).
     c.model = dict(img=dict(variant="Ti/8", depth=3, num_heads=4, width=128, mlp_dim=512),
                    llm=dict(type="t5", width=128, num_heads=4, head_dim=32, mlp_dim=512, encoder_depth=3,
-                            decoder_depth=3))
+                            decoder_depth=3),
+                   adapter=dict(kind="linear", posemb=arg.posemb))
+    # T5 folds attention's 1 / sqrt(head_dim) into the query weights (init std (width * head_dim) ** -0.5). Adam
+    # steps every weight by ~lr whatever its scale, so unscaled the queries learn sqrt(head_dim) times faster
+    # than in scaled attention (Gemma, Llama) and the attention logits blow up and saturate; their lr multiplier
+    # head_dim ** -0.5 gives Adam the same dynamics as scaled attention (T5 itself trains with Adafactor, whose
+    # steps are relative to each weight's scale).
+    for stage in c.stages:
+      stage["lr_mults"] = [("llm/.*q_einsum", arg.q_lr)]
     return c
   c = ConfigDict()
   c.seed = 0

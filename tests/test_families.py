@@ -95,3 +95,46 @@ def test_img_init_takes_the_vision_tower_of_another_checkpoint(tmp_path):
   assert img_keys and "img/head/kernel" not in params
   for k in img_keys:
     np.testing.assert_array_equal(params[k], src[k], err_msg=k)
+
+
+def test_sincos_2d_is_the_mae_embedding_in_image_coordinates():
+  from vlm_jax.models.adapters import sincos_2d
+  grid, d = 3, 16
+  emb = sincos_2d(grid, d)
+  omega = [1.0 / 10000 ** (i / (d / 4)) for i in range(d // 4)]
+  for r in range(grid):
+    for c in range(grid):
+      want = ([np.sin(r * w) for w in omega] + [np.cos(r * w) for w in omega]
+              + [np.sin(c * w) for w in omega] + [np.cos(c * w) for w in omega])
+      np.testing.assert_allclose(emb[r * grid + c], want, rtol=1e-6, atol=1e-6)
+  # With a fixed extent a place keeps its embedding at any resolution: the centre cell of a 3x3 grid is the
+  # one cell of a 1x1 grid.
+  np.testing.assert_allclose(sincos_2d(3, d, extent=16.0)[4], sincos_2d(1, d, extent=16.0)[0], atol=1e-6)
+
+
+def test_adapter_posemb_adds_the_fixed_embedding_and_blocks_hf_export(tmp_path):
+  import dataclasses
+  from vlm_jax.api import Model
+  from vlm_jax.models.adapters import POSEMB_EXTENT, sincos_2d
+  from vlm_jax.models.vlm import _image_tokens
+  cfg = get_model_config("tiny")
+  with_pe = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, posemb="sincos2d"))
+  params = randomize(init_params(cfg), seed=1)
+  images = np.random.RandomState(0).uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+  plain, pe = (model_for(c).apply(params, jnp.asarray(images), method=_image_tokens) for c in (cfg, with_pe))
+  grid = cfg.img.grid
+  np.testing.assert_allclose(pe - plain, np.broadcast_to(sincos_2d(grid, cfg.llm.width, POSEMB_EXTENT), pe.shape),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="position embedding"):
+    Model(with_pe, params).save_hf(str(tmp_path / "hf"))
+
+
+def test_resampler_queries_see_where_image_tokens_are():
+  """Without position on its keys a cross-attention resampler is blind to the order of the image tokens (any
+  permutation gives the same output); with the 2D embeddings on queries and keys it is not."""
+  from vlm_jax.models.adapters import Resampler
+  x = jnp.asarray(np.random.RandomState(0).randn(1, 16, 32).astype(np.float32))
+  module = Resampler(width=32, num_queries=4, num_heads=4)
+  params = randomize(module.init(jax.random.key(0), x), seed=2)
+  perm = np.random.RandomState(1).permutation(16)
+  assert not np.allclose(module.apply(params, x), module.apply(params, x[:, perm]), atol=1e-4)

@@ -170,6 +170,9 @@ class Model:
     """A HuggingFace directory with the same logits: PaliGemmaForConditionalGeneration (Gemma + linear
     projector) or LlavaForConditionalGeneration (Llama-family + mlp adapter)."""
     from vlm_jax.convert import hf, hf_llava
+    if self.config.adapter.posemb != "none":
+      raise ValueError(f"no transformers model adds the adapter's {self.config.adapter.posemb} position embedding; "
+                       "save a vlm_jax checkpoint with Model.save instead.")
     if hf_llava.is_llava(self.config):
       return hf_llava.save(out_dir, self.config, self.params, self.tokenizer, dtype=dtype)
     if self.config.llm_type != "gemma" or self.config.adapter.kind != "linear":

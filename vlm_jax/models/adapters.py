@@ -4,14 +4,26 @@
   the ViT is built with `head_dim_out` and no adapter module exists (checkpoints load by name).
 - `mlp`: LLaVA-1.5's projector, Dense -> GELU (exact) -> Dense, names as HF's `linear_1` / `linear_2`.
 - `resampler`: a fixed number of learned queries cross-attending to the image tokens (Qwen-VL, CodeFuse-VLM's
-  cross-attention adapter): the language model sees `num_queries` tokens whatever the resolution.
+  cross-attention adapter): the language model sees `num_queries` tokens whatever the resolution. As in Qwen-VL,
+  fixed 2D sin-cos position embeddings are added to the queries (laid out on a sqrt(num_queries) grid) and to the
+  keys (the image tokens' grid, in the queries' coordinates), not to the values: each query reads a region of
+  the image, so where things are survives the resampling (the image tokens' own features carry little of it).
+
+`posemb="sincos2d"` adds a fixed 2D sin-cos position embedding of the image-token grid to the adapter's output
+(for `linear`, to the ViT head's): for a language model without positions of its own over the image tokens'
+2D grid, e.g. T5's bucketed 1D relative position bias, so that each image token says where it is. Coordinates
+are fractions of the image side (times POSEMB_EXTENT), so a place keeps its embedding across resolutions.
 """
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("linear", "mlp", "resampler")
+POSEMBS = ("none", "sincos2d")
+POSEMB_EXTENT = 16.0  # posemb sincos2d: the image side spans [0, 16) whatever the number of tokens per side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,11 +31,14 @@ class AdapterConfig:
   kind: str = "linear"
   num_queries: int = 64  # resampler only
   num_heads: int = 8  # resampler only
+  posemb: str = "none"  # none | sincos2d: a fixed 2D position embedding added to the output tokens
   dtype: str = "float32"
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"Unknown adapter kind {self.kind!r}; use one of {KINDS}.")
+    if self.posemb not in POSEMBS:
+      raise ValueError(f"Unknown adapter posemb {self.posemb!r}; use one of {POSEMBS}.")
 
   def num_tokens(self, num_patches: int) -> int:
     return self.num_queries if self.kind == "resampler" else num_patches
@@ -39,6 +54,33 @@ class MLPAdapter(nn.Module):
     return nn.Dense(self.width, dtype=jnp.dtype(self.dtype), name="linear_2")(nn.gelu(x_BPD, approximate=False))
 
 
+def sincos_2d(grid: int, width: int, extent: float | None = None) -> np.ndarray:
+  """float32 [grid*grid, width] fixed 2D sin-cos position embedding of a row-major grid (Qwen-VL's / MAE's
+  `get_2d_sincos_pos_embed`: the first half of the channels encode the row, the second half the column).
+
+  extent: the coordinates span [0, extent) (default `grid`), so grids of different sizes covering one image
+  share one frame: cell i of a `grid` sits at (i + 0.5) * extent / grid - 0.5.
+  """
+  if width % 4:
+    raise ValueError(f"2D sin-cos position embedding needs a width divisible by 4, got {width}.")
+  extent = grid if extent is None else extent
+  coords = (np.arange(grid, dtype=np.float64) + 0.5) * extent / grid - 0.5
+  omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))
+
+  def emb_1d(pos):
+    angles = pos[:, None] * omega[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+  rows, cols = np.meshgrid(coords, coords, indexing="ij")
+  return np.concatenate([emb_1d(rows.reshape(-1)), emb_1d(cols.reshape(-1))], axis=1).astype(np.float32)
+
+
+def _square_side(n: int, what: str) -> int:
+  side = math.isqrt(n)
+  if side * side != n:
+    raise ValueError(f"resampler: {what} ({n}) must be a square number (a grid) for its 2D position embedding.")
+  return side
+
+
 class Resampler(nn.Module):
   width: int
   num_queries: int
@@ -51,10 +93,24 @@ class Resampler(nn.Module):
     queries_QD = self.param("queries", nn.initializers.normal(0.02), (self.num_queries, self.width))
     kv_BPD = nn.LayerNorm(name="kv_norm", dtype=dtype)(nn.Dense(self.width, use_bias=False, dtype=dtype,
                                                                 name="kv_proj")(x_BPD))
-    q_BQD = jnp.broadcast_to(nn.LayerNorm(name="query_norm", dtype=dtype)(queries_QD.astype(dtype)),
+    q_grid, kv_grid = _square_side(self.num_queries, "num_queries"), _square_side(x_BPD.shape[1], "image tokens")
+    q_pos_QD = jnp.asarray(sincos_2d(q_grid, self.width), dtype)
+    k_pos_PD = jnp.asarray(sincos_2d(kv_grid, self.width, extent=q_grid), dtype)
+    q_BQD = jnp.broadcast_to(nn.LayerNorm(name="query_norm", dtype=dtype)(queries_QD.astype(dtype)) + q_pos_QD,
                              (x_BPD.shape[0], self.num_queries, self.width))
-    out_BQD = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=dtype, name="attn")(q_BQD, kv_BPD)
+    out_BQD = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=dtype, name="attn")(
+        q_BQD, kv_BPD + k_pos_PD, kv_BPD)
     return nn.Dense(self.width, dtype=dtype, name="proj")(nn.LayerNorm(name="out_norm", dtype=dtype)(out_BQD))
+
+
+def add_position_embedding(cfg: AdapterConfig, x_BQD):
+  """The adapter's output plus, with `posemb="sincos2d"`, a fixed 2D sin-cos embedding of its token grid."""
+  if cfg.posemb == "none":
+    return x_BQD
+  q, d = x_BQD.shape[1:]
+  if d % 4:
+    raise ValueError(f"adapter posemb sincos2d needs a width divisible by 4, got {d}.")
+  return x_BQD + jnp.asarray(sincos_2d(_square_side(q, "image tokens"), d, extent=POSEMB_EXTENT), x_BQD.dtype)
 
 
 def make_adapter(cfg: AdapterConfig, width: int):

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.adapters import AdapterConfig, make_adapter
+from vlm_jax.models.adapters import AdapterConfig, add_position_embedding, make_adapter
 from vlm_jax.models.gemma import Gemma, GemmaConfig
 from vlm_jax.models.layers import unstack_layers
 from vlm_jax.models.llama import Llama, LlamaConfig
@@ -78,7 +78,7 @@ def _setup_vision(module):
 def _image_tokens(module, images_BHWC):
   """ViT (+ adapter) -> image tokens [B,Q,D] at the language model's width."""
   x_BPD = module.img(images_BHWC)
-  return x_BPD if module.adapter is None else module.adapter(x_BPD)
+  return add_position_embedding(module.cfg.adapter, x_BPD if module.adapter is None else module.adapter(x_BPD))
 
 
 class DecoderVLM(nn.Module):
