@@ -77,7 +77,7 @@ def sincos_2d(grid: int, width: int, extent: float | None = None) -> np.ndarray:
 def _square_side(n: int, what: str) -> int:
   side = math.isqrt(n)
   if side * side != n:
-    raise ValueError(f"resampler: {what} ({n}) must be a square number (a grid) for its 2D position embedding.")
+    raise ValueError(f"{what} ({n}) must be a square number (a grid) for a 2D position embedding.")
   return side
 
 
@@ -108,8 +108,6 @@ def add_position_embedding(cfg: AdapterConfig, x_BQD):
   if cfg.posemb == "none":
     return x_BQD
   q, d = x_BQD.shape[1:]
-  if d % 4:
-    raise ValueError(f"adapter posemb sincos2d needs a width divisible by 4, got {d}.")
   return x_BQD + jnp.asarray(sincos_2d(_square_side(q, "image tokens"), d, extent=POSEMB_EXTENT), x_BQD.dtype)
 
 

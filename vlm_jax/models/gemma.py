@@ -18,7 +18,6 @@ from vlm_jax.models.layers import (attend, dense, heads_matrix, layer_stack, pro
                                    update_cache)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
   width: int

@@ -68,7 +68,8 @@ def with_overrides(cfg: VLMConfig, **overrides) -> VLMConfig:
   fields = {name: {f.name for f in dataclasses.fields(sub)} for name, sub in subs.items()}
   for key in overrides:
     if not any(key in f for f in fields.values()) or key in ("name", "variant", "kind"):
-      raise ValueError(f"Unknown model override {key!r}; allowed: dtype, remat, scan_unroll.")
+      raise ValueError(f"Unknown model override {key!r}; allowed: a field of the image, adapter or language "
+                       "config (dtype, remat, scan_unroll, fuse_projections, ...), not name / variant / kind.")
   return dataclasses.replace(cfg, **{name: dataclasses.replace(sub, **{k: v for k, v in overrides.items()
                                                                       if k in fields[name]})
                                      for name, sub in subs.items()})

@@ -56,9 +56,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.vit import remat_block
+from vlm_jax.models.layers import NEG_INF, remat_block
 
-NEG_INF = -2.3819763e38  # as gemma.py: finite, so a fully masked row gives no NaN.
 ACTIVATIONS = {"gelu_new": lambda x: nn.gelu(x, approximate=True), "gelu": lambda x: nn.gelu(x, approximate=False),
                "silu": nn.silu, "relu": nn.relu}
 

@@ -224,8 +224,6 @@ def per_layer(cfg: VLMConfig, params):
           {**params, "params": {**params["params"], "llm": llm}})
 
 
-
-
 def init_params(cfg: VLMConfig, seed: int = 0):
   """Random params {"params": {"img", ["adapter",] "llm"}}; under `jax.eval_shape` the abstract template."""
   s = cfg.img.image_size
