@@ -16,7 +16,10 @@ tokens (per-token latency). For each dtype (float32, then bfloat16 weights) it r
 - our per-token latency at batch 1, (t(128 tokens) - t(1 token)) / 127, against the memory-bandwidth bound:
   LLM parameter bytes (embedding = tied lm-head included, vision tower not) / the better of two read-only
   bandwidth probes (a sum and a matrix-vector product over an array bigger than the caches) timed in this run;
-- pieces that locate the cost: one extend step jitted alone, the lm-head alone, prefill's share of shape (a).
+- pieces that locate the cost: one extend step jitted alone, the lm-head alone, prefill's share of shape (a),
+  and the rate at which XLA's GEMM kernels read weights with 1 and with 8 rows (`machine.gemm_weight_rate`);
+- ratio ceilings: transformers' time over a floor on ours (prefill at 100% of the peak, then every LLM weight
+  read once per token) at the bandwidth bound, and at XLA's measured GEMM weight-read rate for the shape's batch.
 In float32 the greedy tokens of both sides must be identical (exit status 1 otherwise); in bfloat16 their
 agreement is printed for information. Times are the best of --reps runs after a warm-up (medians are in the
 JSON). Targets (the table marks each MET / NOT MET): >= 1.5x transformers on both shapes (float32), prefill >= 60%
@@ -40,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import train_step  # noqa: E402  (the same model as the training benchmark)
-from machine import best_of, l3_cache_bytes, matmul_peak, memory_bandwidth  # noqa: E402
+from machine import best_of, gemm_weight_rate, l3_cache_bytes, matmul_peak, memory_bandwidth  # noqa: E402
 
 TARGET_RATIO, TARGET_UTIL, TARGET_LATENCY = 1.5, 0.60, 1.3
 PREFIX_LEN = 16
@@ -101,17 +104,17 @@ def our_decode(model, inputs, n: int):
                            pad_id=0)
 
 
-def prefill_fn(cfg, cache_size: int):
-  """The prefill pass alone (image tower + decoder over image + prefix, filling a cache): (logits, cache)."""
+def prefill_fn(cfg, max_new_tokens: int):
+  """The decode loop's prefill alone (image tower + decoder over image + prefix, filling a cache of room for
+  `max_new_tokens`, logits of each row's last prefix token): (logits, cache)."""
   from vlm_jax.models.vlm import DecoderVLM
 
   def prefill(params, images, prefix, mask):
-    return DecoderVLM(cfg).apply(params, images, prefix, jnp.zeros_like(prefix), mask, cache_size,
-                                method=DecoderVLM.prefill)
+    return DecoderVLM(cfg).apply(params, images, prefix, mask, max_new_tokens, method=DecoderVLM.start)
   return prefill
 
 
-def xla_prefill_flops(cfg, cache_size: int, *args):
+def xla_prefill_flops(cfg, max_new_tokens: int, *args):
   """XLA's FLOP count of the prefill, or None. XLA's cost analysis counts a while-loop body once, so, as in
   train_step.py, the layer scans (ViT and Gemma) are built fully unrolled for this count only. The count is
   taken on the lowered program: the compiled one's agrees to within 1% (checked on the 50M model, float32 and
@@ -120,7 +123,7 @@ def xla_prefill_flops(cfg, cache_size: int, *args):
   scan = nn.scan
   nn.scan = lambda *a, **kw: scan(*a, **{**kw, "unroll": True})
   try:
-    cost = jax.jit(prefill_fn(cfg, cache_size)).lower(*args).cost_analysis()
+    cost = jax.jit(prefill_fn(cfg, max_new_tokens)).lower(*args).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"]) if cost and cost.get("flops", -1) > 0 else None
   except Exception as e:  # an unexpected flax / jax API: fall back to the analytic count
@@ -132,26 +135,26 @@ def xla_prefill_flops(cfg, cache_size: int, *args):
 
 def analytic_prefill_flops(cfg, flat, batch: int, text_len: int) -> float:
   """2 x matmul params x tokens through them + 4 x layers x queries x keys x attention width; the tied output
-  projection only over the text positions whose logits prefill returns."""
+  projection over each row's last prefix token only."""
   p, s = cfg.img.num_patches, cfg.img.num_patches + text_len
   total = 0.0
   for name, v in flat.items():
     if name.split("/")[-1] not in ("kernel", "w", "gating_einsum", "linear", "input_embedding"):
       continue  # biases, norms, position embeddings: no matmul
-    tokens = text_len if name.endswith("input_embedding") else (p if name.startswith("img/") else s)
+    tokens = 1 if name.endswith("input_embedding") else (p if name.startswith("img/") else s)
     total += 2 * v.size * tokens
   total += 4 * cfg.img.depth * p * p * cfg.img.width
   total += 4 * cfg.llm.depth * s * s * cfg.llm.num_heads * cfg.llm.head_dim
   return total * batch
 
 
-def extend_step_time(model, inputs, cache_size: int, steps: int):
+def extend_step_time(model, inputs, max_new_tokens: int, steps: int):
   """Seconds per call of ONE jitted extend step (cache donated) at this batch, outside the while loop; and of
   the tied lm-head (logits over the whole vocab) alone. With bfloat16 params both include XLA:CPU's per-call
   bfloat16 -> float32 conversion of every weight, which the decode program mostly hoists out of its loop."""
   from vlm_jax.models.vlm import DecoderVLM
   cfg, params = model.config, model.params
-  _, cache = jax.jit(prefill_fn(cfg, cache_size))(params, inputs["images"], inputs["prefix"], inputs["mask"])
+  _, cache = jax.jit(prefill_fn(cfg, max_new_tokens))(params, inputs["images"], inputs["prefix"], inputs["mask"])
   step = jax.jit(lambda params, tok, cache: DecoderVLM(cfg).apply(params, tok, cache, method=DecoderVLM.extend),
                  donate_argnums=2)
   tok = jnp.full((inputs["prefix"].shape[0], 1), 5, jnp.int32)
@@ -187,12 +190,11 @@ def bench_ours(model, shapes, inputs, reps: int, peak: float, bandwidth: float):
   # Prefill alone at shape (a): FLOP/s against the matmul peak; and its share of shape (a)'s decode.
   b_a, n_a = shapes["a"]
   x = inputs["a"]
-  cache_size = cfg.img.num_patches + PREFIX_LEN + n_a
   args = (params, x["images"], x["prefix"], x["mask"])
-  prefill = jax.jit(prefill_fn(cfg, cache_size))
+  prefill = jax.jit(prefill_fn(cfg, n_a))
   jax.block_until_ready(prefill(*args))
   t_prefill, t_prefill_med = best_of(lambda: jax.block_until_ready(prefill(*args)), reps)
-  xla_flops = xla_prefill_flops(cfg, cache_size, *args)
+  xla_flops = xla_prefill_flops(cfg, n_a, *args)
   est_flops = analytic_prefill_flops(cfg, flat, b_a, PREFIX_LEN)
   flops = xla_flops or est_flops
   out["prefill"] = {"batch": b_a, "seconds": t_prefill, "median_seconds": t_prefill_med,
@@ -210,7 +212,7 @@ def bench_ours(model, shapes, inputs, reps: int, peak: float, bandwidth: float):
   per_token = (out["b"]["seconds"] - t1) / (n_b - 1)
   llm_bytes = sum(v.size * v.dtype.itemsize for k, v in flat.items() if k.startswith("llm/"))
   bound = llm_bytes / bandwidth
-  t_step, t_head = extend_step_time(model, x, cfg.img.num_patches + PREFIX_LEN + n_b, max(reps, 5) * 4)
+  t_step, t_head = extend_step_time(model, x, n_b, max(reps, 5) * 4)
   out["latency"] = {"batch": b_b, "decode_1_seconds": t1, "per_token_ms": 1e3 * per_token,
                     "llm_param_bytes": int(llm_bytes), "bound_ms": 1e3 * bound, "ratio_to_bound": per_token / bound,
                     "extend_step_alone_ms": 1e3 * t_step, "lm_head_alone_ms": 1e3 * t_head}
@@ -318,6 +320,10 @@ def main(argv=None):
   print(f"memory bandwidth ({bw_mb} MiB array; L3 {'unknown' if l3 is None else f'{l3 // 2 ** 20} MiB'}): "
         + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw_rates.items()) + f" -> {bandwidth / 1e9:.1f} GB/s",
         flush=True)
+  gemm_rates = {rows: gemm_weight_rate(rows, n_weights=4 if args.quick else 20)
+                for rows in sorted({1, shapes["a"][0]})}
+  print("weight-read rate of a chain of float32 GEMMs [rows, 512] x [512, 4096] (XLA's kernels): "
+        + ", ".join(f"{r} rows {v / 1e9:.1f} GB/s" for r, v in gemm_rates.items()), flush=True)
   peak_n = 1024 if args.quick else 2048
   peaks = {d: matmul_peak(d, n=peak_n) for d in sorted(set(dtypes) | {"float32"})}
   print(f"matmul peak ({peak_n}^3): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
@@ -328,8 +334,9 @@ def main(argv=None):
          "timing": "best of reps after a warm-up (medians alongside)", "bandwidth_gbs": bandwidth / 1e9,
          "bandwidth_probe_gbs": {k: v / 1e9 for k, v in bw_rates.items()}, "bandwidth_probe_mib": bw_mb,
          "l3_cache_mib": None if l3 is None else l3 / 2 ** 20,
-         "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()}, "platform": jax.devices()[0].platform,
-         "cpu_count": os.cpu_count(), "jax": jax.__version__, "results": {}}
+         "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()},
+         "gemm_weight_rate_gbs": {str(r): v / 1e9 for r, v in gemm_rates.items()},
+         "platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(), "jax": jax.__version__, "results": {}}
   token_check_ok = True
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = os.path.join(tmp, "hf")
@@ -351,6 +358,7 @@ def main(argv=None):
         print(f"[{dtype}] transformers ({theirs['attn_implementation']}): "
               + ", ".join(f"({k}) {theirs[k]['tokens_per_s']:.1f} tok/s" for k in shapes), flush=True)
         res["ratio"] = {k: ours[k]["tokens_per_s"] / theirs[k]["tokens_per_s"] for k in shapes}
+        res["ratio_ceiling"] = ratio_ceilings(ours, theirs, shapes, peak, bandwidth, gemm_rates)
         check = {}
         for k in shapes:
           a, b = ours[k]["tokens"], theirs[k]["tokens"]
@@ -383,6 +391,24 @@ def main(argv=None):
     with open(args.json, "w") as f:
       json.dump(fig, f, indent=2)
   return fig
+
+
+def ratio_ceilings(ours, theirs, shapes, peak: float, bandwidth: float, gemm_rates: dict):
+  """The highest ratio to transformers reachable on this machine, per shape: transformers' measured time over a
+  floor on ours, the prefill's FLOPs at 100% of the measured matmul peak plus each of the n - 1 later tokens
+  reading every LLM weight once, (1) at the bandwidth bound ("any implementation") and (2) at the rate XLA's own
+  GEMM kernels read weights with the shape's batch as rows (`machine.gemm_weight_rate`: what a JAX program can
+  reach on XLA:CPU)."""
+  p, lat = ours["prefill"], ours["latency"]
+  flops_per_row = (p["flops_xla"] or p["flops_analytic"]) / p["batch"]
+  out = {}
+  for k, (b, n) in shapes.items():
+    prefill = b * flops_per_row / peak
+    floor = prefill + (n - 1) * lat["llm_param_bytes"] / bandwidth
+    xla_floor = prefill + (n - 1) * lat["llm_param_bytes"] / gemm_rates[b]
+    out[k] = {"floor_seconds": floor, "ceiling": theirs[k]["seconds"] / floor,
+              "xla_kernels_floor_seconds": xla_floor, "xla_kernels_ceiling": theirs[k]["seconds"] / xla_floor}
+  return out
 
 
 def verdicts(fig, shapes):
@@ -423,6 +449,19 @@ def print_table(fig, shapes):
       split += (f"; transformers' prefill alone {res['torch']['prefill_a_seconds'] * 1e3:.0f} ms = "
                 f"{100 * res['torch']['prefill_a_seconds'] / res['torch']['a']['seconds']:.0f}% of its (a)")
     rows.append(("  shape (a) split", split))
+    b_a = shapes["a"][0]
+    rate = fig["gemm_weight_rate_gbs"]
+    rows.append((f"  batch-{b_a} steps", f"{p['loop_per_step_a_ms']:.2f} ms/step; XLA's GEMMs read weights at "
+                 f"{rate[str(b_a)]:.1f} GB/s with {b_a} rows vs {rate['1']:.1f} GB/s with 1 row, so reading the "
+                 f"{lat['llm_param_bytes'] / 1e6:.0f} MB of LLM weights alone takes "
+                 f"{lat['llm_param_bytes'] / rate[str(b_a)] / 1e6:.2f} ms per batch-{b_a} step"))
+    if "ratio_ceiling" in res:
+      ceil = res["ratio_ceiling"]
+      rows.append(("  ratio ceilings", "transformers' time / (prefill at 100% of the peak + each later token "
+                   "reading every LLM weight once): at the bandwidth bound " + ", ".join(
+                       f"({k}) {c['ceiling']:.2f}x" for k, c in ceil.items()) + "; at XLA's GEMM weight-read rate "
+                   "for the shape's batch " + ", ".join(f"({k}) {c['xla_kernels_ceiling']:.2f}x"
+                                                         for k, c in ceil.items())))
     rows.append((f"per token (batch {lat['batch']})",
                  f"{lat['per_token_ms']:.2f} ms vs bound {lat['bound_ms']:.2f} ms "
                  f"({lat['llm_param_bytes'] / 1e6:.0f} MB / {fig['bandwidth_gbs']:.1f} GB/s) = "

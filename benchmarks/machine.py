@@ -89,3 +89,25 @@ def memory_bandwidth(mbytes: int, reps: int = 5):
   rates = {name: (2 if name == "copy_rw" else 1) * nbytes / t for name, t in best.items()}
   del x
   return max(rates["sum_read"], rates["gemv_read"]), rates
+
+
+def gemm_weight_rate(rows: int, width: int = 512, out: int = 4096, n_weights: int = 20, reps: int = 5) -> float:
+  """Bytes/s at which a jitted chain of `rows` x `width` @ `width` x `out` float32 GEMMs reads its weights:
+  `n_weights` distinct matrices (more bytes than the caches keep between calls), each GEMM's input depending on
+  the previous output, as a decode step's layers do. rows=1 is a matrix-vector product (memory-bound); at
+  rows=8 a step of batch 8 would ideally read each weight as fast, since its 16 FLOPs per weight are far below
+  the matmul peak's per-byte rate."""
+  rs = np.random.RandomState(0)
+  weights = [jnp.asarray(rs.standard_normal((width, out)).astype(np.float32) * width ** -0.5)
+             for _ in range(n_weights)]
+  x = jnp.asarray(rs.standard_normal((rows, width)).astype(np.float32))
+
+  @jax.jit
+  def chain(x, weights):
+    h = x
+    for w in weights:
+      h = (h @ w)[:, :width] + x
+    return h
+  chain(x, weights).block_until_ready()
+  t, _ = best_of(lambda: chain(x, weights).block_until_ready(), reps)
+  return n_weights * width * out * 4 / t

@@ -160,6 +160,15 @@ def test_sampling_options_are_validated():
     decode_lib.Sampling.make("nucleus")
 
 
+def test_argmax_is_numpys_first_index_of_the_maximum():
+  rs = np.random.RandomState(0)
+  logits = rs.randint(0, 4, (64, 300)).astype(np.float32)  # many ties: the first index must win
+  logits[3] = -np.inf  # a fully masked row: token 0, as np.argmax
+  np.testing.assert_array_equal(jax.jit(decode_lib.argmax)(logits), np.argmax(logits, axis=-1))
+  nan_row = np.array([[1.0, np.nan, 3.0]], np.float32)
+  assert int(decode_lib.argmax(nan_row)[0]) == 0  # in range, whatever the row holds
+
+
 class CompileCounter:
   """Counts XLA backend compilations while active."""
 

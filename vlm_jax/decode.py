@@ -62,10 +62,20 @@ class Sampling:
     raise ValueError(f"Unknown sampler {sampler!r}; use 'greedy', 'sample' or 'beam'.")
 
 
+def argmax(logits_BV):
+  """int32 [B]: jnp.argmax over the last axis (the first index of the maximum), as two single-output reductions:
+  XLA CPU vectorizes a max and a min, not argmax's (value, index) pair reduction, which costs ~8x as much over a
+  batch of 32k-vocabulary rows (0.8 ms of a ~15 ms batch-8 step)."""
+  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  v = logits_BV.shape[-1]
+  first_B = jnp.min(jnp.where(logits_BV == max_B1, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.where(first_B == v, 0, first_B)  # a NaN row (nothing equals its max): token 0, not out of range
+
+
 def sample_token(logits_BV, rng, sampling: Sampling):
   """int32 [B] next tokens from float32 logits."""
   if not sampling.stochastic:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return argmax(logits_BV)
   logits_BV = logits_BV / sampling.temperature
   if sampling.top_k:
     kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
@@ -111,12 +121,8 @@ def sample_loop(extend, logits_BV, cache, rng, *, max_new_tokens: int, sampling:
   """
   b = logits_BV.shape[0]
 
-  def cond(state):
-    step, _, done_B, *_ = state
-    return (step < max_new_tokens) & ~jnp.all(done_B)
-
-  def body(state):
-    step, out_BN, done_B, logp_B, len_B, logits_BV, cache, rng = state
+  def pick(step, logits_BV, out_BN, done_B, logp_B, len_B, rng):
+    """Token `step` of every row from its logits: (token_B, out_BN, done_B, logp_B, len_B, rng) updated."""
     rng, step_rng = jax.random.split(rng)
     logits_BV = _masked_logits(logits_BV.astype(jnp.float32), logits_mask_V)
     token_B = jnp.where(done_B, pad_id, sample_token(logits_BV, step_rng, sampling))
@@ -124,13 +130,21 @@ def sample_loop(extend, logits_BV, cache, rng, *, max_new_tokens: int, sampling:
     logp_B = logp_B + jnp.where(done_B, 0.0, token_logp_B)
     len_B = len_B + (~done_B).astype(jnp.int32)
     out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], step, axis=1)
-    done_B = done_B | (token_B == eos_id)
-    logits_BV, cache = extend(token_B, cache)
-    return step + 1, out_BN, done_B, logp_B, len_B, logits_BV, cache, rng
+    return token_B, out_BN, done_B | (token_B == eos_id), logp_B, len_B, rng
 
-  state = (jnp.int32(0), jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b,), bool),
-           jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32), logits_BV, cache, rng)
-  _, out_BN, _, logp_B, len_B, *_ = jax.lax.while_loop(cond, body, state)
+  def cond(state):
+    step, _, _, done_B, *_ = state
+    return (step < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(state):  # extend by the last token, then pick the next one: no extend runs after the final token
+    step, token_B, *picked, cache = state
+    logits_BV, cache = extend(token_B, cache)
+    return step + 1, *pick(step, logits_BV, *picked), cache
+
+  state = (jnp.int32(1), *pick(0, logits_BV, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+                               jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32), rng),
+           cache)
+  _, _, out_BN, _, logp_B, len_B, *_ = jax.lax.while_loop(cond, body, state)
   return out_BN, logp_B, len_B
 
 

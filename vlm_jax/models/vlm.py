@@ -117,6 +117,11 @@ class DecoderVLM(nn.Module):
     Returns (logits [B,T,V] of the text positions, cache state). Rows may have different numbers of valid
     tokens: pads stay invalid slots in the cache, and each row's next position continues its own count.
     """
+    h_BSD, cache = self._fill_cache(images_BHWC, tokens_BT, mask_ar_BT, mask_input_BT, cache_size)
+    return self.llm.logits(h_BSD[:, -tokens_BT.shape[1]:]), cache
+
+  def _fill_cache(self, images_BHWC, tokens_BT, mask_ar_BT, mask_input_BT, cache_size):
+    """`prefill` up to the final-normed hidden states [B,S,D] of every position (image tokens first)."""
     x_BSD, mask_ar_BS, valid_BS = self.embed(images_BHWC, tokens_BT, mask_ar_BT, mask_input_BT)
     b, s = valid_BS.shape
     cfg = self.cfg.llm
@@ -134,15 +139,16 @@ class DecoderVLM(nn.Module):
     cache = {"kv": kv, "key_valid": key_valid_BC, "key_pos": key_pos_BC,
              "next_pos": jnp.max(jnp.where(valid_BS.astype(bool), positions_BS, -1), axis=-1) + 1,
              "index": jnp.asarray(s, jnp.int32)}
-    return self.llm.logits(h_BSD[:, -tokens_BT.shape[1]:]), cache
+    return h_BSD, cache
 
   def start(self, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens: int):
-    """Prefill of image + (right-padded) prefix: (logits [B,V] for the first new token, cache)."""
+    """Prefill of image + (right-padded) prefix: (logits [B,V] for the first new token, cache). The vocabulary
+    projection runs on each row's last prefix token only."""
     n_img = 0 if images_BHWC is None else self.cfg.num_image_tokens
-    logits_BTV, cache = self.prefill(images_BHWC, prefix_BT, jnp.zeros_like(prefix_BT), prefix_mask_BT,
-                                     n_img + prefix_BT.shape[1] + max_new_tokens)
-    last_B = jnp.sum(prefix_mask_BT, axis=-1) - 1
-    return jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0], cache
+    h_BSD, cache = self._fill_cache(images_BHWC, prefix_BT, jnp.zeros_like(prefix_BT), prefix_mask_BT,
+                                    n_img + prefix_BT.shape[1] + max_new_tokens)
+    last_B = n_img + jnp.sum(prefix_mask_BT, axis=-1) - 1
+    return self.llm.logits(jnp.take_along_axis(h_BSD, last_B[:, None, None], axis=1))[:, 0], cache
 
   def extend(self, tokens_BT, cache):
     """Appends T causal tokens per row at the shared cache index: (logits [B,T,V], new cache)."""
