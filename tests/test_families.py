@@ -138,3 +138,20 @@ def test_resampler_queries_see_where_image_tokens_are():
   params = randomize(module.init(jax.random.key(0), x), seed=2)
   perm = np.random.RandomState(1).permutation(16)
   assert not np.allclose(module.apply(params, x), module.apply(params, x[:, perm]), atol=1e-4)
+
+
+def test_resampler_locality_bias_makes_each_query_read_its_own_region():
+  """With the locality bias a query depends on the image tokens of its own cell, from init: the top-left query's
+  output is ~e^10 times as sensitive to the top-left image token as to the bottom-right one (their squared
+  distance is ~20 query cells^2); without it (locality 0) the two are about equal."""
+  from vlm_jax.models.adapters import Resampler
+  x = jnp.asarray(np.random.RandomState(0).randn(1, 36, 32).astype(np.float32))
+
+  def near_over_far(locality):
+    module = Resampler(width=32, num_queries=16, num_heads=4, locality=locality)
+    params = module.init(jax.random.key(0), x)
+    jac = jax.jacobian(lambda x: module.apply(params, x)[0, 0])(x)  # query 0's output [32] by x [1, 36, 32]
+    per_token = np.linalg.norm(np.asarray(jac).reshape(32, 36, 32), axis=(0, 2))
+    return per_token[0] / per_token[35]
+  assert near_over_far(1.0) > 1000
+  assert 0.1 < near_over_far(0.0) < 10

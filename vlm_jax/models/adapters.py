@@ -8,6 +8,11 @@
   fixed 2D sin-cos position embeddings are added to the queries (laid out on a sqrt(num_queries) grid) and to the
   keys (the image tokens' grid, in the queries' coordinates), not to the values: each query reads a region of
   the image, so where things are survives the resampling (the image tokens' own features carry little of it).
+  With `locality` > 0 (the default) the attention logits also get a fixed Gaussian bias, -d^2 / (2 locality^2)
+  for an image token d query cells from the query's cell (a locality prior in the spirit of Honeybee's
+  locality-enhanced projectors): from the first step each query pools its own region, which learned attention
+  then refines. Without it, spatial answers stay far below the other families' on the synthetic tasks
+  (position 0.33-0.41, detection 0.21-0.58 held-out exact match after the tiny config's schedule).
 
 `posemb="sincos2d"` adds a fixed 2D sin-cos position embedding of the image-token grid to the adapter's output
 (for `linear`, to the ViT head's): for a language model without positions of its own over the image tokens'
@@ -15,6 +20,7 @@
 are fractions of the image side (times POSEMB_EXTENT), so a place keeps its embedding across resolutions.
 """
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -31,6 +37,7 @@ class AdapterConfig:
   kind: str = "linear"
   num_queries: int = 64  # resampler only
   num_heads: int = 8  # resampler only
+  locality: float = 1.0  # resampler only: the std, in query cells, of the attention's locality bias (0: none)
   posemb: str = "none"  # none | sincos2d: a fixed 2D position embedding added to the output tokens
   dtype: str = "float32"
 
@@ -39,6 +46,8 @@ class AdapterConfig:
       raise ValueError(f"Unknown adapter kind {self.kind!r}; use one of {KINDS}.")
     if self.posemb not in POSEMBS:
       raise ValueError(f"Unknown adapter posemb {self.posemb!r}; use one of {POSEMBS}.")
+    if self.locality < 0:
+      raise ValueError(f"adapter locality must be >= 0 (0 turns it off), got {self.locality}.")
 
   def num_tokens(self, num_patches: int) -> int:
     return self.num_queries if self.kind == "resampler" else num_patches
@@ -81,10 +90,25 @@ def _square_side(n: int, what: str) -> int:
   return side
 
 
+def grid_centres(grid: int, extent: float) -> np.ndarray:
+  """[grid*grid, 2] (row, column) centres of a row-major grid's cells in a frame where the side spans extent."""
+  c = (np.arange(grid) + 0.5) * extent / grid
+  rows, cols = np.meshgrid(c, c, indexing="ij")
+  return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=1)
+
+
+def locality_bias(q_grid: int, kv_grid: int, std: float) -> np.ndarray:
+  """float32 [q_grid^2, kv_grid^2]: -d^2 / (2 std^2), d the distance from a query's cell centre to an image
+  token's, in query cells (both grids cover the same image)."""
+  d2 = np.sum((grid_centres(q_grid, q_grid)[:, None] - grid_centres(kv_grid, q_grid)[None]) ** 2, axis=-1)
+  return (-d2 / (2 * std ** 2)).astype(np.float32)
+
+
 class Resampler(nn.Module):
   width: int
   num_queries: int
   num_heads: int
+  locality: float = 1.0
   dtype: str = "float32"
 
   @nn.compact
@@ -98,8 +122,12 @@ class Resampler(nn.Module):
     k_pos_PD = jnp.asarray(sincos_2d(kv_grid, self.width, extent=q_grid), dtype)
     q_BQD = jnp.broadcast_to(nn.LayerNorm(name="query_norm", dtype=dtype)(queries_QD.astype(dtype)) + q_pos_QD,
                              (x_BPD.shape[0], self.num_queries, self.width))
-    out_BQD = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=dtype, name="attn")(
-        q_BQD, kv_BPD + k_pos_PD, kv_BPD)
+    attention_fn = nn.dot_product_attention
+    if self.locality:
+      bias_11QP = jnp.asarray(locality_bias(q_grid, kv_grid, self.locality), dtype)[None, None]
+      attention_fn = functools.partial(nn.dot_product_attention, bias=bias_11QP)
+    out_BQD = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=dtype, attention_fn=attention_fn,
+                                              name="attn")(q_BQD, kv_BPD + k_pos_PD, kv_BPD)
     return nn.Dense(self.width, dtype=dtype, name="proj")(nn.LayerNorm(name="out_norm", dtype=dtype)(out_BQD))
 
 
@@ -118,5 +146,5 @@ def make_adapter(cfg: AdapterConfig, width: int):
   if cfg.kind == "resampler":
     if width % cfg.num_heads:
       raise ValueError(f"resampler: width {width} is not divisible by num_heads {cfg.num_heads}.")
-    return Resampler(width, cfg.num_queries, cfg.num_heads, cfg.dtype)
+    return Resampler(width, cfg.num_queries, cfg.num_heads, cfg.locality, cfg.dtype)
   return None
