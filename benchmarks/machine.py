@@ -91,23 +91,30 @@ def memory_bandwidth(mbytes: int, reps: int = 5):
   return max(rates["sum_read"], rates["gemv_read"]), rates
 
 
-def gemm_weight_rate(rows: int, width: int = 512, out: int = 4096, n_weights: int = 20, reps: int = 5) -> float:
-  """Bytes/s at which a jitted chain of `rows` x `width` @ `width` x `out` float32 GEMMs reads its weights:
-  `n_weights` distinct matrices (more bytes than the caches keep between calls), each GEMM's input depending on
-  the previous output, as a decode step's layers do. rows=1 is a matrix-vector product (memory-bound); at
-  rows=8 a step of batch 8 would ideally read each weight as fast, since its 16 FLOPs per weight are far below
-  the matmul peak's per-byte rate."""
+def gemm_weight_rate(rows: int, width: int = 512, out: int = 4096, n_weights: int = 20, reps: int = 20):
+  """Bytes/s at which XLA's GEMM kernels read weights in a jitted chain of `rows` x `width` products to `out`
+  columns over `n_weights` distinct float32 matrices (more bytes than the caches keep between calls), each input
+  depending on the previous output, as in a decode step. Two weight layouts: "x @ W" with W [width, out] (the
+  params' layout) and "W x^T" with W [out, width]. rows=1 is a matrix-vector product (memory-bound); with 8
+  rows the 16 FLOPs per weight are still far below the matmul peak's rate per byte, so a kernel that streamed
+  its weights would read them as fast. Returns (the better rate, {layout: rate}). Where the last-level cache is
+  larger than the n_weights matrices (the project's machine has 480 MiB), part of them is read from it."""
   rs = np.random.RandomState(0)
-  weights = [jnp.asarray(rs.standard_normal((width, out)).astype(np.float32) * width ** -0.5)
-             for _ in range(n_weights)]
   x = jnp.asarray(rs.standard_normal((rows, width)).astype(np.float32))
+  layouts = {"x @ W": ((width, out), lambda h, w: h @ w),
+             "W x^T": ((out, width), lambda h, w: jnp.einsum("FD,MD->FM", w, h).T)}
+  rates = {}
+  for name, (shape, product) in layouts.items():
+    weights = [jnp.asarray(rs.standard_normal(shape).astype(np.float32) * width ** -0.5) for _ in range(n_weights)]
 
-  @jax.jit
-  def chain(x, weights):
-    h = x
-    for w in weights:
-      h = (h @ w)[:, :width] + x
-    return h
-  chain(x, weights).block_until_ready()
-  t, _ = best_of(lambda: chain(x, weights).block_until_ready(), reps)
-  return n_weights * width * out * 4 / t
+    @jax.jit
+    def chain(x, weights):
+      h = x
+      for w in weights:
+        h = product(h, w)[:, :width] + x
+      return h
+    chain(x, weights).block_until_ready()
+    t, _ = best_of(lambda: chain(x, weights).block_until_ready(), reps)
+    rates[name] = n_weights * width * out * 4 / t
+    del weights
+  return max(rates.values()), rates

@@ -33,9 +33,8 @@ def test_decode_benchmark_runs_and_tokens_match_transformers(tmp_path):
   assert fig["token_check_float32"] is True, out
   assert all(c["identical"] for c in res["token_check"].values())
   assert res["ours"]["a"]["tokens_per_s"] > 0 and res["torch"]["b"]["tokens_per_s"] > 0
-  # The ceilings: transformers' time over positive floors, with XLA's GEMM rates measured at both shapes' batches.
-  assert set(fig["gemm_weight_rate_gbs"]) == {str(b) for b in (1, fig["shapes"]["a"]["batch"])}
-  for k, c in res["ratio_ceiling"].items():
-    assert c["floor_seconds"] > 0 and c["xla_kernels_floor_seconds"] > 0
-    assert c["ceiling"] == pytest.approx(res["torch"][k]["seconds"] / c["floor_seconds"])
-    assert "ratio ceilings" in out
+  # XLA's GEMM weight-read rates, measured at both shapes' batches in both weight layouts.
+  rates = fig["gemm_weight_rate_gbs"]
+  assert set(rates) == {str(b) for b in (1, fig["shapes"]["a"]["batch"])}
+  assert all(set(r) == {"x @ W", "W x^T"} and min(r.values()) > 0 for r in rates.values())
+  assert "XLA's GEMMs read weights at" in out
