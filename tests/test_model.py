@@ -166,9 +166,7 @@ def test_layer_options_give_same_loss_and_grads(name, images):
   def loss_and_grads(c):
     return jax.jit(jax.value_and_grad(lambda p: loss_fn(c, p, batch)))(params)
   ref_loss, ref_grads = loss_and_grads(cfg)
-  options = [dict(remat="full"), dict(remat="dots"), dict(scan_unroll=True)]
-  if name != "tiny_t5":  # the decoder-only language models' option
-    options.append(dict(fuse_projections=False))
+  options = [dict(remat="full"), dict(remat="dots"), dict(scan_unroll=True), dict(fuse_projections=False)]
   for overrides in options:
     loss, grads = loss_and_grads(get_model_config(name, **overrides))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(overrides))

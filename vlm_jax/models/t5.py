@@ -56,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import NEG_INF, remat_block
+from vlm_jax.models.layers import NEG_INF, dense, heads_matrix, project, remat_block
 
 ACTIVATIONS = {"gelu_new": lambda x: nn.gelu(x, approximate=True), "gelu": lambda x: nn.gelu(x, approximate=False),
                "silu": nn.silu, "relu": nn.relu}
@@ -81,6 +81,7 @@ class T5Config:
   decoder_start_id: int = 0  # T5 starts decoding from the pad token
   dtype: str = "float32"
   remat: str = "none"
+  fuse_projections: bool | None = None  # q/k/v and gate/up as one GEMM each (None: on CPU only; `layers.project`)
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:
@@ -158,16 +159,16 @@ class SelfAttention(nn.Module):
     # transformers' init: the query carries the 1/sqrt(head_dim) that T5's attention leaves out.
     wq = _einsum_param(self, "q_einsum", (d * h) ** -0.5, (n, d, h), dtype)
     wkv = _einsum_param(self, "kv_einsum", d ** -0.5, (2, n, d, h), dtype)
-    q_BTNH = jnp.einsum("BTD,NDH->BTNH", x_BTD, wq)
-    k_BTNH = jnp.einsum("BTD,NDH->BTNH", x_BTD, wkv[0])
-    v_BTNH = jnp.einsum("BTD,NDH->BTNH", x_BTD, wkv[1])
+    b, t = x_BTD.shape[:2]
+    q_BTNH, k_BTNH, v_BTNH = (y.reshape(b, t, n, h) for y in project(
+        x_BTD, [heads_matrix(wq), heads_matrix(wkv[0]), heads_matrix(wkv[1])], cfg.fuse_projections))
     if cache is not None:
       cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTNH.astype(cache["k"].dtype), cache_index, 1),
                "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTNH.astype(cache["v"].dtype), cache_index, 1)}
       k_BTNH, v_BTNH = cache["k"].astype(dtype), cache["v"].astype(dtype)
     out_BTNH = attend(q_BTNH, k_BTNH, v_BTNH, bias_BNTS, mask_BTS, dtype)
     w_out = _einsum_param(self, "attn_vec_einsum", (n * h) ** -0.5, (n, h, d), dtype)
-    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_out), cache
+    return dense(out_BTNH, w_out, 2), cache
 
 
 class CrossAttention(nn.Module):
@@ -178,10 +179,11 @@ class CrossAttention(nn.Module):
   def __call__(self, x_BTD, k_BSNH, v_BSNH, mask_BTS):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     n, h, d = cfg.num_heads, cfg.head_dim, cfg.width
-    q_BTNH = jnp.einsum("BTD,NDH->BTNH", x_BTD, _einsum_param(self, "q_einsum", (d * h) ** -0.5, (n, d, h), dtype))
+    wq = _einsum_param(self, "q_einsum", (d * h) ** -0.5, (n, d, h), dtype)
+    q_BTNH = dense(x_BTD, heads_matrix(wq)).reshape(*x_BTD.shape[:2], n, h)
     out_BTNH = attend(q_BTNH, k_BSNH.astype(dtype), v_BSNH.astype(dtype), None, mask_BTS, dtype)
     w_out = _einsum_param(self, "attn_vec_einsum", (n * h) ** -0.5, (n, h, d), dtype)
-    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_out)
+    return dense(out_BTNH, w_out, 2)
 
 
 class FeedForward(nn.Module):
@@ -194,13 +196,12 @@ class FeedForward(nn.Module):
     init_in = nn.initializers.normal(stddev=cfg.width ** -0.5)
     if cfg.gated:
       w_gating = self.param("gating_einsum", init_in, (2, cfg.width, cfg.mlp_dim)).astype(dtype)
-      hidden_BTF = (act(jnp.einsum("BTD,DF->BTF", x_BTD, w_gating[0]))
-                    * jnp.einsum("BTD,DF->BTF", x_BTD, w_gating[1]))
+      gate_BTF, up_BTF = project(x_BTD, [w_gating[0], w_gating[1]], cfg.fuse_projections)
+      hidden_BTF = act(gate_BTF) * up_BTF
     else:
-      hidden_BTF = act(jnp.einsum("BTD,DF->BTF", x_BTD, self.param("wi", init_in, (cfg.width, cfg.mlp_dim))
-                                  .astype(dtype)))
+      hidden_BTF = act(dense(x_BTD, self.param("wi", init_in, (cfg.width, cfg.mlp_dim)).astype(dtype)))
     w_out = self.param("linear", nn.initializers.normal(stddev=cfg.mlp_dim ** -0.5), (cfg.mlp_dim, cfg.width))
-    return jnp.einsum("BTF,FD->BTD", hidden_BTF, w_out.astype(dtype))
+    return dense(hidden_BTF, w_out.astype(dtype))
 
 
 class EncoderBlock(nn.Module):
@@ -266,8 +267,9 @@ class Decoder(nn.Module):
 
   def cross_kv(self, enc_BSD):
     """Every layer's cross-attention keys and values, each [L,B,S,N,H]."""
-    w = self.cross_kv_einsum["w"].astype(jnp.dtype(self.cfg.dtype))
-    return (jnp.einsum("BSD,LNDH->LBSNH", enc_BSD, w[:, 0]), jnp.einsum("BSD,LNDH->LBSNH", enc_BSD, w[:, 1]))
+    w = self.cross_kv_einsum["w"].astype(jnp.dtype(self.cfg.dtype))  # [L,2,N,D,H]
+    k_BSLNH, v_BSLNH = (dense(enc_BSD, jnp.moveaxis(w[:, i], 2, 0)) for i in (0, 1))  # [D,L,N,H] weights
+    return jnp.moveaxis(k_BSLNH, 2, 0), jnp.moveaxis(v_BSLNH, 2, 0)
 
   def __call__(self, y_BTD, kv, cross_mask_BTS, query_pos_T, cache_index=0):
     """Final-normed hidden [B,T,D] and the updated {"self_k", "self_v"} (None without a cache in `kv`).
