@@ -63,6 +63,13 @@ class MLPAdapter(nn.Module):
     return nn.Dense(self.width, dtype=jnp.dtype(self.dtype), name="linear_2")(nn.gelu(x_BPD, approximate=False))
 
 
+def grid_centres(grid: int, extent: float) -> np.ndarray:
+  """[grid*grid, 2] (row, column) centres of a row-major grid's cells in a frame where the side spans extent."""
+  c = (np.arange(grid) + 0.5) * extent / grid
+  rows, cols = np.meshgrid(c, c, indexing="ij")
+  return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=1)
+
+
 def sincos_2d(grid: int, width: int, extent: float | None = None) -> np.ndarray:
   """float32 [grid*grid, width] fixed 2D sin-cos position embedding of a row-major grid (Qwen-VL's / MAE's
   `get_2d_sincos_pos_embed`: the first half of the channels encode the row, the second half the column).
@@ -72,15 +79,13 @@ def sincos_2d(grid: int, width: int, extent: float | None = None) -> np.ndarray:
   """
   if width % 4:
     raise ValueError(f"2D sin-cos position embedding needs a width divisible by 4, got {width}.")
-  extent = grid if extent is None else extent
-  coords = (np.arange(grid, dtype=np.float64) + 0.5) * extent / grid - 0.5
+  centres = grid_centres(grid, grid if extent is None else extent) - 0.5
   omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))
 
   def emb_1d(pos):
     angles = pos[:, None] * omega[None]
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-  rows, cols = np.meshgrid(coords, coords, indexing="ij")
-  return np.concatenate([emb_1d(rows.reshape(-1)), emb_1d(cols.reshape(-1))], axis=1).astype(np.float32)
+  return np.concatenate([emb_1d(centres[:, 0]), emb_1d(centres[:, 1])], axis=1).astype(np.float32)
 
 
 def _square_side(n: int, what: str) -> int:
@@ -88,13 +93,6 @@ def _square_side(n: int, what: str) -> int:
   if side * side != n:
     raise ValueError(f"{what} ({n}) must be a square number (a grid) for a 2D position embedding.")
   return side
-
-
-def grid_centres(grid: int, extent: float) -> np.ndarray:
-  """[grid*grid, 2] (row, column) centres of a row-major grid's cells in a frame where the side spans extent."""
-  c = (np.arange(grid) + 0.5) * extent / grid
-  rows, cols = np.meshgrid(c, c, indexing="ij")
-  return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=1)
 
 
 def locality_bias(q_grid: int, kv_grid: int, std: float) -> np.ndarray:
