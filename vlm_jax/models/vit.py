@@ -122,12 +122,15 @@ class MultiHeadAttention(nn.Module):
     h = d // self.num_heads
     proj = lambda name: nn.DenseGeneral((self.num_heads, h), dtype=self.dtype, dot_general=dense_dot_general,
                                         name=name)
-    q_BTNH = proj("query")(q_in_BTD)
-    k_BSNH = proj("key")(kv_in_BSD)
-    v_BSNH = proj("value")(kv_in_BSD)
-    logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
-    probs_BNTS = jax.nn.softmax(logits_BNTS * h ** -0.5, axis=-1).astype(self.dtype)
-    out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
+    # Heads-major operands: the attention GEMMs then batch over (B, N) with no transposes inside them, which XLA
+    # CPU would otherwise run around both dots and the [B,N,T,S] softmax (~4x the time at 196 tokens). The scale
+    # goes on the queries, not on the larger logits.
+    q_BNTH = jnp.swapaxes(proj("query")(q_in_BTD) * jnp.asarray(h ** -0.5, self.dtype), 1, 2)
+    k_BNSH = jnp.swapaxes(proj("key")(kv_in_BSD), 1, 2)
+    v_BNSH = jnp.swapaxes(proj("value")(kv_in_BSD), 1, 2)
+    logits_BNTS = jnp.einsum("BNTH,BNSH->BNTS", q_BNTH, k_BNSH, preferred_element_type=jnp.float32)
+    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
+    out_BTNH = jnp.swapaxes(jnp.einsum("BNTS,BNSH->BNTH", probs_BNTS, v_BNSH), 1, 2)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, dot_general=dense_dot_general,
                            name="out")(out_BTNH)
 
