@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.layers import dense_dot_general, remat_block
+from vlm_jax.models.layers import dense, dense_dot_general, project, remat_block
 
 # width, depth, mlp_dim, num_heads (big_vision's decode_variant table).
 VARIANTS = {
@@ -111,6 +111,26 @@ class MlpBlock(nn.Module):
     return nn.Dense(d, dtype=self.dtype, dot_general=dense_dot_general, name="Dense_1")(x)
 
 
+def _flat_lecun_normal(rng, shape, dtype=jnp.float32):
+  """lecun_normal over the kernel seen as a [fan_in, rest] matrix, as flax DenseGeneral initialises [D, N, H]."""
+  return nn.initializers.lecun_normal()(rng, (shape[0], int(np.prod(shape[1:]))), dtype).reshape(shape)
+
+
+class WeightAndBias(nn.Module):
+  """Declares a layer's `kernel` and `bias` (flax Dense / DenseGeneral / Conv names and shapes) and returns them
+  in `dtype`; the caller does the computation, e.g. several such kernels in one GEMM."""
+  kernel_shape: tuple
+  bias_shape: tuple
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: callable = _flat_lecun_normal
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param("kernel", self.kernel_init, self.kernel_shape)
+    bias = self.param("bias", nn.initializers.zeros_init(), self.bias_shape)
+    return kernel.astype(self.dtype), bias.astype(self.dtype)
+
+
 class MultiHeadAttention(nn.Module):
   """Flax MHA's param layout (query/key/value/out DenseGeneral), float32 softmax."""
   num_heads: int
@@ -119,15 +139,21 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, q_in_BTD, kv_in_BSD):
     d = q_in_BTD.shape[-1]
-    h = d // self.num_heads
-    proj = lambda name: nn.DenseGeneral((self.num_heads, h), dtype=self.dtype, dot_general=dense_dot_general,
-                                        name=name)
+    n, h = self.num_heads, d // self.num_heads
+    w = {name: WeightAndBias((d, n, h), (n, h), self.dtype, name=name)() for name in ("query", "key", "value")}
+    mat = lambda name: w[name][0].reshape(d, n * h)
+    if q_in_BTD is kv_in_BSD:  # self-attention: q, k and v in one GEMM on CPU (see layers.project)
+      q, k, v = project(q_in_BTD.astype(self.dtype), [mat("query"), mat("key"), mat("value")])
+    else:
+      (q,) = project(q_in_BTD.astype(self.dtype), [mat("query")])
+      k, v = project(kv_in_BSD.astype(self.dtype), [mat("key"), mat("value")])
+    q_BTNH, k_BSNH, v_BSNH = (x.reshape(*x.shape[:-1], n, h) + w[name][1]
+                              for x, name in ((q, "query"), (k, "key"), (v, "value")))
     # Heads-major operands: the attention GEMMs then batch over (B, N) with no transposes inside them, which XLA
     # CPU would otherwise run around both dots and the [B,N,T,S] softmax (~4x the time at 196 tokens). The scale
     # goes on the queries, not on the larger logits.
-    q_BNTH = jnp.swapaxes(proj("query")(q_in_BTD) * jnp.asarray(h ** -0.5, self.dtype), 1, 2)
-    k_BNSH = jnp.swapaxes(proj("key")(kv_in_BSD), 1, 2)
-    v_BNSH = jnp.swapaxes(proj("value")(kv_in_BSD), 1, 2)
+    q_BNTH = jnp.swapaxes(q_BTNH * jnp.asarray(h ** -0.5, self.dtype), 1, 2)
+    k_BNSH, v_BNSH = jnp.swapaxes(k_BSNH, 1, 2), jnp.swapaxes(v_BSNH, 1, 2)
     logits_BNTS = jnp.einsum("BNTH,BNSH->BNTS", q_BNTH, k_BNSH, preferred_element_type=jnp.float32)
     probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
     out_BTNH = jnp.swapaxes(jnp.einsum("BNTS,BNSH->BNTH", probs_BNTS, v_BNSH), 1, 2)
@@ -186,11 +212,15 @@ class ViT(nn.Module):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     if images_BHWC.ndim != 4 or images_BHWC.shape[-1] != 3:
       raise ValueError(f"images must be [B,H,W,3], got shape {images_BHWC.shape}.")
-    p = cfg.patch_size
-    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="embedding")(
-        images_BHWC.astype(dtype))
-    b, gh, gw, d = x.shape
-    x_BPD = x.reshape(b, gh * gw, d)
+    p, d = cfg.patch_size, cfg.width
+    # The patch embedding (a stride-p, p x p conv: flax Conv's params) as one GEMM over flattened patches, which
+    # XLA CPU runs several times faster than the convolution.
+    kernel_PPCD, bias_D = WeightAndBias((p, p, 3, d), (d,), dtype, nn.initializers.lecun_normal(),
+                                        name="embedding")()
+    b, gh, gw = images_BHWC.shape[0], images_BHWC.shape[1] // p, images_BHWC.shape[2] // p
+    patches = images_BHWC[:, :gh * p, :gw * p].astype(dtype).reshape(b, gh, p, gw, p, 3)
+    patches_BPK = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * 3)
+    x_BPD = dense(patches_BPK, kernel_PPCD.reshape(p * p * 3, d)) + bias_D
     posemb = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(d)), (1, cfg.num_patches, d))
     if gh * gw != cfg.num_patches:
       raise ValueError(f"images of {images_BHWC.shape[1]}x{images_BHWC.shape[2]} give {gh}x{gw} patches; "
