@@ -210,3 +210,31 @@ def test_dense_custom_vjp_equals_autodiff(shape_x, shape_w, n):
   want = jax.vjp(ref, x, w)[1](dy)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,n,k,extras", [(5, 4, 1, "mask"), (5, 4, 2, "mask softcap"), (5, 4, 4, "bias"),
+                                          (1, 4, 2, "mask"), (1, 4, 4, "bias mask"), (1, 4, 1, "bias"),
+                                          (5, 2, 2, "")])
+def test_attend_layouts_equal_plain_attention(t, n, k, extras):
+  """`layers.attend` picks a GEMM layout by shape (MQA rows, heads-major, grouped einsum for one token): each must
+  equal plain per-head attention, forward and backward, with or without mask, bias and softcap."""
+  from vlm_jax.models.layers import NEG_INF, attend
+  rng = np.random.RandomState(t * 100 + n * 10 + k)
+  b, s, h = 2, 7, 8
+  q, kk, v = (rng.randn(*shape).astype(np.float32) for shape in ((b, t, n, h), (b, s, k, h), (b, s, k, h)))
+  mask = rng.rand(b, t, s) > 0.3 if "mask" in extras else None
+  bias = rng.randn(1, n, t, s).astype(np.float32) if "bias" in extras else None
+  cap = 2.0 if "softcap" in extras else None
+
+  def plain(q, kk, v):
+    kk, v = jnp.repeat(kk, n // k, axis=2), jnp.repeat(v, n // k, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, kk) + (0 if bias is None else bias)
+    logits = logits if cap is None else cap * jnp.tanh(logits / cap)
+    logits = logits if mask is None else jnp.where(mask[:, None], logits, NEG_INF)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+
+  ours = lambda q, kk, v: attend(q, kk, v, mask, jnp.float32, cap, bias_BNTS=bias)
+  np.testing.assert_allclose(ours(q, kk, v), plain(q, kk, v), rtol=1e-5, atol=1e-5)
+  dy = rng.randn(b, t, n, h).astype(np.float32)
+  for g, r in zip(jax.vjp(ours, q, kk, v)[1](dy), jax.vjp(plain, q, kk, v)[1](dy)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)

@@ -123,22 +123,45 @@ def project(x_BTD, w_DXs, fuse: bool | None = None):
   return jnp.split(dense(x_BTD, jnp.concatenate(w_DXs, axis=1)), splits, axis=-1)
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, dtype, logits_softcap=None):
-  """Masked softmax attention with grouped KV heads (N query heads, K | N key / value heads): float32 logits
-  (capped by `logits_softcap` if set), masked keys at NEG_INF. Returns [B, T, N, H]."""
+def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, dtype, logits_softcap=None, bias_BNTS=None):
+  """Unscaled softmax attention (callers scale the queries) with grouped KV heads (N query heads, K | N key /
+  value heads). float32 logits, plus `bias_BNTS` if given (T5's relative positions; its B may be 1), capped by
+  `logits_softcap` if set; keys where `mask_BTS` is False at NEG_INF (None: no mask). Returns [B, T, N, H].
+
+  The layouts suit XLA CPU, whose batched GEMMs want their batch dims leading: otherwise it transposes the
+  operands around both GEMMs and runs the softmax over a strided [B, N, T, S] (3-4x the time at ~200 tokens).
+  MQA (K = 1): the queries of all heads are rows of one [B, T*N, H] matrix, with no transposes at all. Several
+  query tokens (prefill, training): heads-major [B, K, G*T, H] operands; transposing q, k and v costs far less
+  than the [B, N, T, S] work it saves. One query token (a decode step): the grouped einsum, which reads the KV
+  cache in place instead of transposing all of it at every step.
+  """
   b, t, n, h = q_BTNH.shape
-  k = k_BSKH.shape[2]
-  if k == 1:  # MQA: the queries of all heads are rows of one [B, T*N, H] matrix; no transposes around the GEMMs
+  s, k = k_BSKH.shape[1:3]
+  g = n // k
+
+  def probs(logits, mask, bias):  # all three already in the logits' layout
+    logits = softcap(logits if bias is None else logits + bias, logits_softcap)
+    return jax.nn.softmax(logits if mask is None else jnp.where(mask, logits, NEG_INF), axis=-1).astype(dtype)
+
+  if k == 1:
     logits_BTNS = jnp.einsum("BMH,BSH->BMS", q_BTNH.reshape(b, t * n, h), k_BSKH[:, :, 0],
-                             preferred_element_type=jnp.float32).reshape(b, t, n, -1)
-    logits_BTNS = jnp.where(mask_BTS[:, :, None], softcap(logits_BTNS, logits_softcap), NEG_INF)
-    probs_BMS = jax.nn.softmax(logits_BTNS, axis=-1).astype(dtype).reshape(b, t * n, -1)
-    return jnp.einsum("BMS,BSH->BMH", probs_BMS, v_BSKH[:, :, 0]).reshape(b, t, n, h)
-  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], softcap(logits_BKGTS, logits_softcap), NEG_INF)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dtype)
-  return jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH).reshape(b, t, n, h)
+                             preferred_element_type=jnp.float32).reshape(b, t, n, s)
+    probs_BTNS = probs(logits_BTNS, None if mask_BTS is None else mask_BTS[:, :, None],
+                       None if bias_BNTS is None else jnp.swapaxes(bias_BNTS, 1, 2))
+    return jnp.einsum("BMS,BSH->BMH", probs_BTNS.reshape(b, t * n, s), v_BSKH[:, :, 0]).reshape(b, t, n, h)
+  mask_B11TS = None if mask_BTS is None else mask_BTS[:, None, None]
+  bias_BKGTS = None if bias_BNTS is None else bias_BNTS.reshape(bias_BNTS.shape[0], k, g, t, s)
+  if t == 1:
+    q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
+    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs(logits_BKGTS, mask_B11TS, bias_BKGTS), v_BSKH).reshape(b, t, n, h)
+  q_BKMH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+  k_BKSH, v_BKSH = jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKH, 1, 2)
+  logits_BKGTS = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, k_BKSH,
+                            preferred_element_type=jnp.float32).reshape(b, k, g, t, s)
+  probs_BKMS = probs(logits_BKGTS, mask_B11TS, bias_BKGTS).reshape(b, k, g * t, s)
+  out_BKGTH = jnp.einsum("BKMS,BKSH->BKMH", probs_BKMS, v_BKSH).reshape(b, k, g, t, h)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def update_cache(cache, k_BTKH, v_BTKH, cache_index, dtype):

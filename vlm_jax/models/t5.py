@@ -56,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import NEG_INF, dense, heads_matrix, project, remat_block
+from vlm_jax.models.layers import attend, dense, heads_matrix, project, remat_block
 
 ACTIVATIONS = {"gelu_new": lambda x: nn.gelu(x, approximate=True), "gelu": lambda x: nn.gelu(x, approximate=False),
                "silu": nn.silu, "relu": nn.relu}
@@ -135,16 +135,6 @@ class RMSNorm(nn.Module):
     return (x.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def attend(q_BTNH, k_BSNH, v_BSNH, bias_BNTS, mask_BTS, dtype):
-  """Unscaled dot-product attention (T5 folds the scale into its weights) with an optional additive bias."""
-  logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
-  if bias_BNTS is not None:
-    logits_BNTS = logits_BNTS + bias_BNTS
-  logits_BNTS = jnp.where(mask_BTS[:, None], logits_BNTS, NEG_INF)
-  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(dtype)
-  return jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
-
-
 def _einsum_param(module, name, std, shape, dtype):
   return module.param(name, lambda *a: {"w": nn.initializers.normal(stddev=std)(*a)}, shape)["w"].astype(dtype)
 
@@ -166,7 +156,7 @@ class SelfAttention(nn.Module):
       cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTNH.astype(cache["k"].dtype), cache_index, 1),
                "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTNH.astype(cache["v"].dtype), cache_index, 1)}
       k_BTNH, v_BTNH = cache["k"].astype(dtype), cache["v"].astype(dtype)
-    out_BTNH = attend(q_BTNH, k_BTNH, v_BTNH, bias_BNTS, mask_BTS, dtype)
+    out_BTNH = attend(q_BTNH, k_BTNH, v_BTNH, mask_BTS, dtype, bias_BNTS=bias_BNTS)
     w_out = _einsum_param(self, "attn_vec_einsum", (n * h) ** -0.5, (n, h, d), dtype)
     return dense(out_BTNH, w_out, 2), cache
 
@@ -181,7 +171,7 @@ class CrossAttention(nn.Module):
     n, h, d = cfg.num_heads, cfg.head_dim, cfg.width
     wq = _einsum_param(self, "q_einsum", (d * h) ** -0.5, (n, d, h), dtype)
     q_BTNH = dense(x_BTD, heads_matrix(wq)).reshape(*x_BTD.shape[:2], n, h)
-    out_BTNH = attend(q_BTNH, k_BSNH.astype(dtype), v_BSNH.astype(dtype), None, mask_BTS, dtype)
+    out_BTNH = attend(q_BTNH, k_BSNH.astype(dtype), v_BSNH.astype(dtype), mask_BTS, dtype)
     w_out = _einsum_param(self, "attn_vec_einsum", (n * h) ** -0.5, (n, h, d), dtype)
     return dense(out_BTNH, w_out, 2)
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.layers import dense, dense_dot_general, project, remat_block
+from vlm_jax.models.layers import attend, dense, dense_dot_general, project, remat_block
 
 # width, depth, mlp_dim, num_heads (big_vision's decode_variant table).
 VARIANTS = {
@@ -149,14 +149,7 @@ class MultiHeadAttention(nn.Module):
       k, v = project(kv_in_BSD.astype(self.dtype), [mat("key"), mat("value")])
     q_BTNH, k_BSNH, v_BSNH = (x.reshape(*x.shape[:-1], n, h) + w[name][1]
                               for x, name in ((q, "query"), (k, "key"), (v, "value")))
-    # Heads-major operands: the attention GEMMs then batch over (B, N) with no transposes inside them, which XLA
-    # CPU would otherwise run around both dots and the [B,N,T,S] softmax (~4x the time at 196 tokens). The scale
-    # goes on the queries, not on the larger logits.
-    q_BNTH = jnp.swapaxes(q_BTNH * jnp.asarray(h ** -0.5, self.dtype), 1, 2)
-    k_BNSH, v_BNSH = jnp.swapaxes(k_BSNH, 1, 2), jnp.swapaxes(v_BSNH, 1, 2)
-    logits_BNTS = jnp.einsum("BNTH,BNSH->BNTS", q_BNTH, k_BNSH, preferred_element_type=jnp.float32)
-    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
-    out_BTNH = jnp.swapaxes(jnp.einsum("BNTS,BNSH->BNTH", probs_BNTS, v_BNSH), 1, 2)
+    out_BTNH = attend(q_BTNH * jnp.asarray(h ** -0.5, self.dtype), k_BSNH, v_BSNH, None, self.dtype)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, dot_general=dense_dot_general,
                            name="out")(out_BTNH)
 
