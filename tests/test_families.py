@@ -25,8 +25,9 @@ def test_family_configs_build_their_model(spec, llm_type, adapter, causal):
   assert jax.eval_shape(lambda: init_params(cfg))["params"]["llm"]
 
 
-def test_model_wide_options_reach_every_sub_config():
-  config = config_util.load_config("configs/siglip_llama.py")
+@pytest.mark.parametrize("spec", ["configs/siglip_llama.py", "configs/siglip_ul2.py"])
+def test_model_wide_options_reach_every_sub_config(spec):
+  config = config_util.load_config(spec)
   for key, value in (("model.scan_unroll", "True"), ("model.remat", "'dots'")):
     config_util.apply_override(config, key, value, ALLOWED_KEYS)
   cfg = build_model_config(normalize(config).model, make_tokenizer(config))

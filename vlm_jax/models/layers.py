@@ -63,15 +63,21 @@ def remat_block(block_cls, remat: str):
   return nn.remat(block_cls, prevent_cse=False, policy=policies[remat])
 
 
+def scan_stack(block_cls, cfg, depth: int, in_axes=0, name: str | None = None):
+  """`depth` copies of `block_cls(cfg)` as one `nn.scan`: params with a leading [depth] axis, `cfg.remat` per
+  block, the loop unrolled by `cfg.scan_unroll`."""
+  return nn.scan(remat_block(block_cls, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=in_axes, length=depth, unroll=cfg.scan_unroll)(cfg, name=name)
+
+
 def layer_stack(block_cls, cfg, in_axes: tuple):
   """`cfg.depth` copies of `block_cls(cfg)`, run by `run_layers`. With `cfg.stacked_layers` (training, checkpoints)
-  one `nn.scan` whose params have a leading [depth] axis; otherwise a list of blocks, each with its own params
-  (`layers_0`, `layers_1`, ...: see `unstack_layers`). The decode loop uses the list: a scan slices every layer's
-  weights out of the stacked arrays at each step, which costs a copy of all weights per generated token."""
-  block = remat_block(block_cls, cfg.remat)
+  a `scan_stack`; otherwise a list of blocks, each with its own params (`layers_0`, `layers_1`, ...: see
+  `unstack_layers`). The decode loop uses the list: a scan slices every layer's weights out of the stacked arrays
+  at each step, which costs a copy of all weights per generated token."""
   if cfg.stacked_layers:
-    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
-                   length=cfg.depth, unroll=cfg.scan_unroll)(cfg)
+    return scan_stack(block_cls, cfg, cfg.depth, in_axes)
+  block = remat_block(block_cls, cfg.remat)
   return [block(cfg) for _ in range(cfg.depth)]
 
 

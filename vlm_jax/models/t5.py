@@ -56,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import attend, dense, heads_matrix, project, remat_block
+from vlm_jax.models.layers import attend, dense, heads_matrix, project, scan_stack
 
 ACTIVATIONS = {"gelu_new": lambda x: nn.gelu(x, approximate=True), "gelu": lambda x: nn.gelu(x, approximate=False),
                "silu": nn.silu, "relu": nn.relu}
@@ -81,6 +81,7 @@ class T5Config:
   decoder_start_id: int = 0  # T5 starts decoding from the pad token
   dtype: str = "float32"
   remat: str = "none"
+  scan_unroll: int | bool = 1  # nn.scan's `unroll` over the encoder and decoder layers (see GemmaConfig)
   fuse_projections: bool | None = None  # q/k/v and gate/up as one GEMM each (None: on CPU only; `layers.project`)
 
   def __post_init__(self):
@@ -235,9 +236,8 @@ class Encoder(nn.Module):
   def __call__(self, x_BSD, positions_BS, mask_BSS):
     cfg = self.cfg
     bias_BNSS = relative_bias(_bias_table(self, cfg), positions_BS, positions_BS, bidirectional=True, cfg=cfg)
-    block = nn.scan(remat_block(EncoderBlock, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast), length=cfg.encoder_depth)
-    x_BSD, _ = block(cfg, name="layers")(x_BSD, bias_BNSS, mask_BSS)
+    x_BSD, _ = scan_stack(EncoderBlock, cfg, cfg.encoder_depth, (nn.broadcast, nn.broadcast), name="layers")(
+        x_BSD, bias_BNSS, mask_BSS)
     return RMSNorm(cfg.norm_eps, name="final_norm")(x_BSD)
 
 
@@ -250,16 +250,15 @@ class Decoder(nn.Module):
     self.cross_kv_einsum = self.param(
         "cross_kv_einsum", lambda *a: {"w": nn.initializers.normal(stddev=cfg.width ** -0.5)(*a)},
         (cfg.decoder_depth, 2, cfg.num_heads, cfg.width, cfg.head_dim))
-    block = nn.scan(remat_block(DecoderBlock, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.decoder_depth)
-    self.layers = block(cfg, name="layers")
+    self.layers = scan_stack(DecoderBlock, cfg, cfg.decoder_depth,
+                             (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
     self.final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
 
   def cross_kv(self, enc_BSD):
     """Every layer's cross-attention keys and values, each [L,B,S,N,H]."""
     w = self.cross_kv_einsum["w"].astype(jnp.dtype(self.cfg.dtype))  # [L,2,N,D,H]
-    k_BSLNH, v_BSLNH = (dense(enc_BSD, jnp.moveaxis(w[:, i], 2, 0)) for i in (0, 1))  # [D,L,N,H] weights
-    return jnp.moveaxis(k_BSLNH, 2, 0), jnp.moveaxis(v_BSLNH, 2, 0)
+    kv_BSL2NH = dense(enc_BSD, jnp.moveaxis(w, 3, 0))  # one GEMM over the [D,L,2,N,H] weight
+    return jnp.moveaxis(kv_BSL2NH[:, :, :, 0], 2, 0), jnp.moveaxis(kv_BSL2NH[:, :, :, 1], 2, 0)
 
   def __call__(self, y_BTD, kv, cross_mask_BTS, query_pos_T, cache_index=0):
     """Final-normed hidden [B,T,D] and the updated {"self_k", "self_v"} (None without a cache in `kv`).

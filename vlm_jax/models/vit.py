@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.layers import attend, dense, dense_dot_general, project, remat_block
+from vlm_jax.models.layers import attend, dense, dense_dot_general, project, scan_stack
 
 # width, depth, mlp_dim, num_heads (big_vision's decode_variant table).
 VARIANTS = {
@@ -173,9 +173,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x_BPD):
-    block = nn.scan(remat_block(EncoderBlock, self.cfg.remat), variable_axes={"params": 0},
-                    split_rngs={"params": True}, length=self.cfg.depth, unroll=self.cfg.scan_unroll)
-    x_BPD, _ = block(self.cfg, name="encoderblock")(x_BPD, None)
+    x_BPD, _ = scan_stack(EncoderBlock, self.cfg, self.cfg.depth, name="encoderblock")(x_BPD, None)
     normed_BPD = nn.LayerNorm(epsilon=self.cfg.layernorm_eps, dtype=jnp.dtype(self.cfg.dtype),
                               name="encoder_norm")(x_BPD)
     return normed_BPD if self.cfg.final_norm else x_BPD
