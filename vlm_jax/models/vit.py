@@ -205,7 +205,7 @@ class ViT(nn.Module):
       raise ValueError(f"images must be [B,H,W,3], got shape {images_BHWC.shape}.")
     p, d = cfg.patch_size, cfg.width
     # The patch embedding (a stride-p, p x p conv: flax Conv's params) as one GEMM over flattened patches, which
-    # XLA CPU runs faster than the strided convolution (~5 vs 6.6-8 ms at batch 8, 224px, p = 16).
+    # XLA CPU runs ~20% faster than the strided convolution (3.6-3.9 vs 4.5-4.6 ms at batch 8, 224px, p = 16).
     kernel_PPCD, bias_D = WeightAndBias((p, p, 3, d), (d,), dtype, nn.initializers.lecun_normal(),
                                         name="embedding")()
     b, gh, gw = images_BHWC.shape[0], images_BHWC.shape[1] // p, images_BHWC.shape[2] // p
