@@ -56,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import attend, dense, heads_matrix, project, scan_stack
+from vlm_jax.models.layers import attend, dense, heads_matrix, project, scan_stack, update_cache
 
 ACTIVATIONS = {"gelu_new": lambda x: nn.gelu(x, approximate=True), "gelu": lambda x: nn.gelu(x, approximate=False),
                "silu": nn.silu, "relu": nn.relu}
@@ -153,10 +153,7 @@ class SelfAttention(nn.Module):
     b, t = x_BTD.shape[:2]
     q_BTNH, k_BTNH, v_BTNH = (y.reshape(b, t, n, h) for y in project(
         x_BTD, [heads_matrix(wq), heads_matrix(wkv[0]), heads_matrix(wkv[1])], cfg.fuse_projections))
-    if cache is not None:
-      cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTNH.astype(cache["k"].dtype), cache_index, 1),
-               "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTNH.astype(cache["v"].dtype), cache_index, 1)}
-      k_BTNH, v_BTNH = cache["k"].astype(dtype), cache["v"].astype(dtype)
+    cache, k_BTNH, v_BTNH = update_cache(cache, k_BTNH, v_BTNH, cache_index, dtype)
     out_BTNH = attend(q_BTNH, k_BTNH, v_BTNH, mask_BTS, dtype, bias_BNTS=bias_BNTS)
     w_out = _einsum_param(self, "attn_vec_einsum", (n * h) ** -0.5, (n, h, d), dtype)
     return dense(out_BTNH, w_out, 2), cache
