@@ -169,6 +169,25 @@ def test_argmax_is_numpys_first_index_of_the_maximum():
   assert int(decode_lib.argmax(nan_row)[0]) == 0  # in range, whatever the row holds
 
 
+def test_gather_cache_takes_batch_rows_in_both_cache_layouts():
+  """Beam search and best-of reorder cache rows: stacked [L, B, ...] "kv" leaves along axis 1, the decode loop's
+  per-layer list of [B, ...] caches along axis 0, everything else along axis 0, scalars untouched."""
+  rs = np.random.RandomState(0)
+  k_LBSH = rs.randn(2, 3, 5, 4).astype(np.float32)
+  valid_BS = rs.rand(3, 5) > 0.5
+  rows = jnp.asarray([2, 2, 0])
+  stacked = {"kv": {"k": k_LBSH}, "key_valid": valid_BS, "index": jnp.int32(4)}
+  per_layer = {"kv": [{"k": k_LBSH[0]}, {"k": k_LBSH[1]}], "key_valid": valid_BS, "index": jnp.int32(4)}
+  got_stacked = decode_lib.gather_cache(stacked, rows)
+  got_per_layer = decode_lib.gather_cache(per_layer, rows)
+  np.testing.assert_array_equal(got_stacked["kv"]["k"], k_LBSH[:, [2, 2, 0]])
+  for i in range(2):
+    np.testing.assert_array_equal(got_per_layer["kv"][i]["k"], k_LBSH[i, [2, 2, 0]])
+  for got in (got_stacked, got_per_layer):
+    np.testing.assert_array_equal(got["key_valid"], valid_BS[[2, 2, 0]])
+    assert int(got["index"]) == 4
+
+
 class CompileCounter:
   """Counts XLA backend compilations while active."""
 

@@ -95,10 +95,14 @@ def length_normalized(logp, length, length_penalty: float):
 
 
 def cache_batch_axis(path, leaf):
-  """The cache layout rule: scalars are shared, leaves under "kv" are [layers, batch, ...], others [batch, ...]."""
+  """The cache layout rule: scalars are shared; leaves under "kv" are [layers, batch, ...], or [batch, ...] where
+  "kv" holds a list of per-layer caches; others are [batch, ...]."""
   if leaf.ndim == 0:
     return None
-  return 1 if any(getattr(k, "key", None) == "kv" for k in path) else 0
+  keys = [getattr(k, "key", None) for k in path]
+  if "kv" not in keys:
+    return 0
+  return 0 if isinstance(path[keys.index("kv") + 1], jax.tree_util.SequenceKey) else 1
 
 
 def gather_cache(cache, rows_B):
@@ -221,15 +225,14 @@ def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, 
   sampling only). Returns int32 [B, max_new_tokens], positions after EOS filled with `pad_id`, and with
   return_scores also float32 [B] scores (see `Sampling`).
   """
-  logits_BV, cache = model_for(cfg).apply(params, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens,
-                                          method="start")
-  # The steps read each layer's weights from arrays of their own, split off once here: slicing them out of the
-  # stacked [depth, ...] params inside the loop would copy every weight at every step.
-  step_cfg, step_params = per_layer(cfg, params)
-  step_model = model_for(step_cfg)
+  # Each layer's weights and KV cache live in arrays of their own, split off once here: slicing them out of
+  # stacked [depth, ...] arrays inside the loop would copy every weight and the whole cache at every step.
+  cfg, params = per_layer(cfg, params)
+  model = model_for(cfg)
+  logits_BV, cache = model.apply(params, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens, method="start")
 
   def extend(token_B, cache):
-    logits_B1V, cache = step_model.apply(step_params, token_B[:, None], cache, method="extend")
+    logits_B1V, cache = model.apply(params, token_B[:, None], cache, method="extend")
     return logits_B1V[:, 0], cache
 
   common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, logits_mask_V=logits_mask_V)

@@ -4,7 +4,8 @@ Param names follow big_vision's `models/ppp/gemma.py` (`embedder/input_embedding
 ...). Axis letters: B batch, T query length, S key length, D width, N query heads, K kv heads,
 G query heads per kv head, H head dim, F mlp width, V vocab, L layers.
 
-The cache is a plain dict {"k": [L,B,S,K,H], "v": [L,B,S,K,H]}; new keys and values are written at one
+The cache is a plain dict {"k": [L,B,S,K,H], "v": [L,B,S,K,H]} (with per-layer weights, `layers.layer_stack`:
+a list of L dicts of [B,S,K,H]); new keys and values are written at one
 shared slot index for the whole batch (`cache_index`), and which slots a query may see is given by the mask,
 so rows of different lengths share one cache.
 """

@@ -82,14 +82,16 @@ def layer_stack(block_cls, cfg, in_axes: tuple):
 
 
 def run_layers(layers, x, xs, *broadcast):
-  """x, xs -> x, ys through a `layer_stack`; xs / ys leaves have a leading [depth] axis either way."""
+  """x, xs -> x, ys through a `layer_stack`. Stacked: xs / ys leaves have a leading [depth] axis. List: xs may
+  also hold per-layer lists (entry i goes to layer i), and ys come back as a list of per-layer trees; the
+  decode loop keeps its KV cache that way, so that no step slices or re-stacks the cache of every layer."""
   if not isinstance(layers, (list, tuple)):
     return layers(x, xs, *broadcast)
   ys = []
   for i, layer in enumerate(layers):
-    x, y = layer(x, jax.tree.map(lambda a: a[i], xs), *broadcast)
+    x, y = layer(x, jax.tree.map(lambda a: a[i], xs, is_leaf=lambda n: isinstance(n, list)), *broadcast)
     ys.append(y)
-  return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+  return x, ys
 
 
 def unstack_layers(params: dict, depth: int, name: str = "layers") -> dict:

@@ -23,7 +23,8 @@ tensors they hold (torch Linear weights are [out, in]; ours are [in, out], with 
   final_norm/scale                  [D]        model.norm.weight
   lm_head/w                         [D, V]     lm_head.weight [V, D]                 (absent if tie_embeddings)
 
-The cache is the same as Gemma's: {"k": [L,B,S,K,H], "v": [L,B,S,K,H]}, written at one shared slot index.
+The cache is the same as Gemma's: {"k": [L,B,S,K,H], "v": [L,B,S,K,H]} (per-layer weights: a list of L such
+dicts of [B,S,K,H]), written at one shared slot index.
 """
 import dataclasses
 import math

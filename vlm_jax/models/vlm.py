@@ -222,7 +222,8 @@ def model_for(cfg: VLMConfig) -> nn.Module:
 
 def per_layer(cfg: VLMConfig, params):
   """(cfg, params) with the language model's layers as separate arrays (`layers.layer_stack`), for the decode
-  loop's `extend`; unchanged for backbones without the option. Same function, same results."""
+  loop (its prefill and steps; the KV cache then is a list of per-layer caches too); unchanged for backbones
+  without the option. Same function, same results."""
   if not getattr(cfg.llm, "stacked_layers", False):
     return cfg, params
   llm = unstack_layers(params["params"]["llm"], cfg.llm.depth)
