@@ -80,6 +80,13 @@ def run_cli(*args):
                         text=True, timeout=300)
 
 
+def load_cli():
+  spec = importlib.util.spec_from_file_location("memory_plan_cli", os.path.join(th.REPO, "tools", "memory_plan.py"))
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  return cli
+
+
 def test_cli_plans_paligemma2_28b_in_seconds():
   start = time.time()
   p = run_cli("--config", "configs/paligemma_stages.py:model=paligemma2_28b_224", "--mesh", "fsdp=32,tensor=2",
@@ -107,11 +114,23 @@ def test_cli_plans_paligemma2_28b_in_seconds():
     (["--mesh", "data=2", "--device_memory", "lots"], "error: cannot read 'lots' as a memory size"),
 ])
 def test_cli_errors_are_clear(args, message, capsys):
-  spec = importlib.util.spec_from_file_location("memory_plan_cli", os.path.join(th.REPO, "tools", "memory_plan.py"))
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
-  assert cli.main(["--config", th.TINY, *args]) == 2
+  assert load_cli().main(["--config", th.TINY, *args]) == 2
   assert message in capsys.readouterr().err
+
+
+def test_cli_overrides_work_as_in_train(capsys):
+  """--config.KEY=VALUE takes the keys tools/train.py takes, including ones the config file does not set."""
+  cli = load_cli()
+  assert cli.main(["--config", th.TINY, "--mesh", "data=1"]) == 0
+  plain = capsys.readouterr().out.splitlines()
+  assert cli.main(["--config", th.TINY, "--mesh", "data=1", "--config.grad_accum=4",
+                   "--config.model.remat=full"]) == 0
+  accum = capsys.readouterr().out.splitlines()
+  assert "remat none;" in plain[0] and "remat full;" in accum[0]
+  ex_per_dev = lambda lines: [int(line.split()[4]) for line in lines[2:]]
+  assert ex_per_dev(accum) == [n // 4 for n in ex_per_dev(plain)]
+  assert cli.main(["--config", th.TINY, "--mesh", "data=1", "--config.grad_acum=4"]) == 2
+  assert "grad_acum" in capsys.readouterr().err
 
 
 def test_parse_helpers():

@@ -41,6 +41,7 @@ def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # shapes only: never claim an accelerator
   from vlm_jax import config_util, memory_plan, sharding
+  from vlm_jax.train_setup import ALLOWED_KEYS, check_config
   try:
     sizes = memory_plan.parse_mesh(args.mesh)
     if -1 in sizes.values() and not args.num_devices:
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
     num_devices = args.num_devices or math.prod(sizes.values())
     mesh_shape = sharding.resolve_axes(sizes, num_devices)
     device_memory = memory_plan.parse_bytes(args.device_memory) if args.device_memory else None
-    config = config_util.load_with_overrides(args.config, overrides)
+    config = config_util.load_with_overrides(args.config, overrides, ALLOWED_KEYS)
+    check_config(config)
     result = memory_plan.plan(config, mesh_shape)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
