@@ -43,14 +43,18 @@ def test_optimizers_by_name_apply_lr_multipliers(name):
   np.testing.assert_allclose(ratio, 0.1, rtol=1e-5)
 
 
-def test_weight_decay_only_where_the_table_says():
-  params = {"w": jnp.ones(3), "bias": jnp.ones(3)}
-  cfg = ml_collections.ConfigDict(dict(name="sgd", weight_decay=0.5, wd_mults=[(".*bias$", 0.0), (".*", 1.0)]))
-  opt, _ = optim.make_optimizer(cfg, stage(schedule=dict(decay="constant")), {"w", "bias"})
+def test_weight_decay_scaled_by_the_table():
+  """wd_mults: the first matching regex's multiplier of weight_decay (0: no decay); unmatched params get none."""
+  params = {"w": jnp.ones(3), "bias": jnp.ones(3), "scale": 2 * jnp.ones(3), "other": jnp.ones(3)}
+  cfg = ml_collections.ConfigDict(dict(name="sgd", weight_decay=0.5,
+                                       wd_mults=[(".*bias$", 0.0), ("scale", 0.25), ("w", 1.0)]))
+  opt, _ = optim.make_optimizer(cfg, stage(schedule=dict(decay="constant")), set(params))
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = opt.update(zero, opt.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.5)
   np.testing.assert_allclose(updates["bias"], 0.0)
+  np.testing.assert_allclose(updates["scale"], -0.5 * 0.25 * 2)
+  np.testing.assert_allclose(updates["other"], 0.0)
 
 
 def test_grad_accumulation_equals_one_big_batch():

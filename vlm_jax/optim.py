@@ -65,7 +65,7 @@ def make_optimizer(optim_cfg, stage, trainable_names) -> tuple[optax.GradientTra
   names = sorted(trainable_names)
   mults = treeutil.unflatten({n: float(first_match(n, as_table(stage.get("lr_mults")), 1.0)) for n in names})
   wd_table = as_table(optim_cfg.get("wd_mults", [(".*", 1.0)]))
-  wd_mask = treeutil.unflatten({n: bool(first_match(n, wd_table, 0.0)) for n in names})
+  wd_mults = treeutil.unflatten({n: float(first_match(n, wd_table, 0.0)) for n in names})
   parts = []
   if optim_cfg.get("clip_norm"):
     parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
@@ -80,8 +80,11 @@ def make_optimizer(optim_cfg, stage, trainable_names) -> tuple[optax.GradientTra
   else:
     raise ValueError(f"Unknown optimizer {name!r}; use adamw | adafactor | sgd.")
   if optim_cfg.get("weight_decay"):
-    # Decoupled decay (AdamW), scaled by the lr schedule below like the update.
-    parts.append(optax.add_decayed_weights(float(optim_cfg.weight_decay), mask=wd_mask))
+    # Decoupled decay (AdamW), weight_decay x the param's wd_mults entry, scaled by the lr schedule below like
+    # the update.
+    wd = float(optim_cfg.weight_decay)
+    parts.append(optax.stateless(lambda updates, params: jax.tree.map(lambda u, p, m: u + wd * m * p, updates,
+                                                                      params, wd_mults)))
   parts.append(optax.scale_by_schedule(sched))
   parts.append(optax.scale(-1.0))
   if any(m != 1.0 for m in jax.tree.leaves(mults)):
