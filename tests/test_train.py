@@ -48,6 +48,20 @@ def test_stage_transition_freezing_and_resampling(tmp_path):
   assert stages == [0, 0, 0, 1, 1]
 
 
+def test_keeps_the_last_checkpoints_and_evaluates_every_eval_every_steps(tmp_path):
+  """checkpoint_every=1 with keep_checkpoints=2: only the last two survive; eval_every=2 logs the evaluator at
+  global steps 2 and 4 (stage 0 and 1), and once more at the end (step 5, also into eval.json)."""
+  c = th.small_config(steps=(3, 2), checkpoint_every=1, keep_checkpoints=2, eval_every=2)
+  c.evals = [dict(name="val", data=dict(kind="synthetic", split="val", num_examples=6, seed=0, image_size=32),
+                  metrics=["exact_match"], batch_size=4, max_new_tokens=4, prefix_len=12)]
+  train_lib.train(c, str(tmp_path), log=QUIET)
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4, 5]
+  records = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  evals = [(r["step"], r["stage"]) for r in records if "eval/val/exact_match" in r]
+  assert evals == [(2, 0), (4, 1), (5, 1)]
+  assert os.path.exists(tmp_path / "eval.json")
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
   c = th.small_config(steps=(6, 1), checkpoint_every=1)
   c.stages[0]["lr"] = 1e30  # the first update blows the params up: the next loss is not finite
@@ -98,7 +112,7 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_then_exits_and_resumes(tmp_path):
+def test_sigterm_saves_a_checkpoint_then_exits_143(tmp_path):
   workdir = str(tmp_path / "w")
   env = dict(os.environ, PYTHONPATH=th.REPO)
   cmd = [sys.executable, "tools/train.py", "--config", f"{th.TINY}:res=16,res2=32,batch=8,examples=256,steps1=400",
