@@ -72,7 +72,7 @@ def load_model(path: str, config=None, dtype: str | None = None):
   on this process's first device whatever mesh they were saved from."""
   from vlm_jax.models.vlm import init_params
   from vlm_jax.tokenizer import Tokenizer
-  path = os.path.abspath(path)
+  path = str(path) if is_remote(path) else os.path.abspath(path)
   config = config or load_config(path)
   expected = jax.eval_shape(lambda: init_params(config))
   with ocp.StandardCheckpointer() as ckptr:
@@ -85,7 +85,7 @@ def load_model(path: str, config=None, dtype: str | None = None):
     target = jax.tree.map(lambda x, d: jax.ShapeDtypeStruct(x.shape, dtype or d, sharding=device), expected, stored)
     params = ckptr.restore(os.path.join(path, "params"), target)
   tok_file = os.path.join(path, TOKENIZER_FILE)
-  return config, params, Tokenizer(tok_file) if os.path.isfile(tok_file) else None
+  return config, params, Tokenizer(tok_file) if epath.Path(tok_file).is_file() else None
 
 
 class TrainCheckpoints:

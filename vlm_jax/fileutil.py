@@ -5,11 +5,13 @@ import os
 import shutil
 import tempfile
 
+from etils import epath
+
 
 def read_json(file: str):
+  """The JSON object in `file` (a local path or a remote one such as gs://..., read through etils.epath)."""
   try:
-    with open(file) as f:
-      return json.load(f)
+    return json.loads(epath.Path(file).read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{file}: malformed JSON ({e}).") from e
 

@@ -3,20 +3,20 @@
 `<locNNNN>` and `<segNNN>` are user-defined pieces in PaliGemma's vocabulary: SentencePiece keeps them as
 single ids in encode and decode.
 """
-import os
-
 import sentencepiece as spm
+from etils import epath
 
 
 class Tokenizer:
 
   def __init__(self, model_path: str):
-    if not os.path.isfile(model_path):
+    if not epath.Path(model_path).is_file():
       raise FileNotFoundError(f"No tokenizer model at {model_path}.")
     self.path = model_path
+    self._model_bytes = epath.Path(model_path).read_bytes()  # local or remote (gs://...)
     self.sp = spm.SentencePieceProcessor()
     try:
-      self.sp.Load(model_path)
+      self.sp.LoadFromSerializedProto(self._model_bytes)
     except (OSError, RuntimeError) as e:
       raise ValueError(f"{model_path} is not a valid SentencePiece model: {e}") from e
     self.pad_id, self.eos_id, self.bos_id = self.sp.pad_id(), self.sp.eos_id(), self.sp.bos_id()
@@ -44,5 +44,4 @@ class Tokenizer:
     return [self.bos_id] + self.encode(prompt) + self.encode("\n")
 
   def model_bytes(self) -> bytes:
-    with open(self.path, "rb") as f:
-      return f.read()
+    return self._model_bytes
