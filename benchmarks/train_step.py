@@ -1,7 +1,7 @@
 """Training-step throughput of vlm_jax against transformers + PyTorch on one PaliGemma-shaped model.
 
   python benchmarks/train_step.py                 # ~50M params, 224px (196 image tokens) + 64 text tokens
-  python benchmarks/train_step.py --quick         # a small model: a smoke run in seconds
+  python benchmarks/train_step.py --quick         # a small model: a smoke run in ~1 min
   python benchmarks/train_step.py --batch 8 --steps 10 --dtype bfloat16 --json out.json
 
 Both sides train the SAME weights (ours from init_params, exported with convert.hf.save, loaded by

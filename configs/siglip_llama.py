@@ -2,8 +2,8 @@
 
   python tools/train.py --config configs/siglip_llama.py --workdir runs/llama                    # tiny, synthetic
   python tools/train.py --config configs/siglip_llama.py:adapter=resampler --workdir runs/llama_rs
-  python tools/train.py --config configs/siglip_llama.py:tiny=False,llm=/ckpt/Qwen2-0.5B,tokenizer=/ckpt/tok.model,\\
-      data=/data/llava.json,images=/data/images --workdir runs/llava
+  python tools/train.py --workdir runs/llava --config \\
+      configs/siglip_llama.py:tiny=False,llm=/ckpt/Llama-2-7b-hf,tokenizer=/ckpt/Llama-2-7b-hf/tokenizer.model,data=/data/llava.json,images=/data/images
 
 tiny (default): the README main job's two-stage recipe on the shipped synthetic data, with a 3+3-layer
 LLaVA-shaped model trained from scratch (CPU, minutes), for 1800 + 300 steps instead of 1300 + 250: attending

@@ -2,8 +2,8 @@
 encoder, the answer from the decoder).
 
   python tools/train.py --config configs/siglip_ul2.py --workdir runs/ul2                        # tiny, synthetic
-  python tools/train.py --config configs/siglip_ul2.py:tiny=False,llm=/ckpt/ul2-3b,tokenizer=/ckpt/spiece.model,\\
-      data=/data/llava.json,images=/data/images --workdir runs/pali3
+  python tools/train.py --workdir runs/pali3 --config \\
+      configs/siglip_ul2.py:tiny=False,llm=/ckpt/ul2-3b,tokenizer=/ckpt/spiece.model,data=/data/llava.json,images=/data/images
 
 tiny (default): the README main job's two-stage recipe on the shipped synthetic data, with a 3-layer ViT and a
 3+3-layer gated-GELU encoder-decoder trained from scratch (CPU, minutes), for 1800 + 300 steps instead of

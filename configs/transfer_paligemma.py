@@ -1,8 +1,7 @@
 """Fine-tune a released PaliGemma checkpoint from a local path on a LLaVA-style dataset, one stage at 224 px.
 
-  python tools/train.py --config configs/transfer_paligemma.py:init=/ckpt/paligemma-3b-pt-224,\\
-      tokenizer=/ckpt/paligemma-3b-pt-224/tokenizer.model,data=/data/train.json,images=/data/images \\
-      --workdir runs/ft
+  python tools/train.py --workdir runs/ft --config \\
+      configs/transfer_paligemma.py:init=/ckpt/paligemma-3b-pt-224,tokenizer=/ckpt/paligemma-3b-pt-224/tokenizer.model,data=/data/train.json,images=/data/images
 
 `init` may be a HF PaliGemma directory or a vlm_jax checkpoint (the model config is read from it), or a
 big_vision .npz (then `model` names its config, e.g. model=paligemma2_3b_224). Typical fine-tune learning

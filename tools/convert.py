@@ -28,7 +28,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 EPILOG = """\
 formats:
-  hf          a HuggingFace PaliGemmaForConditionalGeneration directory (config.json + *.safetensors)
+  hf          a HuggingFace PaliGemmaForConditionalGeneration or LlavaForConditionalGeneration directory
+              (config.json + *.safetensors)
   big_vision  a big_vision .npz file (keys params/img/..., params/llm/...); needs --config
   vlm_jax     a vlm_jax checkpoint directory (vlm_config.json + Orbax params/)
 
@@ -55,7 +56,7 @@ def config_names() -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="convert.py",
-      description="Convert a PaliGemma-style model between HuggingFace, big_vision and vlm_jax checkpoints. "
+      description="Convert a PaliGemma or LLaVA-style model between HuggingFace, big_vision and vlm_jax checkpoints. "
                   "Every tensor is checked against the model's expected shape before anything is written.",
       epilog=EPILOG.format(configs=", ".join(config_names())),
       formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,7 +10,7 @@ text_len, sampler options); --evals picks some by name. Metrics: exact_match, vq
 relaxed_accuracy, cider (decoded answers against every reference answer) and loss / perplexity
 (teacher-forced on the reference answers). --checkpoint takes what tools/predict.py takes. The results JSON
 (default: eval_results.json next to the checkpoint) holds, per evaluator, the metrics (overall and per
-task) and every prediction with its scores.
+task) and every prediction with its per-metric scores.
 """
 import argparse
 import json

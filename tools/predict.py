@@ -1,8 +1,8 @@
 """Answer prompts about one image with a trained or converted model, through the shared decode loop.
 
   python tools/predict.py --checkpoint runs/tiny/model --image cat.png --prompt "caption en"
-  python tools/predict.py --checkpoint runs/tiny --image cat.png --prompt "count circle" --prompt "caption en"
-  printf 'caption en\\ncount circle\\n' | python tools/predict.py --checkpoint runs/tiny/model --image cat.png
+  python tools/predict.py --checkpoint runs/tiny --image cat.png --prompt "how many shapes" --prompt "caption en"
+  printf 'caption en\\nhow many shapes\\n' | python tools/predict.py --checkpoint runs/tiny/model --image cat.png
   python tools/predict.py --checkpoint hf_dir --image x.jpg --prompt "caption en" --sampler beam --beam_size 4
   python tools/predict.py --checkpoint pg.npz --model_config paligemma_3b_224 --tokenizer tok.model ...
 

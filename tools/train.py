@@ -1,7 +1,8 @@
 """Train a vision-language model from one config file: every stage in order, resumable.
 
   python tools/train.py --config configs/tiny_synthetic.py --workdir runs/tiny
-  python tools/train.py --config configs/paligemma_stages.py:res=448 --workdir runs/pg --config.seed=3
+  python tools/train.py --config configs/paligemma_stages.py:data=/data/llava.json,steps=5000 --workdir runs/pg \\
+      --config.seed=3
 
 Config arguments follow the colon (`file.py:a=1,b=2`, read by the file's get_config(arg)); `--config.KEY=VALUE`
 overrides any field after loading (`--config.stages[0].lr=1e-4`); an unknown key is an error. Re-running

@@ -63,7 +63,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
   """Runs one evaluator config over its data.
 
   Returns {"name", "num_examples", metric: mean over examples (corpus-level for cider), f"{metric}/{task}",
-  "predictions": one record per example (id, task, prompt, answers, prediction, its scores)}.
+  "predictions": one record per example (id, task, prompt, answers, prediction, its score under each metric)}.
   `progress(done, total)` is called after each batch. With a `mesh`, each batch is split over its data axes
   (params are placed by the caller, e.g. `Model.shard`).
   """

@@ -21,7 +21,6 @@ _DATA = dict(_SOURCE, sources=_SOURCE)
 ALLOWED_KEYS = {
     "seed": None, "mesh": None, "dcn_mesh": None, "checkpoint_every": None, "keep_checkpoints": None,
     "log_every": None, "eval_every": None, "grad_accum": None, "export_model": None, "tokenizer": None,
-    "total_steps": None,
     "model": {"name": None, "img": None, "llm": None, "adapter": None, "causal": None, "dtype": None, "remat": None,
               "scan_unroll": None, "init": None},
     "optim": {"name": None, "b1": None, "b2": None, "eps": None, "momentum": None, "clip_norm": None,

@@ -18,7 +18,7 @@ def paligemma(llm_variant: str, res: int, name: str) -> VLMConfig:
 
 
 def tiny(gemma2: bool = False) -> VLMConfig:
-  """A few-thousand-parameter model for tests: every code path, seconds to compile."""
+  """A ~140k-parameter model for tests: every code path, seconds to compile."""
   img = vit_config("mu/14", image_size=28, head_dim_out=64)
   llm = GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16, vocab_size=512)
   if gemma2:
