@@ -9,7 +9,6 @@ all onto one layout before conversion.
 import glob
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -364,7 +363,8 @@ def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer):
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
     json.dump({f"{k}_token_id": v for k, v in special.items()}, f, indent=2)
   if tokenizer is not None:
-    shutil.copyfile(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:  # its source may be remote
+      f.write(tokenizer.model_bytes())
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
       json.dump({"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
                  **{f"{k}_token": tokenizer.sp.IdToPiece(v) for k, v in special.items()}}, f, indent=2)
