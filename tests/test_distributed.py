@@ -99,8 +99,12 @@ CONFIG = textwrap.dedent("""
   def get_config(arg=None):
     # One 5-step stage; a hybrid mesh: data over processes (DCN) x data, fsdp within each process.
     c = th.small_config(steps=(5,), mesh=dict(data=-1, fsdp=2, tensor=1), dcn_mesh=dict(data=-1),
-                        checkpoint_every=3)
+                        checkpoint_every=3, eval_every=2)
     c.stages = c.stages[:1]
+    # 10 examples in batches of 6 (rounded up to the mesh's 8 data rows): padded rows in every batch.
+    c.evals = [dict(name="val", data=dict(kind="synthetic", split="val", num_examples=10, seed=0, grid=2,
+                                          image_size=16),
+                    metrics=["exact_match", "loss"], batch_size=6, max_new_tokens=4, prefix_len=12, text_len=16)]
     return c
 """)
 
@@ -134,6 +138,16 @@ def _load_params(model_dir):
   return treeutil.flatten(vlm_jax.load(model_dir).params["params"])
 
 
+def _evals(workdir):
+  """The eval records of metrics.jsonl and the final evaluation's predictions (eval.json)."""
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  with open(os.path.join(workdir, "eval.json")) as f:
+    final = json.load(f)
+  return {"periodic": [r for r in records if any(k.startswith("eval/") for k in r)],
+          "predictions": [(p["id"], p["prediction"]) for p in final["val"]["predictions"]],
+          "nll": [p["nll"] for p in final["val"]["predictions"]]}
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
   """2 processes x 4 CPU devices (tools/train.py with the distributed flags, coordinator on 127.0.0.1) give
@@ -151,6 +165,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
   assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   assert "distributed: 2 processes, 8 devices (4 on this host)" in outs[0]
   multi_losses = th.losses(multi)
+  multi_evals = _evals(multi)
   multi_params = _load_params(os.path.join(multi, "model"))  # written by both processes, loaded by one
   assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["3", "5"]
 
@@ -169,6 +184,14 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
   assert np.max(np.abs(resumed - ref_losses) / ref_losses) < 1e-5, (resumed, ref_losses)
   # Adam's normalised updates turn float-rounding differences of near-zero gradients into parameter
   # differences of up to a few 1e-5 in 5 steps of lr 1e-3 (another data order would move them by ~1e-3).
+  # Periodic (steps 2, 4) and final evals: both processes decode their rows and score every example.
+  ref_evals = _evals(ref)
+  assert [e["step"] for e in multi_evals["periodic"]] == [e["step"] for e in ref_evals["periodic"]] == [2, 4, 5]
+  assert multi_evals["predictions"] == ref_evals["predictions"] and len(ref_evals["predictions"]) == 10
+  np.testing.assert_allclose(multi_evals["nll"], ref_evals["nll"], rtol=1e-4)
+  for got, want in zip(multi_evals["periodic"], ref_evals["periodic"]):
+    assert got.keys() == want.keys() and {"eval/val/exact_match", "eval/val/loss"} <= got.keys()
+    np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-4)
   ref_params = _load_params(os.path.join(ref, "model"))
   assert th.max_abs_diff(multi_params, ref_params) < 2e-4
   assert th.max_abs_diff(_load_params(os.path.join(multi, "model")), ref_params) < 2e-4

@@ -99,8 +99,9 @@ def checkpoint(model, tmp_path_factory):
   return path
 
 
-def run_tool(*args, stdin=None):
-  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, input=stdin, timeout=600)
+def run_tool(*args, stdin=None, env=None):
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, input=stdin, timeout=600,
+                        env=env)
 
 
 @pytest.mark.slow
@@ -115,6 +116,16 @@ def test_eval_and_predict_clis(model, checkpoint, tmp_path):
   ref = evaluate.evaluate(model.config, model.params, model.tokenizer, ml_collections.ConfigDict(dict(
       name="val", data=dict(kind="synthetic", split="val", num_examples=300, seed=0, grid=2, image_size=48),
       metrics=["exact_match", "perplexity"], batch_size=100, max_new_tokens=12, prefix_len=12, num_examples=5)))
+  assert [r["prediction"] for r in res["predictions"]] == [r["prediction"] for r in ref["predictions"]]
+  assert res["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+  # On 8 devices: sharded over the config's mesh (data=-1), batches of 100 rounded up to 104, same results.
+  eight = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = run_tool("tools/eval.py", "--config", "configs/tiny_synthetic.py", "--checkpoint", checkpoint,
+                  "--out", str(out), "--config.evals[0].num_examples=5",
+                  "--config.evals[0].metrics=['exact_match','perplexity']", env=eight)
+  assert proc.returncode == 0, proc.stderr
+  assert "evaluating on a mesh {'data': 8, 'fsdp': 1, 'tensor': 1} of 8 devices" in proc.stderr
+  res = json.loads(out.read_text())["val"]
   assert [r["prediction"] for r in res["predictions"]] == [r["prediction"] for r in ref["predictions"]]
   assert res["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
 

@@ -10,7 +10,8 @@ text_len, sampler options); --evals picks some by name. Metrics: exact_match, vq
 relaxed_accuracy, cider (decoded answers against every reference answer) and loss / perplexity
 (teacher-forced on the reference answers). --checkpoint takes what tools/predict.py takes. The results JSON
 (default: eval_results.json next to the checkpoint) holds, per evaluator, the metrics (overall and per
-task) and every prediction with its per-metric scores.
+task) and every prediction with its per-metric scores. With several devices, params are sharded and batches
+split over the config's `mesh` (batch sizes rounded up to a multiple of its data x fsdp size).
 """
 import argparse
 import json
@@ -64,6 +65,10 @@ def main(argv=None) -> int:
     check_config(config)
     evals = select_evals(normalize(config), args.evals)
     model = load_model(args, default_tokenizer=lambda: make_tokenizer(config))
+    import jax
+    if jax.device_count() > 1:
+      model = model.shard(config.get("mesh") or {"data": -1})
+      print(f"evaluating on a mesh {dict(model.mesh.shape)} of {jax.device_count()} devices", file=sys.stderr)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
         def progress(done, total):
           bar.total = total
           bar.update(done - bar.n)
-        res = evaluate.evaluate(model.config, model.params, model.tokenizer, eval_cfg, progress=progress)
+        res = evaluate.evaluate(model.config, model.params, model.tokenizer, eval_cfg, progress=progress,
+                                  mesh=model.mesh)
       print(f"{name}: {evaluate.summary(res)} ({res['num_examples']} examples)")
       results[name] = res
   except (ValueError, FileNotFoundError) as e:

@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from vlm_jax import decode as decode_lib
@@ -64,8 +65,9 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
 
   Returns {"name", "num_examples", metric: mean over examples (corpus-level for cider), f"{metric}/{task}",
   "predictions": one record per example (id, task, prompt, answers, prediction, its score under each metric)}.
-  `progress(done, total)` is called after each batch. With a `mesh`, each batch is split over its data axes
-  (params are placed by the caller, e.g. `Model.shard`).
+  `progress(done, total)` is called after each batch. With a `mesh`, each batch (rounded up to a multiple of
+  the data x fsdp size) is split over its data axes; params are placed by the caller (`Model.shard`, or the
+  training loop). In a multi-process run every process calls this with the same config and gets every result.
   """
   source = make_source(eval_cfg.data)
   n = len(source)
@@ -79,13 +81,16 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
   decoded = [m for m in metric_names if m not in TEACHER_FORCED]
   batch_size = int(eval_cfg.get("batch_size", 32))
   size = model_cfg.img.image_size
-  put = jnp.asarray
+  put, fetch = jnp.asarray, np.asarray
   if mesh is not None:
     from vlm_jax import sharding
-    if batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-      raise ValueError(f"evaluator batch_size {batch_size} is not divisible by the mesh's data x fsdp size "
-                       f"{mesh.shape['data'] * mesh.shape['fsdp']}.")
-    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, np.ndim(x)))
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = -(-batch_size // ways) * ways  # padded rows, like the last batch's, are dropped
+    # Every process reads the whole batch and places the rows its devices hold; outputs split over
+    # processes are gathered back, so each process scores every example (as in a one-process run).
+    put = lambda x: jax.make_array_from_callback(np.shape(x), sharding.batch_sharding(mesh, np.ndim(x)),
+                                                 lambda index: np.asarray(x)[index])
+    fetch = lambda x: np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
   records = []
   passes = int(bool(decoded)) + int(len(decoded) < len(metric_names))
   done = 0
@@ -105,7 +110,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
                               put(np.stack([p[1] for p in prefix])), jax.random.key(seed + len(records)),
                               max_new_tokens=max_new, sampling=sampling, eos_id=tokenizer.eos_id,
                               pad_id=tokenizer.pad_id)
-      for ex, row in zip(examples[:real], np.asarray(ids)[:real]):
+      for ex, row in zip(examples[:real], fetch(ids)[:real]):
         records.append({"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0],
                         "answers": answers_of(ex), "prediction": tokenizer.decode(row)})
       tick(real)
@@ -126,7 +131,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
     for examples, real in _batches(source, n, batch_size):
       tok = [tokenize_turns(tokenizer, ex["turns"], text_len) for ex in examples]
       arrays = [put(np.stack([getattr(t, f) for t in tok])) for f in ("tokens", "mask_ar", "mask_loss", "mask_input")]
-      nll, count = jax.device_get(answer_nll(model_cfg, params, put(_images(examples, size)), *arrays))
+      nll, count = map(fetch, answer_nll(model_cfg, params, put(_images(examples, size)), *arrays))
       for r, s, c in zip(records[i:i + real], nll[:real], count[:real]):
         r["nll"], r["answer_tokens"] = float(s), int(c)
       i += real

@@ -194,7 +194,7 @@ def train(config, workdir: str, log=print) -> dict:
       if stopped:
         raise Preempted(f"stopped by SIGTERM at step {global_step}; re-run to resume")
     ckpts.wait()
-    results = _final_eval(config, base_cfg, params, tokenizer, workdir_path, metrics_log, global_step, log)
+    results = _final_eval(config, base_cfg, params, tokenizer, mesh, workdir_path, metrics_log, global_step, log)
     if is_main and (records := metrics_log.records()):
       with (workdir_path / "loss.png").open("wb") as f:
         plot(records, f)
@@ -333,8 +333,8 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
       check_finite(_record(pending, stage, batch_size, t_last, n_last))  # never checkpoint a NaN state
       save(stage_step + 1)
     if eval_every and global_step % eval_every == 0 and not at_end:
-      _periodic_eval(config, stage.model_cfg, merge_params(trainable, frozen), tokenizer, metrics_log, global_step,
-                     stage.index, log)
+      _periodic_eval(config, stage.model_cfg, merge_params(trainable, frozen), tokenizer, mesh, metrics_log,
+                     global_step, stage.index, log)
   if pending is not None:
     record = _record(pending, stage, batch_size, t_last, n_last)
     check_finite(record)
@@ -355,10 +355,10 @@ def _record(pending, stage, batch_size, t_last, n_last):
           "examples_per_sec": (stage_step - n_last) * batch_size / elapsed, "_log": should_log}
 
 
-def _run_evals(config, model_cfg, params, tokenizer, log):
+def _run_evals(config, model_cfg, params, tokenizer, mesh, log):
   results = []
   for eval_cfg in config.get("evals", []) or []:
-    res = evaluate.evaluate(model_cfg, {"params": params}, tokenizer, eval_cfg)
+    res = evaluate.evaluate(model_cfg, {"params": params}, tokenizer, eval_cfg, mesh=mesh)
     log(f"eval {res['name']}: {evaluate.summary(res)}")
     results.append(res)
   return results
@@ -370,13 +370,13 @@ def _eval_record(results, step, stage):
                                            if isinstance(v, float) and "/" not in k}}
 
 
-def _periodic_eval(config, model_cfg, params, tokenizer, metrics_log, step, stage, log):
-  metrics_log.write(_eval_record(_run_evals(config, model_cfg, params, tokenizer, log), step, stage))
+def _periodic_eval(config, model_cfg, params, tokenizer, mesh, metrics_log, step, stage, log):
+  metrics_log.write(_eval_record(_run_evals(config, model_cfg, params, tokenizer, mesh, log), step, stage))
 
 
-def _final_eval(config, base_cfg, params, tokenizer, workdir_path, metrics_log, step, log):
+def _final_eval(config, base_cfg, params, tokenizer, mesh, workdir_path, metrics_log, step, log):
   model_cfg = model_for_stage(base_cfg, config.stages[-1])
-  results = _run_evals(config, model_cfg, params, tokenizer, log)
+  results = _run_evals(config, model_cfg, params, tokenizer, mesh, log)
   if not results or jax.process_index() != 0:
     return {}
   out = {r["name"]: r for r in results}
