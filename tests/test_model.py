@@ -184,13 +184,13 @@ def test_per_layer_decode_layout_gives_same_logits(name, images):
   cfg = get_model_config(name)
   params = randomize(init_params(cfg))
   step_cfg, step_params = per_layer(cfg, params)
-  llm = step_params["params"]["llm"]
-  if name == "tiny_t5":  # no such option: returned as is
-    assert step_params is params
-  else:
-    assert "layers" not in llm and sorted(k for k in llm if k.startswith("layers_")) == [
-        f"layers_{i}" for i in range(cfg.llm.depth)]
-    assert jax.tree.structure(llm["layers_0"]) == jax.tree.structure(params["params"]["llm"]["layers"])
+  llm, stacked, depth = step_params["params"]["llm"], params["params"]["llm"], getattr(cfg.llm, "depth", None)
+  if name == "tiny_t5":  # the decoder's layers; the encoder keeps its scan
+    llm, stacked, depth = llm["decoder"], stacked["decoder"], cfg.llm.decoder_depth
+    assert step_params["params"]["llm"]["encoder"] is params["params"]["llm"]["encoder"]
+  assert "layers" not in llm and sorted(k for k in llm if k.startswith("layers_")) == [
+      f"layers_{i}" for i in range(depth)]
+  assert jax.tree.structure(llm["layers_0"]) == jax.tree.structure(stacked["layers"])
   args = (images, TOKENS, MASK_AR, np.ones_like(TOKENS))
   np.testing.assert_allclose(model_for(step_cfg).apply(step_params, *args), model_for(cfg).apply(params, *args),
                              rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
 """The T5 / UL2 encoder-decoder backbone against transformers' T5ForConditionalGeneration on tiny random models."""
+import dataclasses
 import functools
 import json
 import types
@@ -13,6 +14,7 @@ from vlm_jax import decode as decode_lib
 from vlm_jax import treeutil
 from vlm_jax.convert import hf_t5, safetensors_io
 from vlm_jax.convert.hf import read_tensors
+from vlm_jax.models.layers import unstack_layers
 from vlm_jax.models.t5 import T5, T5Config, init_params, relative_position_bucket
 
 VOCAB, EOS, PAD = 64, 1, 0
@@ -150,15 +152,29 @@ def test_logits_match_transformers(t5):
   assert rel_err(ours, hf_logits(torch_model)) < 1e-4
 
 
-def test_cached_extend_equals_teacher_forced(t5):
+@pytest.mark.parametrize("stacked", [True, False])
+def test_cached_extend_equals_teacher_forced(t5, stacked):
+  """In both layouts: scanned decoder layers with a [L, ...] cache, and the decode loop's per-layer weights with
+  a list of per-layer caches."""
   _, _, cfg, params = t5
+  full = np.asarray(fns(cfg).decode(params, DEC, fns(cfg).encode(params, ENC, ENC_MASK), ENC_MASK))
+  if not stacked:
+    llm = params["params"]
+    params = {"params": {**llm, "decoder": unstack_layers(llm["decoder"], cfg.decoder_depth)}}
+    cfg = dataclasses.replace(cfg, stacked_layers=False)
   f = fns(cfg)
   enc_BSD = f.encode(params, ENC, ENC_MASK)
-  full = np.asarray(f.decode(params, DEC, enc_BSD, ENC_MASK))
   t = DEC.shape[1]
   cache = f.init_cache(params, enc_BSD, ENC_MASK, t + 2)
-  assert set(cache["kv"]) == {"self_k", "self_v", "cross_k", "cross_v"}
-  assert cache["kv"]["cross_k"].shape == (cfg.decoder_depth, 2, ENC.shape[1], cfg.num_heads, cfg.head_dim)
+  layer_shape = (2, ENC.shape[1], cfg.num_heads, cfg.head_dim)
+  if stacked:
+    assert set(cache["kv"]) == {"self_k", "self_v", "cross_k", "cross_v"}
+    assert cache["kv"]["cross_k"].shape == (cfg.decoder_depth, *layer_shape)
+  else:
+    assert len(cache["kv"]) == cfg.decoder_depth and set(cache["kv"][0]) == {"self_k", "self_v", "cross_k", "cross_v"}
+    assert cache["kv"][1]["cross_k"].shape == layer_shape
+  # The teacher-forced pass of this layout gives the same logits.
+  assert rel_err(np.asarray(f.decode(params, DEC, enc_BSD, ENC_MASK)), full) < 1e-5
   steps = []
   for i in range(t):  # one token at a time
     logits, cache = f.extend(params, DEC[:, i:i + 1], cache)

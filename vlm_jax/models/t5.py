@@ -46,6 +46,8 @@ encoder output once, and the scanned decoder layers take them as per-layer input
 Cache (decode.py's layout rule: leaves under "kv" are [L, B, ...], others [B, ...], scalars shared):
   {"kv": {"self_k", "self_v": [L,B,C,N,H], "cross_k", "cross_v": [L,B,S,N,H]}, "enc_valid": bool [B,S],
    "index": int32 scalar}
+With per-layer decoder weights (`stacked_layers=False`, the decode loop's layout; `layers.layer_stack`) "kv" is
+a list of L such dicts of [B, ...] arrays.
 Decoder tokens are written at one shared slot index for the whole batch; a token's decoder position is its
 slot (every row starts with the decoder start token at slot 0).
 """
@@ -56,7 +58,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import attend, dense, heads_matrix, project, scan_stack, update_cache
+from vlm_jax.models.layers import (attend, dense, heads_matrix, layer_stack, project, run_layers, scan_stack,
+                                   update_cache)
 
 ACTIVATIONS = {"gelu_new": lambda x: nn.gelu(x, approximate=True), "gelu": lambda x: nn.gelu(x, approximate=False),
                "silu": nn.silu, "relu": nn.relu}
@@ -83,6 +86,7 @@ class T5Config:
   remat: str = "none"
   scan_unroll: int | bool = 1  # nn.scan's `unroll` over the encoder and decoder layers (see GemmaConfig)
   fuse_projections: bool | None = None  # q/k/v and gate/up as one GEMM each (None: on CPU only; `layers.project`)
+  stacked_layers: bool = True  # the decoder's layers (see GemmaConfig); the encoder runs once, always scanned
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:
@@ -247,26 +251,33 @@ class Decoder(nn.Module):
     self.cross_kv_einsum = self.param(
         "cross_kv_einsum", lambda *a: {"w": nn.initializers.normal(stddev=cfg.width ** -0.5)(*a)},
         (cfg.decoder_depth, 2, cfg.num_heads, cfg.width, cfg.head_dim))
-    self.layers = scan_stack(DecoderBlock, cfg, cfg.decoder_depth,
-                             (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
+    self.layers = layer_stack(DecoderBlock, cfg, (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                              cfg.decoder_depth)
     self.final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
 
   def cross_kv(self, enc_BSD):
-    """Every layer's cross-attention keys and values, each [L,B,S,N,H]."""
+    """Every layer's cross-attention {"cross_k", "cross_v"}: [L,B,S,N,H] each, or a list of L dicts of
+    [B,S,N,H] with per-layer decoder weights."""
     w = self.cross_kv_einsum["w"].astype(jnp.dtype(self.cfg.dtype))  # [L,2,N,D,H]
     kv_BSL2NH = dense(enc_BSD, jnp.moveaxis(w, 3, 0))  # one GEMM over the [D,L,2,N,H] weight
-    return jnp.moveaxis(kv_BSL2NH[:, :, :, 0], 2, 0), jnp.moveaxis(kv_BSL2NH[:, :, :, 1], 2, 0)
+    if not self.cfg.stacked_layers:
+      return [{"cross_k": kv_BSL2NH[:, :, i, 0], "cross_v": kv_BSL2NH[:, :, i, 1]}
+              for i in range(self.cfg.decoder_depth)]
+    return {"cross_k": jnp.moveaxis(kv_BSL2NH[:, :, :, 0], 2, 0),
+            "cross_v": jnp.moveaxis(kv_BSL2NH[:, :, :, 1], 2, 0)}
 
   def __call__(self, y_BTD, kv, cross_mask_BTS, query_pos_T, cache_index=0):
-    """Final-normed hidden [B,T,D] and the updated {"self_k", "self_v"} (None without a cache in `kv`).
+    """Final-normed hidden [B,T,D] and the updated {"self_k", "self_v"} (a list of them with per-layer weights;
+    None without a cache in `kv`).
 
     Causal self-attention: query at position p sees keys at positions <= p (the cache slots when cached).
     """
-    key_pos_S = jnp.arange(kv["self_k"].shape[2]) if "self_k" in kv else query_pos_T
+    layer_kv = kv[0] if isinstance(kv, list) else jax.tree.map(lambda a: a[0], kv)
+    key_pos_S = jnp.arange(layer_kv["self_k"].shape[1]) if "self_k" in layer_kv else query_pos_T
     bias_1NTS = relative_bias(self.relpos_bias, query_pos_T[None], key_pos_S[None], bidirectional=False,
                               cfg=self.cfg)
     mask_1TS = key_pos_S[None, None, :] <= query_pos_T[None, :, None]
-    x_BTD, new_self = self.layers(y_BTD, kv, bias_1NTS, mask_1TS, cross_mask_BTS, cache_index)
+    x_BTD, new_self = run_layers(self.layers, y_BTD, kv, bias_1NTS, mask_1TS, cross_mask_BTS, cache_index)
     return self.final_norm(x_BTD), new_self
 
 
@@ -322,18 +333,19 @@ class T5(nn.Module):
     """Teacher-forced decoder pass: float32 logits [B,T,V] for embedded decoder inputs y_BTD at positions 0..T-1
     (decoder start token, then the target shifted right)."""
     dtype = jnp.dtype(self.cfg.dtype)
-    k_LBSNH, v_LBSNH = self.decoder.cross_kv(enc_BSD.astype(dtype))
-    h_BTD, _ = self.decoder(y_BTD.astype(dtype), {"cross_k": k_LBSNH, "cross_v": v_LBSNH},
+    h_BTD, _ = self.decoder(y_BTD.astype(dtype), self.decoder.cross_kv(enc_BSD.astype(dtype)),
                             enc_valid_BS.astype(bool)[:, None, :], jnp.arange(y_BTD.shape[1]))
     return self.logits(h_BTD)
 
   def init_cache(self, enc_BSD, enc_valid_BS, cache_size: int):
     """A decoder cache of `cache_size` self-attention slots with every layer's cross-attention keys / values."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-    k_LBSNH, v_LBSNH = self.decoder.cross_kv(enc_BSD.astype(dtype))
-    shape = (cfg.decoder_depth, enc_BSD.shape[0], cache_size, cfg.num_heads, cfg.head_dim)
-    kv = {"self_k": jnp.zeros(shape, dtype), "self_v": jnp.zeros(shape, dtype), "cross_k": k_LBSNH,
-          "cross_v": v_LBSNH}
+    cross = self.decoder.cross_kv(enc_BSD.astype(dtype))
+    shape = (enc_BSD.shape[0], cache_size, cfg.num_heads, cfg.head_dim)
+    if cfg.stacked_layers:
+      shape = (cfg.decoder_depth, *shape)
+    zeros = lambda: {"self_k": jnp.zeros(shape, dtype), "self_v": jnp.zeros(shape, dtype)}
+    kv = [{**zeros(), **c} for c in cross] if isinstance(cross, list) else {**zeros(), **cross}
     return {"kv": kv, "enc_valid": enc_valid_BS.astype(bool), "index": jnp.asarray(0, jnp.int32)}
 
   def extend(self, tokens_BT, cache):
@@ -341,7 +353,9 @@ class T5(nn.Module):
     t = tokens_BT.shape[1]
     h_BTD, new_self = self.decoder(self.embed(tokens_BT), cache["kv"], cache["enc_valid"][:, None, :],
                                    cache["index"] + jnp.arange(t), cache["index"])
-    cache = {"kv": {**cache["kv"], **new_self}, "enc_valid": cache["enc_valid"], "index": cache["index"] + t}
+    kv = ([{**old, **new} for old, new in zip(cache["kv"], new_self)] if isinstance(new_self, list)
+          else {**cache["kv"], **new_self})
+    cache = {"kv": kv, "enc_valid": cache["enc_valid"], "index": cache["index"] + t}
     return self.logits(h_BTD), cache
 
   def __call__(self, enc_tokens_BS, enc_valid_BS, dec_tokens_BT):

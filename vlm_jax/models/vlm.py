@@ -222,11 +222,15 @@ def model_for(cfg: VLMConfig) -> nn.Module:
 
 def per_layer(cfg: VLMConfig, params):
   """(cfg, params) with the language model's layers as separate arrays (`layers.layer_stack`), for the decode
-  loop (its prefill and steps; the KV cache then is a list of per-layer caches too); unchanged for backbones
-  without the option. Same function, same results."""
-  if not getattr(cfg.llm, "stacked_layers", False):
+  loop (its prefill and steps; the KV cache then is a list of per-layer caches too); for T5 / UL2, its
+  decoder's layers. Same function, same results."""
+  if not cfg.llm.stacked_layers:
     return cfg, params
-  llm = unstack_layers(params["params"]["llm"], cfg.llm.depth)
+  llm = params["params"]["llm"]
+  if isinstance(cfg.llm, T5Config):  # the decoder's layers: the encoder runs once per batch
+    llm = {**llm, "decoder": unstack_layers(llm["decoder"], cfg.llm.decoder_depth)}
+  else:
+    llm = unstack_layers(llm, cfg.llm.depth)
   return (dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, stacked_layers=False)),
           {**params, "params": {**params["params"], "llm": llm}})
 
