@@ -143,12 +143,32 @@ def test_best_of_n_keeps_the_best_of_the_same_draws(tiny_model, images):
   best, best_score = model.generate_ids(images, PREFIX, 5, best_of=3, **kw)
   again, _ = model.generate_ids(images, PREFIX, 5, best_of=3, **kw)
   np.testing.assert_array_equal(best, again)  # seeds reproduce
-  # The same three draws per row, made as a batch of repeated rows with one sample each.
-  draws, scores = model.generate_ids(np.repeat(images, 3, axis=0), np.repeat(PREFIX, 3, axis=0), 5, **kw)
+  # The same three draws per row (draw j of row r: key fold_in(fold_in(key(7), r), j)), made as a batch of
+  # repeated rows with one sample each.
+  rows = np.repeat(np.arange(2), 3)
+  keys = jax.vmap(jax.random.fold_in)(decode_lib.row_keys(jax.random.key(7), 2)[rows], np.tile(np.arange(3), 2))
+  draws, scores = decode_lib.decode(model.config, model.params, model._images(images, 2)[rows], PREFIX[rows],
+                                    (PREFIX[rows] > 0).astype(np.int32), keys, max_new_tokens=5,
+                                    sampling=decode_lib.Sampling.make("sample", temperature=1.5), eos_id=-1,
+                                    return_scores=True)
   scores = np.asarray(scores).reshape(2, 3)
   pick = scores.argmax(1)
   np.testing.assert_array_equal(best, np.asarray(draws).reshape(2, 3, -1)[np.arange(2), pick])
   np.testing.assert_allclose(best_score, scores.max(1), rtol=1e-6)
+
+
+def test_a_sampled_row_depends_on_its_key_not_on_its_batch(tiny_model, images):
+  """Row r of a batch samples with fold_in(key, r): decoded alone with that key, it gives the same tokens."""
+  kw = dict(sampler="sample", temperature=1.5, top_k=20, seed=3, eos_id=-1)
+  batch = np.asarray(tiny_model.generate_ids(images, PREFIX, 6, **kw))
+  assert not np.array_equal(batch, np.asarray(tiny_model.generate_ids(images, PREFIX, 6, **{**kw, "seed": 4})))
+  key_1 = decode_lib.row_keys(jax.random.key(3), 2)[1:]
+  alone = decode_lib.decode(tiny_model.config, tiny_model.params, tiny_model._images(images[1:], 1), PREFIX[1:, :3],
+                            np.ones((1, 3), np.int32), key_1, max_new_tokens=6,
+                            sampling=decode_lib.Sampling.make("sample", temperature=1.5, top_k=20), eos_id=-1)
+  np.testing.assert_array_equal(batch[1], np.asarray(alone)[0])
+  with pytest.raises(ValueError, match=r"one key per row \(2\), got shape \(3,\)"):
+    decode_lib.row_keys(jax.random.split(jax.random.key(0), 3), 2)
 
 
 def test_sampling_options_are_validated():
@@ -247,7 +267,15 @@ prefix = np.array([[2, 5, 6, 7, 8, 9], [2, 12, 13, 0, 0, 0], [2, 40, 41, 42, 0, 
 eval_cfg = ml_collections.ConfigDict(dict(name="val", metrics=["exact_match", "perplexity"], batch_size=3,
     max_new_tokens=5, prefix_len=12, text_len=20,
     data=dict(kind="synthetic", split="val", num_examples=6, seed=0, grid=2, image_size=32)))
-out = {}
+# Which sharding the evaluator's decode inputs (images) arrive with.
+from vlm_jax import decode as decode_lib
+seen, plain_decode = [], decode_lib.decode
+def spy(cfg, params, images, *args, **kw):
+  spec = getattr(images.sharding, "spec", None)
+  seen.append("one device" if spec is None else f"rows over {spec[0]}")
+  return plain_decode(cfg, params, images, *args, **kw)
+evaluate.decode_lib.decode = spy
+out = {"seen": seen}
 for name, m in [("one", model), ("mesh", model.shard({"data": 2, "fsdp": 2, "tensor": 2}))]:
   out[name] = {
       "greedy": np.asarray(m.generate_ids(images, prefix, 6, eos_id=-1)).tolist(),
@@ -274,6 +302,8 @@ def test_decode_and_evaluate_on_a_mesh_equal_one_device():
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.split("RESULT", 1)[1])
   assert "tensor" in out["spec"]  # params really are split
+  # generate_ids (greedy, beam) and the evaluator (2 batches) decode on one device, then split over the mesh.
+  assert out["seen"] == ["one device"] * 4 + ["rows over ('data', 'fsdp')"] * 4
   assert out["mesh"]["greedy"] == out["one"]["greedy"]
   assert out["mesh"]["beam"] == out["one"]["beam"]
   assert out["mesh"]["eval"]["predictions"] == out["one"]["eval"]["predictions"]

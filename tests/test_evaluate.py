@@ -34,7 +34,7 @@ def model():
 
 
 def eval_cfg(**kw):
-  return ml_collections.ConfigDict(dict(name="val", data=DATA, batch_size=3, max_new_tokens=5, prefix_len=12,
+  return ml_collections.ConfigDict(dict(dict(name="val", data=DATA, batch_size=3, max_new_tokens=5, prefix_len=12),
                                         **kw))
 
 
@@ -74,6 +74,17 @@ def test_perplexity_is_the_teacher_forced_answer_loss(model):
   assert res["loss"] == pytest.approx(total / count, rel=1e-5)
   assert res["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
   assert "prediction" not in res["predictions"][0]  # no decoding pass was needed
+
+
+def test_sampled_evaluation_does_not_depend_on_the_batch_size(model):
+  """Example i samples with its own key (fold_in(key(seed), i)): batches of 2 or 3 give the same predictions."""
+  sample = dict(metrics=["exact_match"], sampler="sample", temperature=1.5, seed=5)
+  preds = {bs: [r["prediction"] for r in evaluate.evaluate(model.config, model.params, model.tokenizer,
+                                                           eval_cfg(**{**sample, "batch_size": bs}))["predictions"]]
+           for bs in (2, 3)}
+  assert preds[2] == preds[3]
+  other = evaluate.evaluate(model.config, model.params, model.tokenizer, eval_cfg(**{**sample, "seed": 6}))
+  assert [r["prediction"] for r in other["predictions"]] != preds[3]  # the seed matters
 
 
 def test_unknown_metric_is_rejected(model):

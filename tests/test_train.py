@@ -48,13 +48,20 @@ def test_stage_transition_freezing_and_resampling(tmp_path):
   assert stages == [0, 0, 0, 1, 1]
 
 
-def test_keeps_the_last_checkpoints_and_evaluates_every_eval_every_steps(tmp_path):
+def test_keeps_the_last_checkpoints_and_evaluates_every_eval_every_steps(tmp_path, monkeypatch):
   """checkpoint_every=1 with keep_checkpoints=2: only the last two survive; eval_every=2 logs the evaluator at
-  global steps 2 and 4 (stage 0 and 1), and once more at the end (step 5, also into eval.json)."""
+  global steps 2 and 4 (stage 0 and 1), and once more at the end (step 5, also into eval.json), each time on
+  the training mesh."""
+  import jax
   c = th.small_config(steps=(3, 2), checkpoint_every=1, keep_checkpoints=2, eval_every=2)
   c.evals = [dict(name="val", data=dict(kind="synthetic", split="val", num_examples=6, seed=0, image_size=32),
                   metrics=["exact_match"], batch_size=4, max_new_tokens=4, prefix_len=12)]
+  meshes, evaluate = [], train_lib.evaluate.evaluate
+  monkeypatch.setattr(train_lib.evaluate, "evaluate",
+                      lambda *a, mesh=None, **k: meshes.append(mesh) or evaluate(*a, mesh=mesh, **k))
   train_lib.train(c, str(tmp_path), log=QUIET)
+  assert len(meshes) == 3 and all(isinstance(m, jax.sharding.Mesh) and m.axis_names == ("data", "fsdp", "tensor")
+                                  for m in meshes)
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4, 5]
   records = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
   evals = [(r["step"], r["stage"]) for r in records if "eval/val/exact_match" in r]

@@ -109,7 +109,8 @@ class Model:
 
     prefix_tokens: int32 [B,T] (BOS, prompt, separator), right-padded; prefix_mask marks the real tokens
     (default: tokens != pad). sampler "greedy" | "sample" (temperature, top_k, top_p, best_of, seed) | "beam"
-    (beam_size, length_penalty); see `vlm_jax.decode.Sampling`. Prefixes are padded to a multiple of
+    (beam_size, length_penalty); see `vlm_jax.decode.Sampling`. Row r samples with fold_in(key(seed), r).
+    Prefixes are padded to a multiple of
     PREFIX_BUCKET tokens, so prompts of similar length share one compiled program.
     """
     prefix_tokens = _check_batch("prefix_tokens", prefix_tokens, 2)

@@ -72,8 +72,8 @@ def argmax(logits_BV):
   return jnp.where(first_B == v, 0, first_B)  # a NaN row (nothing equals its max): token 0, not out of range
 
 
-def sample_token(logits_BV, rng, sampling: Sampling):
-  """int32 [B] next tokens from float32 logits."""
+def sample_token(logits_BV, keys_B, sampling: Sampling):
+  """int32 [B] next tokens from float32 logits, row b drawn with its own key keys_B[b]."""
   if not sampling.stochastic:
     return argmax(logits_BV)
   logits_BV = logits_BV / sampling.temperature
@@ -87,7 +87,20 @@ def sample_token(logits_BV, rng, sampling: Sampling):
     n_keep_B1 = jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < sampling.top_p, axis=-1, keepdims=True)
     cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
     logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
-  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+
+
+def row_keys(rng, b: int):
+  """[b] per-row keys from `rng`: one key (row r gets fold_in(rng, r)), or already one per row. Raw key data
+  (uint32 [2] or [b, 2], e.g. placed on a mesh) is accepted too. A row's samples then depend on its key alone,
+  not on the other rows of its batch or on how many there are."""
+  if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)
+  if rng.ndim == 0:
+    return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(b))
+  if rng.shape != (b,):
+    raise ValueError(f"rng must be one key or one key per row ({b}), got shape {rng.shape}.")
+  return rng
 
 
 def length_normalized(logp, length, length_penalty: float):
@@ -121,20 +134,22 @@ def sample_loop(extend, logits_BV, cache, rng, *, max_new_tokens: int, sampling:
                 pad_id: int, logits_mask_V=None):
   """Greedy / sampled decoding. Returns (tokens int32 [B,N] with pad after EOS, summed log-probs [B], lengths [B]).
 
-  extend(tokens_B, cache) -> (logits_BV, cache); logits_BV are the logits for the first new token.
+  extend(tokens_B, cache) -> (logits_BV, cache); logits_BV are the logits for the first new token. rng: see
+  `row_keys` (step s of row r samples with fold_in(key of row r, s)).
   """
   b = logits_BV.shape[0]
+  keys_B = row_keys(rng, b) if sampling.stochastic else None
 
-  def pick(step, logits_BV, out_BN, done_B, logp_B, len_B, rng):
-    """Token `step` of every row from its logits: (token_B, out_BN, done_B, logp_B, len_B, rng) updated."""
-    rng, step_rng = jax.random.split(rng)
+  def pick(step, logits_BV, out_BN, done_B, logp_B, len_B):
+    """Token `step` of every row from its logits: (token_B, out_BN, done_B, logp_B, len_B) updated."""
     logits_BV = _masked_logits(logits_BV.astype(jnp.float32), logits_mask_V)
-    token_B = jnp.where(done_B, pad_id, sample_token(logits_BV, step_rng, sampling))
+    step_keys_B = None if keys_B is None else jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
+    token_B = jnp.where(done_B, pad_id, sample_token(logits_BV, step_keys_B, sampling))
     token_logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), token_B[:, None], axis=-1)[:, 0]
     logp_B = logp_B + jnp.where(done_B, 0.0, token_logp_B)
     len_B = len_B + (~done_B).astype(jnp.int32)
     out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], step, axis=1)
-    return token_B, out_BN, done_B | (token_B == eos_id), logp_B, len_B, rng
+    return token_B, out_BN, done_B | (token_B == eos_id), logp_B, len_B
 
   def cond(state):
     step, _, _, done_B, *_ = state
@@ -146,9 +161,9 @@ def sample_loop(extend, logits_BV, cache, rng, *, max_new_tokens: int, sampling:
     return step + 1, *pick(step, logits_BV, *picked), cache
 
   state = (jnp.int32(1), *pick(0, logits_BV, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-                               jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32), rng),
+                               jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32)),
            cache)
-  _, _, out_BN, _, logp_B, len_B, *_ = jax.lax.while_loop(cond, body, state)
+  _, _, out_BN, _, logp_B, len_B, _ = jax.lax.while_loop(cond, body, state)
   return out_BN, logp_B, len_B
 
 
@@ -221,8 +236,8 @@ def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, 
   """Generates up to `max_new_tokens` per row after a (possibly ragged, right-padded) prefix.
 
   prefix_BT: int32 text tokens (BOS, prompt, separator), rows padded on the right; prefix_mask_BT marks the
-  real ones. logits_mask_V (optional bool [V]) restricts which tokens may be produced. rng: a jax key (used by
-  sampling only). Returns int32 [B, max_new_tokens], positions after EOS filled with `pad_id`, and with
+  real ones. logits_mask_V (optional bool [V]) restricts which tokens may be produced. rng (used by sampling
+  only): one jax key, row r then sampling with fold_in(rng, r), or one key per row (`row_keys`). Returns int32 [B, max_new_tokens], positions after EOS filled with `pad_id`, and with
   return_scores also float32 [B] scores (see `Sampling`).
   """
   # Each layer's weights and KV cache live in arrays of their own, split off once here: slicing them out of
@@ -242,8 +257,9 @@ def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, 
   elif sampling.best_of > 1:
     b, k = logits_BV.shape[0], sampling.best_of
     rows = jnp.repeat(jnp.arange(b), k)  # rows b*k .. b*k+k-1 are row b's samples
-    out_RN, logp_R, len_R = sample_loop(extend, logits_BV[rows], gather_cache(cache, rows), rng, sampling=sampling,
-                                        **common)
+    keys_R = jax.vmap(jax.random.fold_in)(row_keys(rng, b)[rows], jnp.tile(jnp.arange(k), b))
+    out_RN, logp_R, len_R = sample_loop(extend, logits_BV[rows], gather_cache(cache, rows), keys_R,
+                                        sampling=sampling, **common)
     score_BK = length_normalized(logp_R, len_R, sampling.length_penalty).reshape(b, k)
     best_B = jnp.argmax(score_BK, axis=1)
     out_BN = out_RN.reshape(b, k, -1)[jnp.arange(b), best_B]

@@ -1,4 +1,5 @@
-"""T5 / UL2 encoder-decoder language backbone (PaLI-3 style), layers stacked with `nn.scan`, with a decoder KV cache.
+"""T5 / UL2 encoder-decoder language backbone (PaLI-3 style), layers stacked with `nn.scan` (the decode loop's
+decoder: one module per layer, `stacked_layers=False`), with a decoder KV cache.
 
 The encoder runs bidirectionally over already-embedded inputs (so the VLM glue can put image tokens before the
 text prefix); the decoder generates the suffix with causal self-attention and cross-attention to the encoder
@@ -41,7 +42,7 @@ does the mapping; torch Linear weights are [out, in], q/k/v [N*H, D], o [D, N*H]
 
 The cross-attention key/value projections of all decoder layers sit outside the layer scan
 (`decoder/cross_kv_einsum`), so `init_cache` computes every layer's cross-attention keys and values from the
-encoder output once, and the scanned decoder layers take them as per-layer inputs.
+encoder output once, and the decoder layers take them as per-layer inputs.
 
 Cache (decode.py's layout rule: leaves under "kv" are [L, B, ...], others [B, ...], scalars shared):
   {"kv": {"self_k", "self_v": [L,B,C,N,H], "cross_k", "cross_v": [L,B,S,N,H]}, "enc_valid": bool [B,S],
