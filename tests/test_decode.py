@@ -285,6 +285,19 @@ for name, m in [("one", model), ("mesh", model.shard({"data": 2, "fsdp": 2, "ten
                        "perplexity": out[name]["eval"]["perplexity"]}
 sh = model.shard({"data": 2, "fsdp": 2, "tensor": 2})
 out["spec"] = str(sh.params["params"]["llm"]["layers"]["mlp"]["linear"].sharding.spec)
+# A saved model loaded onto the mesh: restored straight into its shards (never whole on one device), and
+# through vlm_jax.load in bfloat16 as asked.
+import tempfile, vlm_jax
+from vlm_jax import checkpoint, treeutil
+with tempfile.TemporaryDirectory() as d:
+  model.save(d + "/m")
+  _, restored, _ = checkpoint.load_model(d + "/m", mesh=sh.mesh)
+  loaded = vlm_jax.load(d + "/m", dtype="bfloat16", mesh={"data": 2, "fsdp": 2, "tensor": 2})
+restored, flat = treeutil.flatten(restored["params"]), treeutil.flatten(loaded.params["params"])
+out["loaded"] = {"devices": sorted({len(v.sharding.device_set) for v in restored.values()}),
+                 "spec": str(restored["llm/layers/mlp/linear"].sharding.spec),
+                 "dtypes": sorted({str(v.dtype) for v in flat.values()}),
+                 "load_spec": str(flat["llm/layers/mlp/linear"].sharding.spec)}
 print("RESULT" + json.dumps(out))
 """
 
@@ -302,6 +315,8 @@ def test_decode_and_evaluate_on_a_mesh_equal_one_device():
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.split("RESULT", 1)[1])
   assert "tensor" in out["spec"]  # params really are split
+  assert out["loaded"]["spec"] == out["loaded"]["load_spec"] == out["spec"] and out["loaded"]["devices"] == [8]
+  assert out["loaded"]["dtypes"] == ["bfloat16"]
   # generate_ids (greedy, beam) and the evaluator (2 batches) decode on one device, then split over the mesh.
   assert out["seen"] == ["one device"] * 4 + ["rows over ('data', 'fsdp')"] * 4
   assert out["mesh"]["greedy"] == out["one"]["greedy"]

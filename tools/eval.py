@@ -64,11 +64,13 @@ def main(argv=None) -> int:
     config = config_util.load_with_overrides(args.config, overrides, ALLOWED_KEYS)
     check_config(config)
     evals = select_evals(normalize(config), args.evals)
-    model = load_model(args, default_tokenizer=lambda: make_tokenizer(config))
     import jax
-    if jax.device_count() > 1:
-      model = model.shard(config.get("mesh") or {"data": -1})
-      print(f"evaluating on a mesh {dict(model.mesh.shape)} of {jax.device_count()} devices", file=sys.stderr)
+    mesh = None
+    if jax.device_count() > 1:  # params read straight into their shards: no device holds them all
+      from vlm_jax import sharding
+      mesh = sharding.make_mesh(config.get("mesh") or {"data": -1})
+      print(f"evaluating on a mesh {dict(mesh.shape)} of {jax.device_count()} devices", file=sys.stderr)
+    model = load_model(args, default_tokenizer=lambda: make_tokenizer(config), mesh=mesh)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -49,9 +49,9 @@ def add_load_flags(parser):
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
 
 
-def load_model(args, default_tokenizer=None):
+def load_model(args, default_tokenizer=None, mesh=None):
   """The Model at --checkpoint (a training workdir means its exported model/), with a tokenizer: --tokenizer,
-  else the checkpoint's own, else default_tokenizer()."""
+  else the checkpoint's own, else default_tokenizer(); sharded over `mesh` if given."""
   import vlm_jax
   path = args.checkpoint
   if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -60,7 +60,7 @@ def load_model(args, default_tokenizer=None):
       raise ValueError(f"{path} is a training workdir without an exported model/ yet (training has not finished); "
                        "pass a model directory.")
     path = exported
-  model = vlm_jax.load(path, dtype=args.dtype, config=args.model_config)
+  model = vlm_jax.load(path, dtype=args.dtype, config=args.model_config, mesh=mesh)
   if args.tokenizer:
     from vlm_jax.train_setup import make_tokenizer
     model.tokenizer = make_tokenizer({"tokenizer": args.tokenizer})

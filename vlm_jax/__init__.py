@@ -1,27 +1,34 @@
 """vlm_jax: PaliGemma-style vision-language models in JAX. Entry point: `vlm_jax.load(path)`."""
 import os
 
+import jax
+
 from vlm_jax.api import Model
 
 __all__ = ["Model", "load"]
 
 
-def load(path: str, dtype: str | None = None, config=None) -> Model:
+def load(path: str, dtype: str | None = None, config=None, mesh=None) -> Model:
   """Loads a model from a HuggingFace PaliGemma or LLaVA (SigLIP + Llama / Qwen2) directory, a big_vision `.npz`
   (with `config`), or a vlm_jax checkpoint directory. `config`: a model config name such as "paligemma_3b_224" (see
   `vlm_jax.models.registry.CONFIGS`) or a `VLMConfig`; required for .npz, else it replaces the stored one.
   `dtype` (float32 | bfloat16) sets both the stored params and the compute dtype; default: as stored.
+  `mesh` (a jax Mesh or a config dict, as `Model.shard` takes): params go straight to their shards on it (for a
+  model too big for one device); default: this process's first device.
   """
   from vlm_jax import checkpoint
   from vlm_jax.convert import big_vision, hf
   from vlm_jax.models.registry import get_model_config
   named = get_model_config(config) if isinstance(config, str) else config
+  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    from vlm_jax import sharding
+    mesh = sharding.make_mesh(mesh)
   if os.path.isfile(path) and path.endswith(".npz"):
     if named is None:
       raise ValueError(f"{path} is a big_vision .npz: pass config=NAME (e.g. 'paligemma_3b_224').")
     cfg, params, tok = named, big_vision.load(path, named), None
   elif checkpoint.is_model_dir(path):
-    cfg, params, tok = checkpoint.load_model(path, named)
+    cfg, params, tok = checkpoint.load_model(path, named, mesh=mesh)
   elif os.path.isfile(os.path.join(path, "config.json")):
     from vlm_jax import fileutil
     from vlm_jax.convert import hf_llava
@@ -33,4 +40,6 @@ def load(path: str, dtype: str | None = None, config=None) -> Model:
     raise ValueError(f"{path} is neither a HF PaliGemma directory (config.json + *.safetensors), a vlm_jax "
                      "checkpoint (vlm_config.json + params/) nor a big_vision .npz file.")
   model = Model(cfg, params, tok)
-  return model.with_dtype(dtype) if dtype else model
+  if mesh is not None:  # host arrays (HF, .npz) are placed shard by shard; a checkpoint's already are
+    model = model.shard(mesh)
+  return model.with_dtype(dtype) if dtype else model  # a cast keeps each array's sharding

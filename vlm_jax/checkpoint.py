@@ -67,9 +67,10 @@ def load_config(path: str):
   return config_from_dict(fileutil.read_json(file), source=file)
 
 
-def load_model(path: str, config=None, dtype: str | None = None):
+def load_model(path: str, config=None, dtype: str | None = None, mesh=None):
   """(config, params, tokenizer-or-None) from a `save_model` directory, params cast to `dtype` if given,
-  on this process's first device whatever mesh they were saved from."""
+  whatever mesh they were saved from: on this process's first device, or read straight into their shards on
+  `mesh` (by `sharding.param_shardings`), so that no device ever holds all of them."""
   from vlm_jax.models.vlm import init_params
   from vlm_jax.tokenizer import Tokenizer
   path = str(path) if is_remote(path) else os.path.abspath(path)
@@ -81,8 +82,13 @@ def load_model(path: str, config=None, dtype: str | None = None):
     treeutil.check_shapes(treeutil.flatten(expected), {k: np.empty(v.shape, np.int8) for k, v in found.items()},
                           f"checkpoint {path}")
     stored = treeutil.unflatten({k: v.dtype for k, v in found.items()})
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x, d: jax.ShapeDtypeStruct(x.shape, dtype or d, sharding=device), expected, stored)
+    if mesh is None:
+      where = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), expected)
+    else:
+      from vlm_jax import sharding
+      where = {"params": treeutil.unflatten(sharding.param_shardings(treeutil.flatten(expected["params"]), mesh))}
+    target = jax.tree.map(lambda x, d, sh: jax.ShapeDtypeStruct(x.shape, dtype or d, sharding=sh), expected, stored,
+                          where)
     params = ckptr.restore(os.path.join(path, "params"), target)
   tok_file = os.path.join(path, TOKENIZER_FILE)
   return config, params, Tokenizer(tok_file) if epath.Path(tok_file).is_file() else None
