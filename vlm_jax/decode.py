@@ -237,8 +237,9 @@ def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, 
 
   prefix_BT: int32 text tokens (BOS, prompt, separator), rows padded on the right; prefix_mask_BT marks the
   real ones. logits_mask_V (optional bool [V]) restricts which tokens may be produced. rng (used by sampling
-  only): one jax key, row r then sampling with fold_in(rng, r), or one key per row (`row_keys`). Returns int32 [B, max_new_tokens], positions after EOS filled with `pad_id`, and with
-  return_scores also float32 [B] scores (see `Sampling`).
+  only): one jax key, row r then sampling with fold_in(rng, r), or one key per row (`row_keys`). Returns int32
+  [B, max_new_tokens], positions after EOS filled with `pad_id`, and with return_scores also float32 [B] scores
+  (see `Sampling`).
   """
   # Each layer's weights and KV cache live in arrays of their own, split off once here: slicing them out of
   # stacked [depth, ...] arrays inside the loop would copy every weight and the whole cache at every step.

@@ -71,10 +71,10 @@ def scan_stack(block_cls, cfg, depth: int, in_axes=0, name: str | None = None):
 
 
 def layer_stack(block_cls, cfg, in_axes: tuple, depth: int | None = None):
-  """`depth` (default `cfg.depth`) copies of `block_cls(cfg)`, run by `run_layers`. With `cfg.stacked_layers` (training, checkpoints)
-  a `scan_stack`; otherwise a list of blocks, each with its own params (`layers_0`, `layers_1`, ...: see
-  `unstack_layers`). The decode loop uses the list: a scan slices every layer's weights out of the stacked arrays
-  at each step, which costs a copy of all weights per generated token."""
+  """`depth` (default `cfg.depth`) copies of `block_cls(cfg)`, run by `run_layers`. With `cfg.stacked_layers`
+  (training, checkpoints) a `scan_stack`; otherwise a list of blocks, each with its own params (`layers_0`,
+  `layers_1`, ...: see `unstack_layers`). The decode loop uses the list: a scan slices every layer's weights out
+  of the stacked arrays at each step, which costs a copy of all weights per generated token."""
   depth = cfg.depth if depth is None else depth
   if cfg.stacked_layers:
     return scan_stack(block_cls, cfg, depth, in_axes)
