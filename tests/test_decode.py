@@ -167,6 +167,9 @@ def test_a_sampled_row_depends_on_its_key_not_on_its_batch(tiny_model, images):
                             np.ones((1, 3), np.int32), key_1, max_new_tokens=6,
                             sampling=decode_lib.Sampling.make("sample", temperature=1.5, top_k=20), eos_id=-1)
   np.testing.assert_array_equal(batch[1], np.asarray(alone)[0])
+  # generate_ids' first_row: a batch that starts at row 1 of a longer list samples row 1 as the whole list does.
+  part = tiny_model.generate_ids(images[1:], PREFIX[1:, :3], 6, first_row=1, **kw)
+  np.testing.assert_array_equal(batch[1], np.asarray(part)[0])
   with pytest.raises(ValueError, match=r"one key per row \(2\), got shape \(3,\)"):
     decode_lib.row_keys(jax.random.split(jax.random.key(0), 3), 2)
 

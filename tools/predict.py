@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         # Pad the chunk to the batch size, so every batch reuses one compiled program.
         padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
         preds, scores = model.generate([image] * len(padded), padded, args.max_new_tokens, return_scores=True,
-                                       **sampling_kwargs(args))
+                                       first_row=start, **sampling_kwargs(args))  # samples whatever --batch_size
         for prompt, pred, score in zip(chunk, preds, scores):
           line = json.dumps({"prompt": prompt, "prediction": pred, "score": score}) if args.json else pred
           print(line.replace("\n", "\\n"), flush=True)  # one line per prompt, whatever the model wrote

@@ -103,13 +103,14 @@ class Model:
 
   def generate_ids(self, images, prefix_tokens, max_new_tokens: int = 32, prefix_mask=None, *, sampler="greedy",
                    temperature=None, top_k=0, top_p=1.0, best_of=1, beam_size=None, length_penalty=1.0, seed=0,
-                   eos_id=None, pad_id=None, logits_mask=None, return_scores=False):
+                   eos_id=None, pad_id=None, logits_mask=None, return_scores=False, first_row=0):
     """int32 [B, max_new_tokens] continuations of the text prefixes, pad after EOS (with return_scores, also
     float32 [B] scores: summed log-probs / length ** length_penalty).
 
     prefix_tokens: int32 [B,T] (BOS, prompt, separator), right-padded; prefix_mask marks the real tokens
     (default: tokens != pad). sampler "greedy" | "sample" (temperature, top_k, top_p, best_of, seed) | "beam"
-    (beam_size, length_penalty); see `vlm_jax.decode.Sampling`. Row r samples with fold_in(key(seed), r).
+    (beam_size, length_penalty); see `vlm_jax.decode.Sampling`. Row r samples with fold_in(key(seed), first_row + r),
+    so a long list decoded in batches (first_row: the batch's start) samples as if decoded in one.
     Prefixes are padded to a multiple of
     PREFIX_BUCKET tokens, so prompts of similar length share one compiled program.
     """
@@ -127,10 +128,12 @@ class Model:
     width = -(-prefix_tokens.shape[1] // PREFIX_BUCKET) * PREFIX_BUCKET
     pad = ((0, 0), (0, width - prefix_tokens.shape[1]))
     rows = self._batch_rows(b)
+    row_keys = jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(
+        jax.random.key(seed), first_row + jnp.arange(rows)))
     out = decode_lib.decode(
         self.config, self.params, self._put(self._images(images, b), rows),
         self._put(np.pad(prefix_tokens, pad, constant_values=pad_id).astype(np.int32), rows),
-        self._put(np.pad(prefix_mask, pad).astype(np.int32), rows), jax.random.key(seed),
+        self._put(np.pad(prefix_mask, pad).astype(np.int32), rows), self._put(row_keys, rows),
         max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
         logits_mask_V=None if logits_mask is None else jnp.asarray(logits_mask, bool), return_scores=True)
     ids, scores = out[0][:b], out[1][:b]
@@ -139,7 +142,7 @@ class Model:
   def generate(self, images, prompts, max_new_tokens: int = 32, return_scores: bool = False, **sampling):
     """Decoded strings for a batch of images (arrays or PIL images, any size/mode) and prompts (and with
     return_scores, their float scores); `sampling` takes generate_ids' options (sampler, temperature, top_k,
-    top_p, best_of, beam_size, length_penalty, seed, logits_mask)."""
+    top_p, best_of, beam_size, length_penalty, seed, logits_mask, first_row)."""
     tok = self._require_tokenizer()
     if isinstance(prompts, str):
       prompts = [prompts]
