@@ -1,8 +1,6 @@
 """vlm_jax: PaliGemma-style vision-language models in JAX. Entry point: `vlm_jax.load(path)`."""
 import os
 
-import jax
-
 from vlm_jax.api import Model
 
 __all__ = ["Model", "load"]
@@ -20,7 +18,7 @@ def load(path: str, dtype: str | None = None, config=None, mesh=None) -> Model:
   from vlm_jax.convert import big_vision, hf
   from vlm_jax.models.registry import get_model_config
   named = get_model_config(config) if isinstance(config, str) else config
-  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+  if mesh is not None:
     from vlm_jax import sharding
     mesh = sharding.make_mesh(mesh)
   if os.path.isfile(path) and path.endswith(".npz"):

@@ -42,8 +42,7 @@ class Model:
     "tensor": 2}) by vlm_jax.sharding's rules; its batches are then split over the data axes (a batch that
     does not divide is padded with repeats, which are dropped from the output)."""
     from vlm_jax import sharding, treeutil
-    if not isinstance(mesh, jax.sharding.Mesh):
-      mesh = sharding.make_mesh(mesh)
+    mesh = sharding.make_mesh(mesh)
     flat = treeutil.flatten(self.params["params"])
     shardings = sharding.param_shardings(flat, mesh)
     params = {"params": treeutil.unflatten({k: jax.device_put(v, shardings[k]) for k, v in flat.items()})}
@@ -128,8 +127,7 @@ class Model:
     width = -(-prefix_tokens.shape[1] // PREFIX_BUCKET) * PREFIX_BUCKET
     pad = ((0, 0), (0, width - prefix_tokens.shape[1]))
     rows = self._batch_rows(b)
-    row_keys = jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(
-        jax.random.key(seed), first_row + jnp.arange(rows)))
+    row_keys = jax.random.key_data(decode_lib.fold_rows(jax.random.key(seed), first_row + jnp.arange(rows)))
     out = decode_lib.decode(
         self.config, self.params, self._put(self._images(images, b), rows),
         self._put(np.pad(prefix_tokens, pad, constant_values=pad_id).astype(np.int32), rows),

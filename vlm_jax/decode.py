@@ -90,6 +90,11 @@ def sample_token(logits_BV, keys_B, sampling: Sampling):
   return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
 
 
+def fold_rows(key, rows_B):
+  """[B] keys fold_in(key, r) for the row numbers rows_B: the key of each row of a batch."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, rows_B)
+
+
 def row_keys(rng, b: int):
   """[b] per-row keys from `rng`: one key (row r gets fold_in(rng, r)), or already one per row. Raw key data
   (uint32 [2] or [b, 2], e.g. placed on a mesh) is accepted too. A row's samples then depend on its key alone,
@@ -97,7 +102,7 @@ def row_keys(rng, b: int):
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(rng)
   if rng.ndim == 0:
-    return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(b))
+    return fold_rows(rng, jnp.arange(b))
   if rng.shape != (b,):
     raise ValueError(f"rng must be one key or one key per row ({b}), got shape {rng.shape}.")
   return rng

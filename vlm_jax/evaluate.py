@@ -104,12 +104,11 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
   if decoded:
     sampling, seed = sampling_of(eval_cfg)
     prefix_len, max_new = int(eval_cfg.get("prefix_len", 32)), int(eval_cfg.get("max_new_tokens", 16))
-    # Example i samples with fold_in(key(seed), i): the same predictions whatever the batch size or mesh.
-    keys = np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(
-        jax.random.key(seed), jnp.arange(-(-n // batch_size) * batch_size))))
     for examples, real in _batches(source, n, batch_size):
       prefix = [tokenize_prefix(tokenizer, ex["turns"][0][0], prefix_len) for ex in examples]
-      rows = keys[len(records):len(records) + batch_size]
+      # Example i samples with fold_in(key(seed), i): the same predictions whatever the batch size or mesh.
+      rows = np.asarray(jax.random.key_data(decode_lib.fold_rows(jax.random.key(seed),
+                                                                 len(records) + jnp.arange(batch_size))))
       ids = decode_lib.decode(model_cfg, params, put(_images(examples, size)), put(np.stack([p[0] for p in prefix])),
                               put(np.stack([p[1] for p in prefix])), put(rows),
                               max_new_tokens=max_new, sampling=sampling, eos_id=tokenizer.eos_id,

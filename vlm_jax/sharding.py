@@ -115,7 +115,10 @@ def make_mesh(mesh_cfg, devices=None, dcn_mesh_cfg=None) -> Mesh:
   `mesh_cfg` sizes the axes within one granule (a TPU slice; on GPUs and CPUs, a process), `dcn_mesh_cfg`
   (optional) how many granules each axis spans over the data-centre network; a mesh axis is the product of
   both. Without `dcn_mesh_cfg` the mesh covers all devices with `mesh_cfg` alone. Either may use -1 once.
+  A `mesh_cfg` that already is a Mesh is returned as it is.
   """
+  if isinstance(mesh_cfg, Mesh):
+    return mesh_cfg
   devices = jax.devices() if devices is None else list(devices)
   from jax.experimental import mesh_utils
   dcn = dict(dcn_mesh_cfg or {})

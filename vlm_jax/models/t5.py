@@ -273,8 +273,8 @@ class Decoder(nn.Module):
 
     Causal self-attention: query at position p sees keys at positions <= p (the cache slots when cached).
     """
-    layer_kv = kv[0] if isinstance(kv, list) else jax.tree.map(lambda a: a[0], kv)
-    key_pos_S = jnp.arange(layer_kv["self_k"].shape[1]) if "self_k" in layer_kv else query_pos_T
+    first = kv[0] if isinstance(kv, list) else kv
+    key_pos_S = jnp.arange(first["self_k"].shape[-3]) if "self_k" in first else query_pos_T  # [(L,) B,C,N,H]
     bias_1NTS = relative_bias(self.relpos_bias, query_pos_T[None], key_pos_S[None], bidirectional=False,
                               cfg=self.cfg)
     mask_1TS = key_pos_S[None, None, :] <= query_pos_T[None, :, None]
