@@ -1,6 +1,7 @@
 """The shared decode loop: beam search, best-of-n, scores, compile-once buckets (greedy, sampling, caching and
 ragged batches are in test_model.py)."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from vlm_jax import decode as decode_lib
 from vlm_jax.api import Model
 from vlm_jax.models.registry import get_model_config
-from vlm_jax.models.vlm import init_params
+from vlm_jax.models.vlm import init_params, model_for, per_layer
 from tests.test_model import randomize
 
 EOS = 1
@@ -224,6 +225,23 @@ class CompileCounter:
 
 
 COMPILES = CompileCounter()
+
+
+def test_decode_steps_update_the_kv_cache_in_place(model, images):
+  """Every layer's cache is carried through the loop and written one slot per step: the compiled decode copies or
+  transposes no whole cache layer (XLA CPU did, at every step, for a [B, S, K, H] cache and for MQA's size-1 head
+  axis: see layers.update_cache). Families: MQA Gemma, GQA Llama, T5 (a head per kv head)."""
+  cfg, params = per_layer(model.config, model.params)
+  n = 300  # slots: a cache layer's size is then unlike any other array's
+  _, cache = jax.eval_shape(lambda p: model_for(cfg).apply(p, images, PREFIX, PREFIX > 0, n, method="start"), params)
+  slots = max(leaf.shape[-2] for leaf in jax.tree.leaves(cache["kv"]))  # T5's cross-attention keys: fewer
+  layer_sizes = {leaf.size for leaf in jax.tree.leaves(cache["kv"]) if leaf.shape[-2] == slots}
+  assert layer_sizes
+  hlo = jax.jit(lambda p: decode_lib.decode(model.config, p, images, PREFIX, PREFIX > 0, jax.random.key(0),
+                                            max_new_tokens=n, eos_id=-1)).lower(model.params).compile().as_text()
+  moves = [(op, dims) for dims, op in re.findall(r"= f32\[([\d,]*)\]\S* (copy|transpose)\(", hlo)
+           if math.prod(int(d) for d in dims.split(",")) in layer_sizes]
+  assert not moves, moves
 
 
 def test_second_batch_of_a_bucket_does_not_compile(tiny_model, images):

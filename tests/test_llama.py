@@ -11,6 +11,7 @@ import torch
 from vlm_jax import treeutil
 from vlm_jax.convert import hf_llama, safetensors_io
 from vlm_jax.models import vlm
+from vlm_jax.models.layers import kv_cache_shape
 from vlm_jax.models.llama import Llama, LlamaConfig
 from vlm_jax.models.vit import vit_config
 
@@ -77,7 +78,7 @@ def full_logits(cfg, params, tokens_BT):
 def cached_logits(cfg, params, tokens_BT, prefill, cache_size):
   """Prefill `prefill` tokens into a fresh cache, then extend one token at a time: logits of every position."""
   b, t = tokens_BT.shape
-  kv_shape = (cfg.depth, b, cache_size, cfg.num_kv_heads, cfg.head_dim)
+  kv_shape = (cfg.depth, *kv_cache_shape(b, cfg.num_kv_heads, cache_size, cfg.head_dim))
   cache = {"k": jnp.zeros(kv_shape, cfg.dtype), "v": jnp.zeros(kv_shape, cfg.dtype)}
   slots_S = jnp.arange(cache_size)
   mask_BPS = jnp.broadcast_to(slots_S[None] <= jnp.arange(prefill)[:, None], (b, prefill, cache_size))
@@ -126,7 +127,7 @@ def test_greedy_continuation_matches_generate(hf_text):
   model, _, (cfg, params) = hf_text
   b, steps, size = TOKENS.shape[0], 8, 16
   prompt = TOKENS[:, :PROMPT]
-  kv_shape = (cfg.depth, b, size, cfg.num_kv_heads, cfg.head_dim)
+  kv_shape = (cfg.depth, *kv_cache_shape(b, cfg.num_kv_heads, size, cfg.head_dim))
   cache = {"k": jnp.zeros(kv_shape), "v": jnp.zeros(kv_shape)}
   slots_S = jnp.arange(size)
   mask = jnp.broadcast_to(slots_S[None] <= jnp.arange(PROMPT)[:, None], (b, PROMPT, size))

@@ -166,7 +166,7 @@ def test_cached_extend_equals_teacher_forced(t5, stacked):
   enc_BSD = f.encode(params, ENC, ENC_MASK)
   t = DEC.shape[1]
   cache = f.init_cache(params, enc_BSD, ENC_MASK, t + 2)
-  layer_shape = (2, ENC.shape[1], cfg.num_heads, cfg.head_dim)
+  layer_shape = (2, cfg.num_heads, ENC.shape[1], cfg.head_dim)
   if stacked:
     assert set(cache["kv"]) == {"self_k", "self_v", "cross_k", "cross_v"}
     assert cache["kv"]["cross_k"].shape == (cfg.decoder_depth, *layer_shape)

@@ -4,10 +4,10 @@ Param names follow big_vision's `models/ppp/gemma.py` (`embedder/input_embedding
 ...). Axis letters: B batch, T query length, S key length, D width, N query heads, K kv heads,
 G query heads per kv head, H head dim, F mlp width, V vocab, L layers.
 
-The cache is a plain dict {"k": [L,B,S,K,H], "v": [L,B,S,K,H]} (with per-layer weights, `layers.layer_stack`:
-a list of L dicts of [B,S,K,H]); new keys and values are written at one
-shared slot index for the whole batch (`cache_index`), and which slots a query may see is given by the mask,
-so rows of different lengths share one cache.
+The cache is a plain dict {"k": [L,B,K,S,H], "v": [L,B,K,S,H]}, heads-major, [L,B,S,H] with one kv head (see
+`layers.update_cache`; with per-layer weights, `layers.layer_stack`: a list of L dicts of [B,K,S,H] or [B,S,H]);
+new keys and values are written at one shared slot index for the whole batch (`cache_index`), and which slots a
+query may see is given by the mask, so rows of different lengths share one cache.
 """
 import dataclasses
 
@@ -108,8 +108,8 @@ class Attention(nn.Module):
     q_BTNH, k_BTKH, v_BTKH = project(x_BTD, w_DXs, cfg.fuse_projections)
     q_BTNH = apply_rope(q_BTNH.reshape(b, t, n, h), positions_BT, cfg.rope_base) * jnp.asarray(cfg.query_scale, dtype)
     k_BTKH = apply_rope(k_BTKH.reshape(b, t, k, h), positions_BT, cfg.rope_base)
-    new_cache, k_BSKH, v_BSKH = update_cache(cache, k_BTKH, v_BTKH.reshape(b, t, k, h), cache_index, dtype)
-    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, dtype, cfg.attn_logits_softcap)
+    new_cache, k_BKSH, v_BKSH = update_cache(cache, k_BTKH, v_BTKH.reshape(b, t, k, h), cache_index, dtype)
+    out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, dtype, cfg.attn_logits_softcap)
     w_out = self.param("attn_vec_einsum", lambda *a: {"w": init(*a)}, (n, h, d))["w"].astype(dtype)
     return dense(out_BTNH, w_out, 2), new_cache
 

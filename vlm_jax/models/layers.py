@@ -132,20 +132,21 @@ def project(x_BTD, w_DXs, fuse: bool | None = None):
   return jnp.split(dense(x_BTD, jnp.concatenate(w_DXs, axis=1)), splits, axis=-1)
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, dtype, logits_softcap=None, bias_BNTS=None):
+def attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, dtype, logits_softcap=None, bias_BNTS=None):
   """Unscaled softmax attention (callers scale the queries) with grouped KV heads (N query heads, K | N key /
-  value heads). float32 logits, plus `bias_BNTS` if given (T5's relative positions; its B may be 1), capped by
-  `logits_softcap` if set; keys where `mask_BTS` is False at NEG_INF (None: no mask). Returns [B, T, N, H].
+  value heads, given heads-major: [B, K, S, H], as `update_cache` returns them). float32 logits, plus
+  `bias_BNTS` if given (T5's relative positions; its B may be 1), capped by `logits_softcap` if set; keys where
+  `mask_BTS` is False at NEG_INF (None: no mask). Returns [B, T, N, H].
 
   The layouts suit XLA CPU, whose batched GEMMs want their batch dims leading: otherwise it transposes the
   operands around both GEMMs and runs the softmax over a strided [B, N, T, S] (3-4x the time at ~200 tokens).
-  MQA (K = 1): the queries of all heads are rows of one [B, T*N, H] matrix, with no transposes at all. Several
-  query tokens (prefill, training): heads-major [B, K, G*T, H] operands; transposing q, k and v costs far less
-  than the [B, N, T, S] work it saves. One query token (a decode step): the grouped einsum, which reads the KV
-  cache in place instead of transposing all of it at every step.
+  Keys and values come heads-major, so both GEMMs read them (the whole KV cache, in a decode step) in place.
+  MQA (K = 1): the queries of all heads are rows of one [B, 1, T*N, H] matrix, with no transposes at all.
+  Otherwise heads-major queries [B, K, G*T, H]: for one query token (a decode step) a free reshape, for several
+  a transpose of the queries, far cheaper than the [B, N, T, S] work it saves.
   """
   b, t, n, h = q_BTNH.shape
-  s, k = k_BSKH.shape[1:3]
+  k, s = k_BKSH.shape[1:3]
   g = n // k
 
   def probs(logits, mask, bias):  # all three already in the logits' layout
@@ -153,19 +154,14 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, dtype, logits_softcap=None, bias_BN
     return jax.nn.softmax(logits if mask is None else jnp.where(mask, logits, NEG_INF), axis=-1).astype(dtype)
 
   if k == 1:
-    logits_BTNS = jnp.einsum("BMH,BSH->BMS", q_BTNH.reshape(b, t * n, h), k_BSKH[:, :, 0],
+    logits_BTNS = jnp.einsum("BKMH,BKSH->BKMS", q_BTNH.reshape(b, 1, t * n, h), k_BKSH,
                              preferred_element_type=jnp.float32).reshape(b, t, n, s)
     probs_BTNS = probs(logits_BTNS, None if mask_BTS is None else mask_BTS[:, :, None],
                        None if bias_BNTS is None else jnp.swapaxes(bias_BNTS, 1, 2))
-    return jnp.einsum("BMS,BSH->BMH", probs_BTNS.reshape(b, t * n, s), v_BSKH[:, :, 0]).reshape(b, t, n, h)
+    return jnp.einsum("BKMS,BKSH->BKMH", probs_BTNS.reshape(b, 1, t * n, s), v_BKSH).reshape(b, t, n, h)
   mask_B11TS = None if mask_BTS is None else mask_BTS[:, None, None]
   bias_BKGTS = None if bias_BNTS is None else bias_BNTS.reshape(bias_BNTS.shape[0], k, g, t, s)
-  if t == 1:
-    q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
-    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs(logits_BKGTS, mask_B11TS, bias_BKGTS), v_BSKH).reshape(b, t, n, h)
   q_BKMH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
-  k_BKSH, v_BKSH = jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKH, 1, 2)
   logits_BKGTS = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, k_BKSH,
                             preferred_element_type=jnp.float32).reshape(b, k, g, t, s)
   probs_BKMS = probs(logits_BKGTS, mask_B11TS, bias_BKGTS).reshape(b, k, g * t, s)
@@ -173,11 +169,27 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, dtype, logits_softcap=None, bias_BN
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+def kv_cache_shape(batch: int, kv_heads: int, slots: int, head_dim: int) -> tuple:
+  """One layer's cache keys (or values): heads-major [B, K, C, H], or [B, C, H] with one kv head (MQA). See
+  `update_cache`."""
+  return (batch, slots, head_dim) if kv_heads == 1 else (batch, kv_heads, slots, head_dim)
+
+
 def update_cache(cache, k_BTKH, v_BTKH, cache_index, dtype):
-  """Writes the new keys / values at `cache_index`: (new cache, all keys, all values) in the compute dtype; without
-  a cache (a full pass), (None, the new keys, the new values)."""
+  """Writes the new keys / values at slot `cache_index` of a cache {"k", "v"} laid out as `kv_cache_shape`: (new
+  cache, all keys [B, K, C, H], all values) in the compute dtype; without a cache (a full pass), (None, the new
+  keys [B, K, T, H], the new values).
+
+  The layout lets a decode step's attention GEMMs read the cache in place. XLA CPU transposes a [B, C, K, H] cache
+  whole at every step; and where a size-1 head axis is dropped for the GEMM, it writes the new slot twice (into the
+  carried cache and into the GEMM's view of it), each time into a fresh copy of the whole cache.
+  """
+  k_BKTH, v_BKTH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
   if cache is None:
-    return None, k_BTKH, v_BTKH
-  new = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], x.astype(cache[name].dtype), cache_index, axis=1)
-         for name, x in (("k", k_BTKH), ("v", v_BTKH))}
-  return new, new["k"].astype(dtype), new["v"].astype(dtype)
+    return None, k_BKTH, v_BKTH
+  mqa = cache["k"].ndim == 3
+  new = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], (x[:, 0] if mqa else x).astype(cache[name].dtype),
+                                                   cache_index, axis=1 if mqa else 2)
+         for name, x in (("k", k_BKTH), ("v", v_BKTH))}
+  heads_major = (lambda c: c[:, None]) if mqa else (lambda c: c)
+  return new, heads_major(new["k"]).astype(dtype), heads_major(new["v"]).astype(dtype)

@@ -23,8 +23,8 @@ tensors they hold (torch Linear weights are [out, in]; ours are [in, out], with 
   final_norm/scale                  [D]        model.norm.weight
   lm_head/w                         [D, V]     lm_head.weight [V, D]                 (absent if tie_embeddings)
 
-The cache is the same as Gemma's: {"k": [L,B,S,K,H], "v": [L,B,S,K,H]} (per-layer weights: a list of L such
-dicts of [B,S,K,H]), written at one shared slot index.
+The cache is the same as Gemma's: {"k": [L,B,K,S,H], "v": [L,B,K,S,H]}, [L,B,S,H] with one kv head (per-layer
+weights: a list of L such dicts of [B,K,S,H] or [B,S,H]), written at one shared slot index.
 """
 import dataclasses
 import math
@@ -165,8 +165,8 @@ class Attention(nn.Module):
     inv_freq = cfg.rope_inv_freq()
     q_BTNH = apply_rope(q_BTX.reshape(b, t, n, h), positions_BT, inv_freq) * jnp.asarray(cfg.query_scale, dtype)
     k_BTKH = apply_rope(k_BTX.reshape(b, t, k, h), positions_BT, inv_freq)
-    new_cache, k_BSKH, v_BSKH = update_cache(cache, k_BTKH, v_BTX.reshape(b, t, k, h), cache_index, dtype)
-    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, dtype)
+    new_cache, k_BKSH, v_BKSH = update_cache(cache, k_BTKH, v_BTX.reshape(b, t, k, h), cache_index, dtype)
+    out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, dtype)
     w_out = _proj(self, "o_proj", (n, h, d), None, init)["w"].astype(dtype)
     return dense(out_BTNH, w_out, 2), new_cache
 

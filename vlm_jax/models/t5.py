@@ -45,7 +45,7 @@ The cross-attention key/value projections of all decoder layers sit outside the 
 encoder output once, and the decoder layers take them as per-layer inputs.
 
 Cache (decode.py's layout rule: leaves under "kv" are [L, B, ...], others [B, ...], scalars shared):
-  {"kv": {"self_k", "self_v": [L,B,C,N,H], "cross_k", "cross_v": [L,B,S,N,H]}, "enc_valid": bool [B,S],
+  {"kv": {"self_k", "self_v": [L, *kv_cache_shape], "cross_k", "cross_v": [L,B,N,S,H]}, "enc_valid": bool [B,S],
    "index": int32 scalar}
 With per-layer decoder weights (`stacked_layers=False`, the decode loop's layout; `layers.layer_stack`) "kv" is
 a list of L such dicts of [B, ...] arrays.
@@ -59,8 +59,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import (attend, dense, heads_matrix, layer_stack, project, run_layers, scan_stack,
-                                   update_cache)
+from vlm_jax.models.layers import (attend, dense, heads_matrix, kv_cache_shape, layer_stack, project, run_layers,
+                                   scan_stack, update_cache)
 
 ACTIVATIONS = {"gelu_new": lambda x: nn.gelu(x, approximate=True), "gelu": lambda x: nn.gelu(x, approximate=False),
                "silu": nn.silu, "relu": nn.relu}
@@ -158,8 +158,8 @@ class SelfAttention(nn.Module):
     b, t = x_BTD.shape[:2]
     q_BTNH, k_BTNH, v_BTNH = (y.reshape(b, t, n, h) for y in project(
         x_BTD, [heads_matrix(wq), heads_matrix(wkv[0]), heads_matrix(wkv[1])], cfg.fuse_projections))
-    cache, k_BTNH, v_BTNH = update_cache(cache, k_BTNH, v_BTNH, cache_index, dtype)
-    out_BTNH = attend(q_BTNH, k_BTNH, v_BTNH, mask_BTS, dtype, bias_BNTS=bias_BNTS)
+    cache, k_BNSH, v_BNSH = update_cache(cache, k_BTNH, v_BTNH, cache_index, dtype)
+    out_BTNH = attend(q_BTNH, k_BNSH, v_BNSH, mask_BTS, dtype, bias_BNTS=bias_BNTS)
     w_out = _einsum_param(self, "attn_vec_einsum", (n * h) ** -0.5, (n, h, d), dtype)
     return dense(out_BTNH, w_out, 2), cache
 
@@ -169,12 +169,12 @@ class CrossAttention(nn.Module):
   cfg: T5Config
 
   @nn.compact
-  def __call__(self, x_BTD, k_BSNH, v_BSNH, mask_BTS):
+  def __call__(self, x_BTD, k_BNSH, v_BNSH, mask_BTS):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     n, h, d = cfg.num_heads, cfg.head_dim, cfg.width
     wq = _einsum_param(self, "q_einsum", (d * h) ** -0.5, (n, d, h), dtype)
     q_BTNH = dense(x_BTD, heads_matrix(wq)).reshape(*x_BTD.shape[:2], n, h)
-    out_BTNH = attend(q_BTNH, k_BSNH.astype(dtype), v_BSNH.astype(dtype), mask_BTS, dtype)
+    out_BTNH = attend(q_BTNH, k_BNSH.astype(dtype), v_BNSH.astype(dtype), mask_BTS, dtype)
     w_out = _einsum_param(self, "attn_vec_einsum", (n * h) ** -0.5, (n, h, d), dtype)
     return dense(out_BTNH, w_out, 2)
 
@@ -257,15 +257,13 @@ class Decoder(nn.Module):
     self.final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
 
   def cross_kv(self, enc_BSD):
-    """Every layer's cross-attention {"cross_k", "cross_v"}: [L,B,S,N,H] each, or a list of L dicts of
-    [B,S,N,H] with per-layer decoder weights."""
+    """Every layer's cross-attention {"cross_k", "cross_v"}: heads-major [L,B,N,S,H] each (as `attend` takes
+    them), or a list of L dicts of [B,N,S,H] with per-layer decoder weights."""
     w = self.cross_kv_einsum["w"].astype(jnp.dtype(self.cfg.dtype))  # [L,2,N,D,H]
-    kv_BSL2NH = dense(enc_BSD, jnp.moveaxis(w, 3, 0))  # one GEMM over the [D,L,2,N,H] weight
+    kv_L2BNSH = dense(enc_BSD, jnp.moveaxis(w, 3, 0)).transpose(2, 3, 0, 4, 1, 5)  # one GEMM, [D,L,2,N,H] weight
     if not self.cfg.stacked_layers:
-      return [{"cross_k": kv_BSL2NH[:, :, i, 0], "cross_v": kv_BSL2NH[:, :, i, 1]}
-              for i in range(self.cfg.decoder_depth)]
-    return {"cross_k": jnp.moveaxis(kv_BSL2NH[:, :, :, 0], 2, 0),
-            "cross_v": jnp.moveaxis(kv_BSL2NH[:, :, :, 1], 2, 0)}
+      return [{"cross_k": kv_L2BNSH[i, 0], "cross_v": kv_L2BNSH[i, 1]} for i in range(self.cfg.decoder_depth)]
+    return {"cross_k": kv_L2BNSH[:, 0], "cross_v": kv_L2BNSH[:, 1]}
 
   def __call__(self, y_BTD, kv, cross_mask_BTS, query_pos_T, cache_index=0):
     """Final-normed hidden [B,T,D] and the updated {"self_k", "self_v"} (a list of them with per-layer weights;
@@ -274,7 +272,7 @@ class Decoder(nn.Module):
     Causal self-attention: query at position p sees keys at positions <= p (the cache slots when cached).
     """
     first = kv[0] if isinstance(kv, list) else kv
-    key_pos_S = jnp.arange(first["self_k"].shape[-3]) if "self_k" in first else query_pos_T  # [(L,) B,C,N,H]
+    key_pos_S = jnp.arange(first["self_k"].shape[-2]) if "self_k" in first else query_pos_T  # C: kv_cache_shape
     bias_1NTS = relative_bias(self.relpos_bias, query_pos_T[None], key_pos_S[None], bidirectional=False,
                               cfg=self.cfg)
     mask_1TS = key_pos_S[None, None, :] <= query_pos_T[None, :, None]
@@ -342,7 +340,7 @@ class T5(nn.Module):
     """A decoder cache of `cache_size` self-attention slots with every layer's cross-attention keys / values."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     cross = self.decoder.cross_kv(enc_BSD.astype(dtype))
-    shape = (enc_BSD.shape[0], cache_size, cfg.num_heads, cfg.head_dim)
+    shape = kv_cache_shape(enc_BSD.shape[0], cfg.num_heads, cache_size, cfg.head_dim)
     if cfg.stacked_layers:
       shape = (cfg.decoder_depth, *shape)
     zeros = lambda: {"self_k": jnp.zeros(shape, dtype), "self_v": jnp.zeros(shape, dtype)}

@@ -149,7 +149,8 @@ class MultiHeadAttention(nn.Module):
       k, v = project(kv_in_BSD.astype(self.dtype), [mat("key"), mat("value")])
     q_BTNH, k_BSNH, v_BSNH = (x.reshape(*x.shape[:-1], n, h) + w[name][1]
                               for x, name in ((q, "query"), (k, "key"), (v, "value")))
-    out_BTNH = attend(q_BTNH * jnp.asarray(h ** -0.5, self.dtype), k_BSNH, v_BSNH, None, self.dtype)
+    out_BTNH = attend(q_BTNH * jnp.asarray(h ** -0.5, self.dtype), jnp.swapaxes(k_BSNH, 1, 2),
+                      jnp.swapaxes(v_BSNH, 1, 2), None, self.dtype)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, dot_general=dense_dot_general,
                            name="out")(out_BTNH)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from vlm_jax.models.adapters import AdapterConfig, add_position_embedding, make_adapter
 from vlm_jax.models.gemma import Gemma, GemmaConfig
-from vlm_jax.models.layers import unstack_layers
+from vlm_jax.models.layers import kv_cache_shape, unstack_layers
 from vlm_jax.models.llama import Llama, LlamaConfig
 from vlm_jax.models.t5 import T5, T5Config
 from vlm_jax.models.vit import ViT, ViTConfig
@@ -128,7 +128,7 @@ class DecoderVLM(nn.Module):
     if cache_size < s:
       raise ValueError(f"cache_size {cache_size} < prefill length {s}.")
     positions_BS = jnp.cumsum(valid_BS, axis=-1) - 1
-    kv_shape = (cfg.depth, b, cache_size, cfg.num_kv_heads, cfg.head_dim)
+    kv_shape = (cfg.depth, *kv_cache_shape(b, cfg.num_kv_heads, cache_size, cfg.head_dim))
     kv = {"k": jnp.zeros(kv_shape, jnp.dtype(cfg.dtype)), "v": jnp.zeros(kv_shape, jnp.dtype(cfg.dtype))}
     pad = ((0, 0), (0, cache_size - s))
     key_valid_BC = jnp.pad(valid_BS, pad).astype(bool)
