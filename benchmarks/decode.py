@@ -4,6 +4,7 @@
   python benchmarks/decode.py --quick             # a small model, float32 only: a smoke run in ~30 s
   python benchmarks/decode.py --quick --dtypes float32,bfloat16   # the smoke run of both dtypes (~1 min)
   python benchmarks/decode.py --dtypes float32 --reps 5 --json out.json
+  python benchmarks/decode.py --dtypes float32 --kv-heads 2      # a GQA decoder (MQA by default)
 
 One HF directory, written once by `vlm_jax.convert.hf.save` from random weights, is loaded by `vlm_jax.load`
 and by transformers' `PaliGemmaForConditionalGeneration` (its default attention, sdpa), so both sides decode
@@ -55,13 +56,18 @@ QUICK_SHAPES = {"a": (4, 8), "b": (1, 16)}
 # ---------------------------------------------------------------------------------------------- set-up
 
 
-def model_config(quick: bool, vit_depth: int | None):
+def model_config(quick: bool, vit_depth: int | None, kv_heads: int | None = None):
   """train_step's configs: the full model is a SigLIP-S/16-like tower (width 384, 6 of S/16's 12 layers, 224px
   -> 196 image tokens) + a 6-layer MQA Gemma 512 wide with a 32k vocab: 50.4M params (61.1M with all 12
-  tower layers, --vit-depth 12)."""
+  tower layers, --vit-depth 12). kv_heads: the decoder's key / value heads instead of 1 (MQA, as PaliGemma's
+  Gemma 2B): grouped (GQA, as Gemma 2) or one per query head (as Gemma 7B)."""
   cfg = train_step.model_config(quick, "float32")
   if vit_depth:
     cfg = dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, depth=vit_depth))
+  if kv_heads:
+    if cfg.llm.num_heads % kv_heads:
+      raise ValueError(f"--kv-heads {kv_heads} does not divide the decoder's {cfg.llm.num_heads} query heads.")
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_kv_heads=kv_heads))
   return cfg
 
 
@@ -233,6 +239,8 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=None, help="timed repetitions after a warm-up (default 3; quick 2)")
   ap.add_argument("--vit-depth", type=int, default=None,
                   help="vision tower layers (default: train_step's 6; 12 is the full SigLIP-S/16, 61M params)")
+  ap.add_argument("--kv-heads", type=int, default=None,
+                  help="the decoder's key/value heads (default 1, MQA; 2: GQA; 8: one per query head)")
   ap.add_argument("--bandwidth-mb", type=int, default=None,
                   help="MiB for the bandwidth probe (default max(512, 2 x the L3 cache); quick 64)")
   ap.add_argument("--no-torch", action="store_true", help="skip transformers (no ratio, no token check)")
@@ -250,13 +258,16 @@ def main(argv=None):
   from vlm_jax.convert import hf
   from vlm_jax.models.vlm import init_params
   t_start = time.perf_counter()
-  cfg = model_config(args.quick, args.vit_depth)
+  try:
+    cfg = model_config(args.quick, args.vit_depth, args.kv_heads)
+  except ValueError as e:
+    ap.error(str(e))
   flat = treeutil.flatten(jax.eval_shape(lambda: init_params(cfg))["params"])
   n_params = sum(v.size for v in flat.values())
   n_llm = sum(v.size for k, v in flat.items() if k.startswith("llm/"))
   print(f"model {cfg.name}: {n_params:,} params ({n_llm:,} in the LLM; ViT {cfg.img.width}x{cfg.img.depth} at "
         f"{cfg.img.image_size}px/{cfg.img.patch_size} = {cfg.img.num_patches} image tokens, Gemma "
-        f"{cfg.llm.width}x{cfg.llm.depth}, vocab {cfg.llm.vocab_size}); prefix {PREFIX_LEN} tokens; shapes "
+        f"{cfg.llm.width}x{cfg.llm.depth} with {cfg.llm.num_kv_heads} kv heads, vocab {cfg.llm.vocab_size}); prefix {PREFIX_LEN} tokens; shapes "
         + ", ".join(f"({k}) batch {b} x {n} new" for k, (b, n) in shapes.items())
         + f"; greedy; best of {reps}; jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs",
         flush=True)
@@ -276,7 +287,7 @@ def main(argv=None):
   peaks = {d: matmul_peak(d, n=peak_n) for d in sorted(set(dtypes) | {"float32"})}
   print(f"matmul peak ({peak_n}^3): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
   inputs = {name: make_inputs(cfg, b, seed=i) for i, (name, (b, _)) in enumerate(shapes.items())}
-  fig = {"model": cfg.name, "params": int(n_params), "llm_params": int(n_llm), "vit_depth": cfg.img.depth,
+  fig = {"model": cfg.name, "params": int(n_params), "llm_params": int(n_llm), "vit_depth": cfg.img.depth, "kv_heads": cfg.llm.num_kv_heads,
          "image_tokens": cfg.img.num_patches, "prefix_tokens": PREFIX_LEN,
          "shapes": {k: {"batch": b, "new_tokens": n} for k, (b, n) in shapes.items()}, "reps": reps,
          "timing": "best of reps after a warm-up (medians alongside)", "bandwidth_gbs": bandwidth / 1e9,
