@@ -28,7 +28,8 @@ def test_train_step_benchmark_runs_and_both_sides_agree(tmp_path):
 
 @pytest.mark.slow
 def test_decode_benchmark_runs_and_tokens_match_transformers(tmp_path):
-  fig, out = run(tmp_path, "decode.py", "--reps", "1")
+  fig, out = run(tmp_path, "decode.py", "--reps", "1", "--kv-heads", "2")  # a GQA decoder: heads-major cache
+  assert fig["kv_heads"] == 2 and "with 2 kv heads" in out
   res = fig["results"]["float32"]
   assert fig["token_check_float32"] is True, out
   assert all(c["identical"] for c in res["token_check"].values())

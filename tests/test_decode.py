@@ -228,9 +228,9 @@ COMPILES = CompileCounter()
 
 
 def test_decode_steps_update_the_kv_cache_in_place(model, images):
-  """Every layer's cache is carried through the loop and written one slot per step: the compiled decode copies or
-  transposes no whole cache layer (XLA CPU did, at every step, for a [B, S, K, H] cache and for MQA's size-1 head
-  axis: see layers.update_cache). Families: MQA Gemma, GQA Llama, T5 (a head per kv head)."""
+  """Every layer's cache is carried through the loop and written one slot per step: the compiled decode (batch 2)
+  copies or transposes no whole cache layer (XLA CPU did, at every step, for a [B, S, K, H] cache and for MQA's
+  size-1 head axis: see layers.update_cache). Families: MQA Gemma, GQA Llama, T5 (a head per kv head)."""
   cfg, params = per_layer(model.config, model.params)
   n = 300  # slots: a cache layer's size is then unlike any other array's
   _, cache = jax.eval_shape(lambda p: model_for(cfg).apply(p, images, PREFIX, PREFIX > 0, n, method="start"), params)
