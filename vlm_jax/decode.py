@@ -135,6 +135,18 @@ def _masked_logits(logits_BV, logits_mask_V):
   return logits_BV if logits_mask_V is None else jnp.where(logits_mask_V[None], logits_BV, -jnp.inf)
 
 
+def loop_carry(cache):
+  """(squeeze, restore): the cache as a while loop carries it, its arrays without their size-1 axes, and back.
+  Where the attention GEMM drops a size-1 axis of the updated cache (batch 1; one kv head), XLA CPU copies the
+  cache at every step, the update going both to the carry and to the GEMM's view; a carry already in that view
+  leaves one copy of each array. 8 kv heads at batch 1: 7.8-8.3 -> 6.3-6.5 ms a token. (Beams never run with
+  one row.)"""
+  shapes = jax.tree.map(jnp.shape, cache)
+  squeeze = lambda c: jax.tree.map(lambda x: x.reshape([d for d in x.shape if d != 1]), c)
+  restore = lambda c: jax.tree.map(lambda x, shape: x.reshape(shape), c, shapes)
+  return squeeze, restore
+
+
 def sample_loop(extend, logits_BV, cache, rng, *, max_new_tokens: int, sampling: Sampling, eos_id: int,
                 pad_id: int, logits_mask_V=None):
   """Greedy / sampled decoding. Returns (tokens int32 [B,N] with pad after EOS, summed log-probs [B], lengths [B]).
@@ -160,14 +172,16 @@ def sample_loop(extend, logits_BV, cache, rng, *, max_new_tokens: int, sampling:
     step, _, _, done_B, *_ = state
     return (step < max_new_tokens) & ~jnp.all(done_B)
 
+  squeeze, restore = loop_carry(cache)
+
   def body(state):  # extend by the last token, then pick the next one: no extend runs after the final token
-    step, token_B, *picked, cache = state
-    logits_BV, cache = extend(token_B, cache)
-    return step + 1, *pick(step, logits_BV, *picked), cache
+    step, token_B, *picked, carry = state
+    logits_BV, cache = extend(token_B, restore(carry))
+    return step + 1, *pick(step, logits_BV, *picked), squeeze(cache)
 
   state = (jnp.int32(1), *pick(0, logits_BV, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
                                jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32)),
-           cache)
+           squeeze(cache))
   _, _, out_BN, _, logp_B, len_B, _ = jax.lax.while_loop(cond, body, state)
   return out_BN, logp_B, len_B
 
