@@ -183,7 +183,8 @@ def update_cache(cache, k_BTKH, v_BTKH, cache_index, dtype):
   The layout lets a decode step's attention GEMMs read the cache in place. XLA CPU transposes a [B, C, K, H] cache
   whole at every step; and where a size-1 axis is dropped for the GEMM, it writes the new slot twice (into the
   carried cache and into the GEMM's view of it), each time into a fresh copy of the whole cache. That still
-  happens at batch 1, whose size-1 batch axis the GEMM drops whatever the layout.
+  happens at batch 1, whose size-1 batch axis the GEMM drops whatever the layout (`decode.loop_carry` cuts it to
+  one copy per array).
   """
   k_BKTH, v_BKTH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
   if cache is None:
