@@ -267,7 +267,8 @@ def main(argv=None):
   n_llm = sum(v.size for k, v in flat.items() if k.startswith("llm/"))
   print(f"model {cfg.name}: {n_params:,} params ({n_llm:,} in the LLM; ViT {cfg.img.width}x{cfg.img.depth} at "
         f"{cfg.img.image_size}px/{cfg.img.patch_size} = {cfg.img.num_patches} image tokens, Gemma "
-        f"{cfg.llm.width}x{cfg.llm.depth} with {cfg.llm.num_kv_heads} kv heads, vocab {cfg.llm.vocab_size}); prefix {PREFIX_LEN} tokens; shapes "
+        f"{cfg.llm.width}x{cfg.llm.depth} with {cfg.llm.num_kv_heads} kv heads, vocab {cfg.llm.vocab_size}); "
+        f"prefix {PREFIX_LEN} tokens; shapes "
         + ", ".join(f"({k}) batch {b} x {n} new" for k, (b, n) in shapes.items())
         + f"; greedy; best of {reps}; jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs",
         flush=True)
@@ -287,8 +288,8 @@ def main(argv=None):
   peaks = {d: matmul_peak(d, n=peak_n) for d in sorted(set(dtypes) | {"float32"})}
   print(f"matmul peak ({peak_n}^3): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
   inputs = {name: make_inputs(cfg, b, seed=i) for i, (name, (b, _)) in enumerate(shapes.items())}
-  fig = {"model": cfg.name, "params": int(n_params), "llm_params": int(n_llm), "vit_depth": cfg.img.depth, "kv_heads": cfg.llm.num_kv_heads,
-         "image_tokens": cfg.img.num_patches, "prefix_tokens": PREFIX_LEN,
+  fig = {"model": cfg.name, "params": int(n_params), "llm_params": int(n_llm), "vit_depth": cfg.img.depth,
+         "kv_heads": cfg.llm.num_kv_heads, "image_tokens": cfg.img.num_patches, "prefix_tokens": PREFIX_LEN,
          "shapes": {k: {"batch": b, "new_tokens": n} for k, (b, n) in shapes.items()}, "reps": reps,
          "timing": "best of reps after a warm-up (medians alongside)", "bandwidth_gbs": bandwidth / 1e9,
          "bandwidth_probe_gbs": {k: v / 1e9 for k, v in bw_rates.items()}, "bandwidth_probe_mib": bw_mb,

@@ -233,7 +233,8 @@ def test_attend_layouts_equal_plain_attention(t, n, k, extras):
     logits = logits if mask is None else jnp.where(mask[:, None], logits, NEG_INF)
     return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
 
-  ours = lambda q, kk, v: attend(q, jnp.swapaxes(kk, 1, 2), jnp.swapaxes(v, 1, 2), mask, jnp.float32, cap, bias_BNTS=bias)
+  ours = lambda q, kk, v: attend(q, jnp.swapaxes(kk, 1, 2), jnp.swapaxes(v, 1, 2), mask, jnp.float32, cap,
+                                 bias_BNTS=bias)
   np.testing.assert_allclose(ours(q, kk, v), plain(q, kk, v), rtol=1e-5, atol=1e-5)
   dy = rng.randn(b, t, n, h).astype(np.float32)
   for g, r in zip(jax.vjp(ours, q, kk, v)[1](dy), jax.vjp(plain, q, kk, v)[1](dy)):
