@@ -193,6 +193,50 @@ def test_argmax_is_numpys_first_index_of_the_maximum():
   assert int(decode_lib.argmax(nan_row)[0]) == 0  # in range, whatever the row holds
 
 
+
+def filter_by_sorting(logits_BV, top_k, top_p):
+  """Independent reference for top-k / top-p: numpy, one row at a time, by sorting (as transformers' warpers)."""
+  out = logits_BV.copy()
+  for row in out:
+    if top_k:
+      row[row < np.sort(row)[::-1][top_k - 1]] = -np.inf
+    if top_p < 1:
+      desc = np.sort(row)[::-1]
+      p = np.exp(desc.astype(np.float64) - desc[0])
+      p /= p.sum()
+      n_keep = np.sum(np.cumsum(p) - p < top_p)  # the fewest top tokens whose mass reaches top_p
+      row[row < desc[n_keep - 1]] = -np.inf
+  return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(2, 1.0), (40, 1.0), (300, 1.0), (0, 0.3), (0, 0.9), (40, 0.9),
+                                         (5, 0.999)])
+def test_top_k_and_top_p_keep_the_tokens_sorting_keeps(top_k, top_p):
+  rs = np.random.RandomState(top_k)
+  logits = (3 * rs.randn(16, 300)).astype(np.float32)
+  logits[:, :6] = logits[:, :1]  # ties, kept or cut together
+  logits[1] = np.round(logits[1])  # a row of many ties
+  logits[2, 100:] = -np.inf  # masked tokens
+  logits[3, :] = 0.0
+  logits[3, 1::2] = -0.0  # +0 and -0 are one value
+  sampling = decode_lib.Sampling(temperature=0.7, top_k=top_k, top_p=top_p)
+  ours = np.asarray(jax.jit(decode_lib.filter_logits, static_argnums=1)(logits, sampling))
+  ref = filter_by_sorting(logits / np.float32(0.7), top_k, top_p)
+  np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))  # the same tokens kept
+  np.testing.assert_allclose(ours, ref, rtol=1e-6)  # XLA divides by the temperature as a product
+  assert np.all(np.isfinite(ours).sum(-1) >= 1)
+
+
+def test_top_k_and_top_p_sampling_sorts_nothing():
+  """lax.top_k (k > 1) and a sort of the vocabulary cost XLA CPU more than a decode step; the bisection does not
+  sort."""
+  sampling = decode_lib.Sampling(temperature=1.0, top_k=40, top_p=0.9)
+  step = jax.jit(lambda logits, keys: decode_lib.sample_token(logits, keys, sampling))
+  keys = decode_lib.row_keys(jax.random.key(0), 64)
+  logits = jnp.tile(jnp.arange(1000.0), (64, 1))  # top 3 hold 95% of the mass (1, e^-1, e^-2, ...)
+  assert not re.search(r"\bsort\(|topk|TopK", step.lower(logits, keys).compile().as_text())
+  assert set(np.asarray(step(logits, keys)).tolist()) == {997, 998, 999}
+
 def test_gather_cache_takes_batch_rows_in_both_cache_layouts():
   """Beam search and best-of reorder cache rows: stacked [L, B, ...] "kv" leaves along axis 1, the decode loop's
   per-layer list of [B, ...] caches along axis 0, everything else along axis 0, scalars untouched."""

@@ -72,22 +72,51 @@ def argmax(logits_BV):
   return jnp.where(first_B == v, 0, first_B)  # a NaN row (nothing equals its max): token 0, not out of range
 
 
+def order_keys(x):
+  """uint32 keys in the order of the float32 values x: -inf lowest, +inf highest (the sign bit flipped for
+  positive values, every bit for negative ones; -0 is taken as 0)."""
+  x = x.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def largest_key(ok, rows: int):
+  """uint32 [rows]: per row the largest key t with ok(t_R1) true (ok: [rows, 1] keys -> [rows] bool, true up to
+  some key and false above it), set bit by bit from the top: 32 vectorized passes. 0 where ok(1) is false."""
+  def step(i, t_R):
+    cand_R = t_R | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    return jnp.where(ok(cand_R[:, None]), cand_R, t_R)
+  return jax.lax.fori_loop(0, 32, step, jnp.zeros((rows,), jnp.uint32))
+
+
+def filter_logits(logits_BV, sampling: Sampling):
+  """float32 logits / temperature, -inf outside each row's top_k and top_p sets (ties at a cut are kept).
+
+  Both cuts are found by bisection on the logits' `order_keys`, not by sorting the vocabulary: XLA CPU's sort
+  (what lax.top_k runs for k > 1) took 4.7 ms a row over a 32k vocabulary, 38 ms for 8 rows, more than a whole
+  decode step of a 50M model; the 32 passes take 0.23 / 2.3 ms. The same sets as sorting: top_k keeps the values
+  >= the k-th largest; top_p keeps the fewest top tokens whose probability mass reaches top_p, i.e. the values
+  above the largest cut whose mass beyond it still reaches top_p.
+  """
+  logits_BV = logits_BV / sampling.temperature
+  b = logits_BV.shape[0]
+  if sampling.top_k:
+    keys_BV = order_keys(logits_BV)
+    kth_B1 = largest_key(lambda t_B1: jnp.sum(keys_BV >= t_B1, axis=-1) >= sampling.top_k, b)[:, None]
+    logits_BV = jnp.where(keys_BV >= kth_B1, logits_BV, -jnp.inf)
+  if sampling.top_p < 1.0:
+    keys_BV, probs_BV = order_keys(logits_BV), jax.nn.softmax(logits_BV, axis=-1)
+    mass_above = lambda t_B1: jnp.sum(jnp.where(keys_BV > t_B1, probs_BV, 0.0), axis=-1)
+    cut_B1 = largest_key(lambda t_B1: mass_above(t_B1) >= sampling.top_p, b)[:, None]
+    logits_BV = jnp.where(keys_BV > cut_B1, logits_BV, -jnp.inf)
+  return logits_BV
+
+
 def sample_token(logits_BV, keys_B, sampling: Sampling):
   """int32 [B] next tokens from float32 logits, row b drawn with its own key keys_B[b]."""
   if not sampling.stochastic:
     return argmax(logits_BV)
-  logits_BV = logits_BV / sampling.temperature
-  if sampling.top_k:
-    kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-  if sampling.top_p < 1.0:
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    # Keep the smallest set of top tokens whose mass reaches top_p (always at least the best one).
-    n_keep_B1 = jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < sampling.top_p, axis=-1, keepdims=True)
-    cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
-    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
-  return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys_B, filter_logits(logits_BV, sampling)).astype(jnp.int32)
 
 
 def fold_rows(key, rows_B):
