@@ -237,6 +237,21 @@ def test_top_k_and_top_p_sampling_sorts_nothing():
   assert not re.search(r"\bsort\(|topk|TopK", step.lower(logits, keys).compile().as_text())
   assert set(np.asarray(step(logits, keys)).tolist()) == {997, 998, 999}
 
+
+def test_categorical_draws_each_token_with_its_probability():
+  probs = np.array([0.5, 0.25, 0.0, 0.125, 0.125, 0.0])
+  n = 40000
+  with np.errstate(divide="ignore"):
+    logits = np.tile(np.log(probs).astype(np.float32) + 3.0, (n, 1))  # -inf for the zeros
+  draws = np.asarray(jax.jit(decode_lib.categorical)(decode_lib.row_keys(jax.random.key(1), n), logits))
+  counts = np.bincount(draws, minlength=6)
+  assert counts[2] == counts[5] == 0
+  np.testing.assert_allclose(counts / n, probs, atol=5 * np.sqrt(0.25 / n))
+  # The ends of [0, 1): the first and the last token of positive weight, never a zero-weight one.
+  weights = np.array([[0.0, 1.0, 0.0, 2.0, 0.0]] * 2, np.float32)
+  u = np.array([0.0, np.nextafter(np.float32(1), np.float32(0))], np.float32)
+  np.testing.assert_array_equal(decode_lib.invert_cdf(weights, u), [1, 3])
+
 def test_gather_cache_takes_batch_rows_in_both_cache_layouts():
   """Beam search and best-of reorder cache rows: stacked [L, B, ...] "kv" leaves along axis 1, the decode loop's
   per-layer list of [B, ...] caches along axis 0, everything else along axis 0, scalars untouched."""

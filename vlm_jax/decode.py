@@ -112,11 +112,28 @@ def filter_logits(logits_BV, sampling: Sampling):
   return logits_BV
 
 
+def invert_cdf(weights_BV, u_B):
+  """int32 [B]: per row the first index whose cumulative weight exceeds u_B * total weight (u in [0, 1)), i.e.
+  index i with probability weights[i] / total; never a zero-weight index, even where u * total rounds up."""
+  cdf_BV = jnp.cumsum(weights_BV, axis=-1)
+  first_B = jnp.sum(cdf_BV <= (u_B * cdf_BV[:, -1])[:, None], axis=-1)
+  last_B = jnp.max(jnp.where(weights_BV > 0, jnp.arange(weights_BV.shape[-1]), 0), axis=-1)
+  return jnp.minimum(first_B, last_B).astype(jnp.int32)
+
+
+def categorical(keys_B, logits_BV):
+  """int32 [B]: row b drawn from softmax(logits_BV[b]) with key keys_B[b], from one uniform per row (`invert_cdf`).
+  jax.random.categorical draws Gumbel noise for every vocabulary entry instead: 32k random numbers a row and step,
+  0.75 ms a row on CPU (3.9 ms for 8) against 0.13 ms (0.73)."""
+  u_B = jax.vmap(jax.random.uniform)(keys_B)
+  return invert_cdf(jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)), u_B)
+
+
 def sample_token(logits_BV, keys_B, sampling: Sampling):
   """int32 [B] next tokens from float32 logits, row b drawn with its own key keys_B[b]."""
   if not sampling.stochastic:
     return argmax(logits_BV)
-  return jax.vmap(jax.random.categorical)(keys_B, filter_logits(logits_BV, sampling)).astype(jnp.int32)
+  return categorical(keys_B, filter_logits(logits_BV, sampling))
 
 
 def fold_rows(key, rows_B):
