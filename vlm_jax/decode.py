@@ -94,7 +94,7 @@ def filter_logits(logits_BV, sampling: Sampling):
 
   Both cuts are found by bisection on the logits' `order_keys`, not by sorting the vocabulary: XLA CPU's sort
   (what lax.top_k runs for k > 1) took 4.7 ms a row over a 32k vocabulary, 38 ms for 8 rows, more than a whole
-  decode step of a 50M model; the 32 passes take 0.23 / 2.3 ms. The same sets as sorting: top_k keeps the values
+  decode step of a 50M model; the 32 passes take 0.15 / 1.9 ms. The same sets as sorting: top_k keeps the values
   >= the k-th largest; top_p keeps the fewest top tokens whose probability mass reaches top_p, i.e. the values
   above the largest cut whose mass beyond it still reaches top_p.
   """
@@ -102,7 +102,9 @@ def filter_logits(logits_BV, sampling: Sampling):
   b = logits_BV.shape[0]
   if sampling.top_k:
     keys_BV = order_keys(logits_BV)
-    kth_B1 = largest_key(lambda t_B1: jnp.sum(keys_BV >= t_B1, axis=-1) >= sampling.top_k, b)[:, None]
+    # Counted in float32 (exact below 2^24 tokens): XLA CPU vectorizes that sum better than an integer one.
+    count = lambda t_B1: jnp.sum((keys_BV >= t_B1).astype(jnp.float32), axis=-1)
+    kth_B1 = largest_key(lambda t_B1: count(t_B1) >= sampling.top_k, b)[:, None]
     logits_BV = jnp.where(keys_BV >= kth_B1, logits_BV, -jnp.inf)
   if sampling.top_p < 1.0:
     keys_BV, probs_BV = order_keys(logits_BV), jax.nn.softmax(logits_BV, axis=-1)
