@@ -193,7 +193,6 @@ def test_argmax_is_numpys_first_index_of_the_maximum():
   assert int(decode_lib.argmax(nan_row)[0]) == 0  # in range, whatever the row holds
 
 
-
 def filter_by_sorting(logits_BV, top_k, top_p):
   """Independent reference for top-k / top-p: numpy, one row at a time, by sorting (as transformers' warpers)."""
   out = logits_BV.copy()
@@ -251,6 +250,7 @@ def test_categorical_draws_each_token_with_its_probability():
   weights = np.array([[0.0, 1.0, 0.0, 2.0, 0.0]] * 2, np.float32)
   u = np.array([0.0, np.nextafter(np.float32(1), np.float32(0))], np.float32)
   np.testing.assert_array_equal(decode_lib.invert_cdf(weights, u), [1, 3])
+
 
 def test_gather_cache_takes_batch_rows_in_both_cache_layouts():
   """Beam search and best-of reorder cache rows: stacked [L, B, ...] "kv" leaves along axis 1, the decode loop's
