@@ -5,6 +5,7 @@
   python benchmarks/decode.py --quick --dtypes float32,bfloat16   # the smoke run of both dtypes (~1 min)
   python benchmarks/decode.py --dtypes float32 --reps 5 --json out.json
   python benchmarks/decode.py --dtypes float32 --kv-heads 2      # a GQA decoder (MQA by default)
+  python benchmarks/decode.py --dtypes float32 --no-torch --sampled   # our step sampling top-k / top-p vs greedy
 
 One HF directory, written once by `vlm_jax.convert.hf.save` from random weights, is loaded by `vlm_jax.load`
 and by transformers' `PaliGemmaForConditionalGeneration` (its default attention, sdpa), so both sides decode
@@ -19,7 +20,9 @@ tokens (per-token latency). For each dtype (float32, then bfloat16 weights) it r
   bandwidth probes (a sum and a matrix-vector product over an array bigger than the caches) timed in this run;
 - pieces that locate the cost: the lm-head alone, prefill's share of shape (a),
   and the rate at which XLA's GEMM kernels read weights with 1 and with 8 rows, in two weight layouts
-  (`machine.gemm_weight_rate`).
+  (`machine.gemm_weight_rate`);
+- with --sampled, our decode step at both shapes, (t(n) - t(1)) / (n - 1), greedy and sampling with top_k 40
+  or top_p 0.9 (temperature 1): what sampling adds to a step.
 In float32 the greedy tokens of both sides must be identical (exit status 1 otherwise); in bfloat16 their
 agreement is printed for information. Times are the best of --reps runs after a warm-up (medians are in the
 JSON). Targets (the table marks each MET / NOT MET): >= 1.5x transformers on both shapes (float32), prefill >= 60%
@@ -103,11 +106,11 @@ def make_inputs(cfg, batch: int, seed: int = 0):
 # ---------------------------------------------------------------------------------------------- ours
 
 
-def our_decode(model, inputs, n: int):
+def our_decode(model, inputs, n: int, sampling=None):
   from vlm_jax import decode as decode_lib
   return decode_lib.decode(model.config, model.params, inputs["images"], inputs["prefix"], inputs["mask"],
-                           jax.random.key(0), max_new_tokens=n, sampling=decode_lib.Sampling(), eos_id=-1,
-                           pad_id=0)
+                           jax.random.key(0), max_new_tokens=n, sampling=sampling or decode_lib.Sampling(),
+                           eos_id=-1, pad_id=0)
 
 
 def prefill_fn(cfg, max_new_tokens: int):
@@ -214,6 +217,24 @@ def bench_ours(model, shapes, inputs, reps: int, peak: float, bandwidth: float):
   return out
 
 
+def bench_sampled(model, shapes, inputs, reps: int):
+  """{shape: {sampler: ms per step}}: our decode loop's step, (t(n) - t(1)) / (n - 1), greedy and sampling with a
+  top-k or top-p cut (temperature 1), for what sampling adds to a step."""
+  from vlm_jax.decode import Sampling
+  samplers = {"greedy": Sampling(), "top_k 40": Sampling(temperature=1.0, top_k=40),
+              "top_p 0.9": Sampling(temperature=1.0, top_p=0.9)}
+  out = {}
+  for name, (b, n) in shapes.items():
+    out[name] = {}
+    for label, sampling in samplers.items():
+      t = {}
+      for steps in (1, n):
+        our_decode(model, inputs[name], steps, sampling).block_until_ready()
+        t[steps] = best_of(lambda: our_decode(model, inputs[name], steps, sampling).block_until_ready(), reps)[0]
+      out[name][label] = 1e3 * (t[n] - t[1]) / (n - 1)
+  return out
+
+
 def first_mismatch(model, inputs, ours, theirs):
   """Where the two greedy sequences first differ, with our teacher-forced logit margin there (a near-tie
   between the two picks means float noise; a large margin means the implementations differ)."""
@@ -244,6 +265,8 @@ def main(argv=None):
   ap.add_argument("--bandwidth-mb", type=int, default=None,
                   help="MiB for the bandwidth probe (default max(512, 2 x the L3 cache); quick 64)")
   ap.add_argument("--no-torch", action="store_true", help="skip transformers (no ratio, no token check)")
+  ap.add_argument("--sampled", action="store_true",
+                  help="also time our decode step sampling with top_k 40 / top_p 0.9 against greedy's (both shapes)")
   ap.add_argument("--json", metavar="OUT", help="write the figures to this JSON file")
   args = ap.parse_args(argv)
   dtypes = [d.strip() for d in (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
@@ -309,6 +332,8 @@ def main(argv=None):
       # bfloat16 prefill against the better of the two peaks: XLA's CPU bfloat16 dot can be slower than float32's.
       peak = peaks["float32"] if dtype == "float32" else max(peaks[dtype], peaks["float32"])
       ours = bench_ours(model, shapes, inputs, reps, peak, bandwidth)
+      if args.sampled:
+        ours["sampled_step_ms"] = bench_sampled(model, shapes, inputs, reps)
       res = {"peak_gflops": peak / 1e9, "ours": ours}
       print(f"[{dtype}] vlm_jax: " + ", ".join(f"({k}) {ours[k]['tokens_per_s']:.1f} tok/s" for k in shapes)
             + f"; prefill {ours['prefill']['seconds'] * 1e3:.0f} ms, per token {ours['latency']['per_token_ms']:.2f}"
@@ -402,6 +427,10 @@ def print_table(fig, shapes):
                  f"({lat['llm_param_bytes'] / 1e6:.0f} MB / {fig['bandwidth_gbs']:.1f} GB/s) = "
                  f"{lat['ratio_to_bound']:.2f}x (target <= {TARGET_LATENCY}x: {mark(v['latency_bound'])})"))
     rows.append(("  per-token pieces", f"lm-head alone {lat['lm_head_alone_ms']:.2f} ms"))
+    for k, steps in ours.get("sampled_step_ms", {}).items():
+      rows.append((f"  sampled ({k}) step", ", ".join(
+          f"{label} {ms:.2f} ms" + ("" if label == "greedy" else f" ({ms / steps['greedy']:.2f}x)")
+          for label, ms in steps.items())))
     if "token_check" in res:
       rows.append(("token check", ", ".join(f"({k}) {100 * c['agreement']:.1f}% equal"
                                             for k, c in res["token_check"].items())

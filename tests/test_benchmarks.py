@@ -1,6 +1,7 @@
 """The benchmark scripts run (their --quick smoke configurations) and their cross-checks hold: both sides of
 the training benchmark compute the same first loss; the decode benchmark's greedy tokens equal transformers'."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def test_train_step_benchmark_runs_and_both_sides_agree(tmp_path):
 
 @pytest.mark.slow
 def test_decode_benchmark_runs_and_tokens_match_transformers(tmp_path):
-  fig, out = run(tmp_path, "decode.py", "--reps", "1", "--kv-heads", "2")  # a GQA decoder: heads-major cache
+  fig, out = run(tmp_path, "decode.py", "--reps", "1", "--kv-heads", "2", "--sampled")  # GQA: heads-major cache
   assert fig["kv_heads"] == 2 and "with 2 kv heads" in out
   res = fig["results"]["float32"]
   assert fig["token_check_float32"] is True, out
@@ -39,3 +40,7 @@ def test_decode_benchmark_runs_and_tokens_match_transformers(tmp_path):
   assert set(rates) == {str(b) for b in (1, fig["shapes"]["a"]["batch"])}
   assert all(set(r) == {"x @ W", "W x^T"} and min(r.values()) > 0 for r in rates.values())
   assert "XLA's GEMMs read weights at" in out
+  # --sampled: our step greedy and sampling with a top-k / top-p cut, at both shapes.
+  sampled = res["ours"]["sampled_step_ms"]
+  assert set(sampled) == {"a", "b"} and all(set(v) == {"greedy", "top_k 40", "top_p 0.9"} for v in sampled.values())
+  assert all(math.isfinite(ms) for v in sampled.values() for ms in v.values()) and "sampled (a) step" in out
