@@ -224,7 +224,7 @@ def bench_sampled(model, shapes, inputs, reps: int):
   samplers = {"greedy": Sampling(), "top_k 40": Sampling(temperature=1.0, top_k=40),
               "top_p 0.9": Sampling(temperature=1.0, top_p=0.9)}
   out = {}
-  for name, (b, n) in shapes.items():
+  for name, (_, n) in shapes.items():
     out[name] = {}
     for label, sampling in samplers.items():
       t = {}
