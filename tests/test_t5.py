@@ -188,18 +188,25 @@ def test_cached_extend_equals_teacher_forced(t5, stacked):
   assert rel_err(np.concatenate([first, rest], axis=1), full) < 1e-5
 
 
+def lazy_cache():
+  """`generate`'s cache argument: transformers 5 sizes a config-built decoder cache by `num_layers` (the
+  encoder's depth), so pass lazy ones, under the name this version takes (`cache` from 5.24 on)."""
+  import transformers
+  from packaging.version import Version
+  from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+  name = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+  return {name: EncoderDecoderCache(DynamicCache(), DynamicCache())}
+
+
 def test_greedy_decoding_matches_transformers_generate(t5):
   _, torch_model, cfg, params = t5
   n = 8
   logits_BV, cache = start(cfg, params, n)
   ours, _, _ = decode_lib.sample_loop(step_fn(cfg, params), logits_BV, cache, jax.random.key(0),
                                       max_new_tokens=n, sampling=decode_lib.Sampling(), eos_id=-1, pad_id=PAD)
-  from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-  # transformers 5 sizes a config-built decoder cache by `num_layers` (the encoder's depth): pass lazy caches.
   with torch.no_grad():
     theirs = torch_model.generate(input_ids=torch.tensor(ENC), attention_mask=torch.tensor(ENC_MASK), do_sample=False,
-                                  max_new_tokens=n, eos_token_id=None, pad_token_id=PAD,
-                                  past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+                                  max_new_tokens=n, eos_token_id=None, pad_token_id=PAD, **lazy_cache())
   assert theirs[0, 0] == cfg.decoder_start_id
   np.testing.assert_array_equal(np.asarray(ours), theirs[:, 1:].numpy())
 
@@ -222,12 +229,10 @@ def test_beam_search_score_is_teacher_forced_log_prob(t5):
     length = ends[0] + 1 if len(ends) else n
     assert (tokens_BN[row, length:] == PAD).all()
     np.testing.assert_allclose(float(score_B[row]), token_logp_BN[row, :length].sum(), rtol=1e-5, atol=1e-5)
-  from transformers.cache_utils import DynamicCache, EncoderDecoderCache
   with torch.no_grad():
     out = torch_model.generate(input_ids=torch.tensor(ENC), attention_mask=torch.tensor(ENC_MASK), do_sample=False,
                                num_beams=beams, max_new_tokens=n, length_penalty=0.0, eos_token_id=eos,
-                               pad_token_id=PAD, output_scores=True, return_dict_in_generate=True,
-                               past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+                               pad_token_id=PAD, output_scores=True, return_dict_in_generate=True, **lazy_cache())
   theirs = np.pad(out.sequences[:, 1:].numpy(), ((0, 0), (0, n + 1 - out.sequences.shape[1])))
   after_eos = np.cumsum(np.cumsum(theirs == eos, axis=1), axis=1) > 1  # transformers fills these with EOS
   np.testing.assert_array_equal(tokens_BN, np.where(after_eos, PAD, theirs))
