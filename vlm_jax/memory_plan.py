@@ -7,20 +7,24 @@ gradients exist for the stage's trainable params only; the optimizer state is th
 frozen params do not get.
 
 Activations are an estimate of what the backward pass keeps alive, in bytes per example. With s the bytes of
-the compute dtype, S = P image tokens + T text tokens, N / K query / kv heads of size H, D the width and F the
-MLP width, per token and layer:
+the compute dtype, S = I image tokens (after the adapter) + T text tokens, P patches, N / K query / kv heads of
+size H, D the width and F the MLP width, per token and layer:
 
-  remat none  Gemma: (4D + 2NH + 2KH + 5F) s, + 4D s with Gemma 2's post-norms, + N S (4 + s) for the
-              attention logits (float32) and probabilities, + 4 N S for Gemma 2's logit soft-cap;
-              ViT: (4D + 4D + 3F) s + N P (4 + s)
-  remat dots  matmul outputs only: Gemma (3D + NH + 2KH + 2F) s, ViT (6D + F) s
+  remat none  (4D + 2NH + 2KH + 5F) s + N L (4 + s) over L keys: the attention logits (float32) and
+              probabilities; 3F instead of 5F for an ungated MLP (the ViT's, T5 v1.0's); Gemma 2 adds 4D s
+              for its post-norms and 4 N S for its logit soft-cap
+  remat dots  matmul outputs only: (3D + NH + 2KH + 2F) s, F instead of 2F ungated
   remat full  the layer input: D s
 
-summed over the layers of both towers (ViT over P tokens, Gemma over S), plus, with remat, one layer of each
-tower at the `none` rate while it is recomputed, plus the text logits T V (s + 8) (logits, float32
-log-probs and their gradient). Tensor parallelism divides the head, MLP, attention and vocab terms by the
-tensor axis when it divides them, as the weights are split; the examples per device are batch / (data x fsdp)
-/ grad_accum. Embeddings, norms and XLA's temporaries are not counted: keep 10-20% of the device free.
+over the layers of each stack: the ViT over P tokens; a decoder-only LLM (Gemma, Llama) over S; T5 / UL2's
+encoder over S and decoder over T, whose cross-attention adds (2D + 2NH) s + N S (4 + s) per decoder token
+((D + NH) s under dots) and its keys and values, 2NH s per encoder token (also under dots). With remat, one
+layer of each stack is held at the `none` rate while it is recomputed. Plus the text logits T V (s + 8)
+(logits, float32 log-probs and their gradient). Tensor parallelism divides the head, MLP, attention and vocab
+terms by the tensor axis when it divides them, as the weights are split; the examples per device are batch /
+(data x fsdp) / grad_accum. Embeddings, norms, adapters and XLA's temporaries are not counted: keep 10-20% of
+the device free. Checked against XLA's own buffer sizes for the compiled gradient of small models of each
+family (tests/test_memory_plan.py).
 """
 import dataclasses
 import math
@@ -30,6 +34,7 @@ import jax
 import numpy as np
 
 from vlm_jax import optim, sharding, treeutil
+from vlm_jax.models.t5 import T5Config
 from vlm_jax.models.vlm import init_params
 from vlm_jax.train_setup import build_model_config, check_config, make_tokenizer, model_for_stage, normalize
 
@@ -84,29 +89,52 @@ def _split(size: int, dim: int, tensor: int) -> float:
   return size / tensor if dim % tensor == 0 else size
 
 
+def _layer_bytes(s, d, nh, kh, f, gated, heads, keys):
+  """Bytes per token of one pre-norm attention + MLP layer at each remat policy (module docstring)."""
+  return {"none": (4 * d + 2 * nh + 2 * kh + (5 if gated else 3) * f) * s + heads * keys * (4 + s),
+          "dots": (3 * d + nh + 2 * kh + (2 if gated else 1) * f) * s, "full": d * s}
+
+
+def _stack_bytes(depth: int, remat: str, per_layer: dict) -> float:
+  """A stack's bytes from one layer's {policy: bytes}: every layer keeps what its policy keeps, and with remat
+  the layer being recomputed holds its `none` set on top."""
+  return depth * per_layer[remat] + (per_layer["none"] if remat != "none" else 0)
+
+
 def activation_bytes(cfg, text_len: int, tensor: int = 1) -> float:
   """Estimated activation bytes per example (module docstring) for `cfg`'s remat policy and compute dtype."""
   img, llm = cfg.img, cfg.llm
   s = np.dtype(llm.dtype).itemsize
-  p, seq = img.num_patches, img.num_patches + text_len
-  d, dv = llm.width, img.width
-  nh = _split(llm.num_heads * llm.head_dim, llm.num_heads, tensor)
-  kh = _split(llm.num_kv_heads * llm.head_dim, llm.num_kv_heads, tensor)
-  hv = _split(dv, img.num_heads, tensor)  # ViT heads x head size = its width
-  f, fv = _split(llm.mlp_dim, llm.mlp_dim, tensor), _split(img.mlp_dim, img.mlp_dim, tensor)
-  attn = _split(llm.num_heads, llm.num_heads, tensor) * seq * (4 + s)
-  attn_v = _split(img.num_heads, img.num_heads, tensor) * p * (4 + s)
-  softcap = 4 * attn / (4 + s) if llm.attn_logits_softcap else 0  # tanh of the capped logits, float32
-  none_llm = (4 * d + 4 * d * llm.post_norms + 2 * nh + 2 * kh + 5 * f) * s + attn + softcap
-  none_vit = (4 * dv + 4 * hv + 3 * fv) * s + attn_v
-  kept_llm = {"none": none_llm, "dots": (3 * d + nh + 2 * kh + 2 * f) * s, "full": d * s}[llm.remat]
-  kept_vit = {"none": none_vit, "dots": (3 * dv + 3 * hv + fv) * s, "full": dv * s}[img.remat]
-  total = llm.depth * seq * kept_llm + img.depth * p * kept_vit
-  if llm.remat != "none":
-    total += seq * none_llm
-  if img.remat != "none":
-    total += p * none_vit
-  return total + text_len * _split(llm.vocab_size, llm.vocab_size, tensor) * (s + 8)
+  split = lambda dim, size=None: _split(dim if size is None else size, dim, tensor)
+
+  def stack(tokens, width, heads, head_size, kv_heads, mlp_dim, gated, keys):  # one layer's bytes, all tokens
+    per_token = _layer_bytes(s, width, split(heads, heads * head_size), split(kv_heads, kv_heads * head_size),
+                             split(mlp_dim), gated, split(heads), keys)
+    return {k: tokens * v for k, v in per_token.items()}
+
+  p, seq = img.num_patches, cfg.num_image_tokens + text_len
+  total = _stack_bytes(img.depth, img.remat, stack(p, img.width, img.num_heads, img.width // img.num_heads,
+                                                    img.num_heads, img.mlp_dim, False, p))
+  if isinstance(llm, T5Config):  # encoder over image + text tokens; decoder over the text, cross-attending
+    h, nh = llm.head_dim, split(llm.num_heads, llm.num_heads * llm.head_dim)
+    encoder = stack(seq, llm.width, llm.num_heads, h, llm.num_heads, llm.mlp_dim, llm.gated, seq)
+    decoder = stack(text_len, llm.width, llm.num_heads, h, llm.num_heads, llm.mlp_dim, llm.gated, text_len)
+    # Cross-attention: per decoder token its norm, queries, logits over the encoder tokens and output; its keys
+    # and values per encoder token (matmul outputs: kept under `dots` too).
+    decoder["none"] += text_len * ((2 * llm.width + 2 * nh) * s + split(llm.num_heads) * seq * (4 + s))
+    decoder["dots"] += text_len * (llm.width + nh) * s
+    for policy in ("none", "dots"):
+      decoder[policy] += seq * 2 * nh * s
+    total += (_stack_bytes(llm.encoder_depth, llm.remat, encoder)
+              + _stack_bytes(llm.decoder_depth, llm.remat, decoder))
+  else:  # decoder-only over image + text tokens: Gemma's GeGLU or Llama's SwiGLU MLP
+    layer = stack(seq, llm.width, llm.num_heads, llm.head_dim, llm.num_kv_heads, llm.mlp_dim, True, seq)
+    if getattr(llm, "post_norms", False):  # Gemma 2
+      layer["none"] += seq * 4 * llm.width * s
+    if getattr(llm, "attn_logits_softcap", None):  # Gemma 2: tanh of the capped logits, float32
+      layer["none"] += seq * 4 * split(llm.num_heads) * seq
+    total += _stack_bytes(llm.depth, llm.remat, layer)
+  return total + text_len * split(llm.vocab_size) * (s + 8)
 
 
 @dataclasses.dataclass
