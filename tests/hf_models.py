@@ -46,8 +46,9 @@ def hf_logits(model, pixels_BHWC, tokens_BT, mask_ar_BT):
   return out.logits[:, N_IMG:].float().numpy()
 
 
-def train_tokenizer(out_dir: str, vocab_size: int = VOCAB) -> str:
-  """Trains a SentencePiece BPE model like Gemma's: pad 0 / eos 1 / bos 2, no dummy prefix, <locNNNN> pieces."""
+def train_tokenizer(out_dir: str, vocab_size: int = VOCAB, llama: bool = False) -> str:
+  """Trains a SentencePiece BPE model like Gemma's: pad 0 / eos 1 / bos 2, no dummy prefix, <locNNNN> pieces;
+  with `llama`, like Llama's: unk 0 / bos 1 / eos 2, no pad, a dummy prefix, no <locNNNN>."""
   import sentencepiece as spm
   words = ["a", "red", "blue", "green", "circle", "square", "triangle", "caption", "en", "detect", "how", "many",
            "what", "colour", "is", "the", "shape", "left", "right", "top", "bottom", "answer", "there", "are"]
@@ -59,7 +60,8 @@ def train_tokenizer(out_dir: str, vocab_size: int = VOCAB) -> str:
   prefix = os.path.join(out_dir, "tok")
   loc = [f"<loc{i:04d}>" for i in range(0, 1024, 64)] + [f"<seg{i:03d}>" for i in range(4)]
   spm.SentencePieceTrainer.Train(
-      input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", pad_id=0, eos_id=1, bos_id=2,
-      unk_id=3, user_defined_symbols=loc, byte_fallback=True, minloglevel=2, hard_vocab_limit=False,
-      add_dummy_prefix=False)  # as Gemma's tokenizer
+      input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", byte_fallback=True, minloglevel=2,
+      hard_vocab_limit=False,
+      **(dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True) if llama else
+         dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, add_dummy_prefix=False, user_defined_symbols=loc)))
   return prefix + ".model"

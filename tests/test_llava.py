@@ -88,6 +88,30 @@ def test_llava_export_round_trip_and_loads_in_transformers(llava_dir, pixels, tm
   assert rel_err(model.logits(pixels, TOKENS, np.ones_like(TOKENS)), hf_logits(reloaded, pixels, TOKENS)) < 1e-4
 
 
+def test_llava_export_carries_a_llama_tokenizer_transformers_reads(llava_dir, tmp_path):
+  """A Llama SentencePiece model has no pad piece (id -1): the export leaves pad out instead of failing, and
+  transformers' tokenizer of the export encodes as ours."""
+  import shutil
+  from transformers import AutoTokenizer
+  from tests.hf_models import train_tokenizer
+  path, _ = llava_dir
+  src = tmp_path / "src"
+  shutil.copytree(path, src)
+  shutil.copy(train_tokenizer(str(tmp_path), VOCAB, llama=True), src / "tokenizer.model")
+  model = vlm_jax.load(str(src))
+  assert model.tokenizer.pad_id == -1
+  model.save_hf(str(tmp_path / "out"))
+  with open(tmp_path / "out" / "config.json") as f:
+    text_config = json.load(f)["text_config"]
+  assert (text_config["bos_token_id"], text_config["eos_token_id"]) == (1, 2) and "pad_token_id" not in text_config
+  with open(tmp_path / "out" / "tokenizer_config.json") as f:
+    assert json.load(f)["tokenizer_class"] == "LlamaTokenizer"
+  hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+  for text in ("what colour is the circle", " a  red square"):
+    assert hf_tok(text)["input_ids"] == [1] + model.tokenizer.encode(text)
+  assert vlm_jax.load(str(tmp_path / "out")).tokenizer.encode(text) == model.tokenizer.encode(text)
+
+
 def test_llava_config_errors_name_the_field(llava_dir, tmp_path):
   path, _ = llava_dir
   import dataclasses

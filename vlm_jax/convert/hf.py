@@ -352,11 +352,14 @@ def write_weights(out_dir: str, tensors: dict, dtype: str, max_shard_bytes: int)
               f, indent=2)
 
 
-def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer):
-  """config.json (special token ids in its text_config), generation_config.json and the SentencePiece files."""
+def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer, tokenizer_class: str = "GemmaTokenizer"):
+  """config.json (special token ids in its text_config), generation_config.json and the SentencePiece files,
+  declared as the model family's `tokenizer_class`. A special token the SentencePiece model lacks (Llama's have
+  no pad: id -1) is left out; without a tokenizer, Gemma's ids are written (the defaults `generate_ids` uses)."""
   special = {"pad": 0, "eos": 1, "bos": 2}
   if tokenizer is not None:
-    special = {"pad": tokenizer.pad_id, "eos": tokenizer.eos_id, "bos": tokenizer.bos_id}
+    special = {k: v for k, v in (("pad", tokenizer.pad_id), ("eos", tokenizer.eos_id), ("bos", tokenizer.bos_id))
+               if v >= 0}
   hf_config["text_config"].update({f"{k}_token_id": v for k, v in special.items()})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
@@ -366,5 +369,5 @@ def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer):
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:  # its source may be remote
       f.write(tokenizer.model_bytes())
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-      json.dump({"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+      json.dump({"tokenizer_class": tokenizer_class, "add_bos_token": True, "add_eos_token": False,
                  **{f"{k}_token": tokenizer.sp.IdToPiece(v) for k, v in special.items()}}, f, indent=2)
