@@ -23,8 +23,9 @@ def get_config(arg=None):
   data = lambda res: dict(kind="synthetic", split="train", num_examples=arg.examples, seed=0, grid=arg.grid,
                           image_size=res)
   c.stages = [
-      dict(name="low_res", steps=arg.steps1, image_size=arg.res, text_len=16, batch_size=arg.batch, data=data(arg.res), lr=arg.lr,
-           schedule=dict(decay="cosine", warmup_steps=min(50, arg.steps1 // 4)), frozen=[], lr_mults=[]),
+      dict(name="low_res", steps=arg.steps1, image_size=arg.res, text_len=16, batch_size=arg.batch,
+           data=data(arg.res), lr=arg.lr, schedule=dict(decay="cosine", warmup_steps=min(50, arg.steps1 // 4)),
+           frozen=[], lr_mults=[]),
       dict(name="high_res", steps=arg.steps2, image_size=arg.res2, text_len=16,
            batch_size=arg.batch, data=data(arg.res2), lr=arg.lr / 2, schedule=dict(decay="cosine", warmup_steps=20),
            frozen=[], lr_mults=[]),

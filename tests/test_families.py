@@ -7,7 +7,8 @@ import pytest
 from vlm_jax import config_util, treeutil
 from vlm_jax.models.registry import get_model_config
 from vlm_jax.models.vlm import EncoderDecoderVLM, init_params, model_for
-from vlm_jax.train_setup import ALLOWED_KEYS, build_model_config, check_config, initial_params, make_tokenizer, normalize
+from vlm_jax.train_setup import (ALLOWED_KEYS, build_model_config, check_config, initial_params, make_tokenizer,
+                                 normalize)
 from tests.test_model import randomize
 
 

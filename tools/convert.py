@@ -1,4 +1,5 @@
-"""Converts PaliGemma and LLaVA-style checkpoints between HuggingFace, big_vision and vlm_jax formats.
+"""Converts PaliGemma and LLaVA-style checkpoints from HuggingFace, big_vision or vlm_jax format to
+HuggingFace or vlm_jax format.
 
   python tools/convert.py --from hf ./paligemma-3b-pt-224 --to vlm_jax ./ckpt --dtype bfloat16
 
@@ -56,7 +57,8 @@ def config_names() -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="convert.py",
-      description="Convert a PaliGemma or LLaVA-style model between HuggingFace, big_vision and vlm_jax checkpoints. "
+      description="Convert a PaliGemma or LLaVA-style model from a HuggingFace, big_vision or vlm_jax checkpoint "
+                  "to a HuggingFace or vlm_jax one. "
                   "Every tensor is checked against the model's expected shape before anything is written.",
       epilog=EPILOG.format(configs=", ".join(config_names())),
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,8 +107,8 @@ def read_model(src: str, path: str, config):
 
 
 def output_dtype(model, dtype: str | None) -> str:
-  """--dtype, else the model's compute dtype: the loaders restore params as float32 even from a bfloat16
-  vlm_jax checkpoint, so the params' own dtype would silently double its size."""
+  """--dtype, else the model's compute dtype: the HuggingFace and big_vision loaders restore params as float32
+  even from bfloat16 files, so the params' own dtype would silently double the output's size."""
   return dtype or model.config.llm.dtype
 
 

@@ -323,7 +323,8 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
       check_finite(record)
       if record.pop("_log"):
         metrics_log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_sec']:.1f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                        ex_s=f"{record['examples_per_sec']:.1f}")
         t_last, n_last = time.time(), record["stage_step"]
     pending = (metrics, global_step, stage_step + 1,
                (stage_step + 1) % log_every == 0 or stage_step + 1 == steps)
