@@ -67,8 +67,8 @@ def load_config(path: str):
   return config_from_dict(fileutil.read_json(file), source=file)
 
 
-def load_model(path: str, config=None, dtype: str | None = None, mesh=None):
-  """(config, params, tokenizer-or-None) from a `save_model` directory, params cast to `dtype` if given,
+def load_model(path: str, config=None, mesh=None):
+  """(config, params, tokenizer-or-None) from a `save_model` directory, each array in its stored dtype,
   whatever mesh they were saved from: on this process's first device, or read straight into their shards on
   `mesh` (by `sharding.param_shardings`), so that no device ever holds all of them."""
   from vlm_jax.models.vlm import init_params
@@ -87,7 +87,7 @@ def load_model(path: str, config=None, dtype: str | None = None, mesh=None):
     else:
       from vlm_jax import sharding
       where = {"params": treeutil.unflatten(sharding.param_shardings(treeutil.flatten(expected["params"]), mesh))}
-    target = jax.tree.map(lambda x, d, sh: jax.ShapeDtypeStruct(x.shape, dtype or d, sharding=sh), expected, stored,
+    target = jax.tree.map(lambda x, d, sh: jax.ShapeDtypeStruct(x.shape, d, sharding=sh), expected, stored,
                           where)
     params = ckptr.restore(os.path.join(path, "params"), target)
   tok_file = os.path.join(path, TOKENIZER_FILE)

@@ -220,7 +220,7 @@ def process_batch_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) dim split over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+  return NamedSharding(mesh, P(LOGICAL_TO_MESH["batch"], *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -36,12 +36,12 @@ def read_npz(path: str) -> dict:
   return out
 
 
-def load(path: str, config, dtype: str | None = None):
+def load(path: str, config):
   """Params {"params": {...}} for `config` from a big_vision .npz, checked key by key against the model."""
   from vlm_jax.models.vlm import init_params
   flat = read_npz(path)
   expected = treeutil.flatten(jax.eval_shape(lambda: init_params(config))["params"])
   treeutil.check_shapes(expected, flat, f"big_vision checkpoint {path}")
-  flat = {k: np.asarray(v, dtype or expected[k].dtype) for k, v in flat.items()}
+  flat = {k: np.asarray(v, expected[k].dtype) for k, v in flat.items()}
   return {"params": treeutil.unflatten(flat)}
 

@@ -290,7 +290,7 @@ def read_tensors(path: str) -> dict:
   return {canonical_name(k): v for k, v in tensors.items()}
 
 
-def load(path: str, config: VLMConfig | None = None, dtype: str | None = None):
+def load(path: str, config: VLMConfig | None = None):
   """(config, params, tokenizer-or-None) from a HF PaliGemma directory; shapes checked key by key."""
   from vlm_jax.models.vlm import init_params
   from vlm_jax.tokenizer import Tokenizer
@@ -304,7 +304,7 @@ def load(path: str, config: VLMConfig | None = None, dtype: str | None = None):
     raise ValueError(f"{path}: lm_head.weight differs from the input embedding; only tied heads are supported.")
   treeutil.check_shapes(expected_hf, sd, f"HF checkpoint {path}")
   flat = params_from_hf(sd, config)
-  params = {k: np.asarray(v, dtype or template[k].dtype) for k, v in flat.items()}
+  params = {k: np.asarray(v, template[k].dtype) for k, v in flat.items()}
   tok_file = os.path.join(path, "tokenizer.model")
   return config, {"params": treeutil.unflatten(params)}, Tokenizer(tok_file) if os.path.isfile(tok_file) else None
 

@@ -204,12 +204,12 @@ def read_config(path: str) -> LlamaConfig:
   return config_from_hf(c, source=file)
 
 
-def load_text_model(path: str, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
+def load_text_model(path: str) -> tuple[LlamaConfig, dict]:
   """(config, nested params) from a HF directory (config.json + single or sharded safetensors).
 
-  Params are cast to `dtype` (the storage dtype; the compute dtype is `config.dtype`). Use them as
+  Params are float32 (the compute dtype is `config.dtype`). Use them as
   `Llama(config).apply({"params": params}, ...)`.
   """
   cfg = read_config(path)
   flat = params_from_hf(hf.read_tensors(path), cfg, source=f"HF checkpoint {path}")
-  return cfg, treeutil.unflatten({k: np.asarray(v, dtype) for k, v in flat.items()})
+  return cfg, treeutil.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})

@@ -91,7 +91,7 @@ def params_to_hf(flat: dict, cfg: VLMConfig) -> dict:
   return out
 
 
-def load(path: str, config: VLMConfig | None = None, dtype: str | None = None):
+def load(path: str, config: VLMConfig | None = None):
   """(config, params, tokenizer-or-None) from a HF LLaVA directory; every tensor's shape checked by name."""
   from vlm_jax.models.vlm import init_params
   from vlm_jax.tokenizer import Tokenizer
@@ -105,7 +105,7 @@ def load(path: str, config: VLMConfig | None = None, dtype: str | None = None):
   treeutil.check_shapes(expected, {k: v for k, v in sd.items() if k in expected or not k.endswith("inv_freq")},
                         f"HF checkpoint {path}")
   flat = params_from_hf(sd, config, f"HF checkpoint {path}")
-  params = {k: np.asarray(v, dtype or template[k].dtype) for k, v in flat.items()}
+  params = {k: np.asarray(v, template[k].dtype) for k, v in flat.items()}
   tok_file = os.path.join(path, "tokenizer.model")
   return config, {"params": treeutil.unflatten(params)}, Tokenizer(tok_file) if os.path.isfile(tok_file) else None
 

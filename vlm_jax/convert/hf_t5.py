@@ -198,10 +198,10 @@ def params_to_hf(flat: dict, cfg: T5Config) -> dict:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def load(path: str, dtype: str | None = None):
+def load(path: str):
   """(T5Config, {"params": nested params}) from a HF T5ForConditionalGeneration directory.
 
-  Params are float32 (or `dtype`). Whether the head is tied follows the file: an `lm_head.weight` that differs
+  Params are float32. Whether the head is tied follows the file: an `lm_head.weight` that differs
   from `shared.weight` is the model's own head (T5 v1.1 / UL2), an absent or equal one is the tied embedding.
   """
   file = os.path.join(path, "config.json")
@@ -213,5 +213,5 @@ def load(path: str, dtype: str | None = None):
   own_head = head is not None and not (shared is not None and np.array_equal(head, shared))
   cfg = dataclasses.replace(cfg, tie_embeddings=not own_head, scale_decoder_output=cfg.scales_output)
   flat = params_from_hf(tensors, cfg, source=f"HF checkpoint {path}")
-  params = {k: np.asarray(v, dtype or np.float32) for k, v in flat.items()}
+  params = {k: np.asarray(v, np.float32) for k, v in flat.items()}
   return cfg, {"params": treeutil.unflatten(params)}

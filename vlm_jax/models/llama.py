@@ -93,10 +93,6 @@ class LlamaConfig:
   def query_scale(self) -> float:
     return self.head_dim ** -0.5
 
-  @property
-  def sliding_window(self):  # Gemma 2's local attention; no Llama-family model here has one.
-    return None
-
   def rope_inv_freq(self) -> np.ndarray:
     """float32 [H/2] inverse frequencies, computed as transformers does (float32, then the scaling rule)."""
     h = self.head_dim
