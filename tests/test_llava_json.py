@@ -171,6 +171,9 @@ def test_skip_bad(tmp_path, image_dir):
   assert source.skipped_summary() == "skipped 3 records (2 missing image, 1 malformed JSON)"
   assert "file.jsonl:2 (id 'lost')" in source.skipped_examples[0]
   assert "file.jsonl:3: malformed JSON" in source.skipped_examples[1]
+  report = source.skip_report()
+  assert report.startswith(f"{tmp_path / 'file.jsonl'}: skipped 3 records (2 missing image, 1 malformed JSON); first: ")
+  assert "file.jsonl:2 (id 'lost')" in report and "file.jsonl:3: malformed JSON" in report
   examples = [source[i] for i in range(len(source))]
   assert examples[2] is None
   assert [ex["id"] for ex in examples if ex is not None] == ["two_turns", "7", "text_only"]

@@ -1,4 +1,5 @@
 """The train loop: stage transitions, freezing, NaN handling, kill-and-resume, sharded = unsharded."""
+import json
 import os
 import signal
 import subprocess
@@ -79,6 +80,24 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
   for step in steps:  # no checkpoint holds the state that produced the bad loss
     params = th.read_item(str(tmp_path), step)
     assert all(np.all(np.isfinite(v)) for v in params.values())
+
+
+def test_log_names_the_records_a_skip_bad_source_dropped(tmp_path):
+  from PIL import Image
+  Image.new("RGB", (12, 12), (255, 0, 0)).save(tmp_path / "red.png")
+  good = {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\ncolour"},
+                                                {"from": "gpt", "value": "red"}]}
+  (tmp_path / "d.jsonl").write_text("\n".join([json.dumps(good), "{oops", json.dumps(dict(good, image="gone.png"))]))
+  c = th.small_config(steps=(1,))
+  c.stages = c.stages[:1]
+  c.stages[0]["data"] = dict(kind="llava_json", json_path=str(tmp_path / "d.jsonl"), image_dir=str(tmp_path),
+                             skip_bad=True)
+  lines = []
+  train_lib.train(c, str(tmp_path / "run"), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+  (report,) = [line for line in lines if line.startswith("stage 0 data: ")]  # at the start, beside the end's counts
+  assert report.startswith(f"stage 0 data: {tmp_path / 'd.jsonl'}: skipped 2 records (1 malformed JSON, 1 missing "
+                           "image); first: ")
+  assert "d.jsonl:2: malformed JSON" in report and "d.jsonl:3" in report and "gone.png" in report
 
 
 RUN = textwrap.dedent("""

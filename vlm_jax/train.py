@@ -171,6 +171,8 @@ def train(config, workdir: str, log=print) -> dict:
       if resume and index < resume["stage"]:
         continue
       stage = _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh)
+      for report in stage.preprocess.skip_reports():  # records dropped while reading the files: say which
+        log(f"stage {index} data: {report}")
       n_params = len(treeutil.flatten(stage.abstract))
       start = 0
       if resume and index == resume["stage"]:

@@ -185,6 +185,13 @@ class LlavaJsonSource:
     parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]))
     return f"skipped {total} record{'s' if total != 1 else ''} ({parts})"
 
+  def skip_report(self) -> str:
+    """What was skipped and where, for the training log: "" if nothing, else the file, `skipped_summary` and
+    the first few records' errors (file:line, id, reason)."""
+    if not self.skipped:
+      return ""
+    return f"{self.json_path}: {self.skipped_summary()}; first: " + "; ".join(self.skipped_examples)
+
   # --- grain's random-access interface --------------------------------------------------------------------
 
   def __len__(self) -> int:

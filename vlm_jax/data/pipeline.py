@@ -58,6 +58,10 @@ class Preprocess:
         out[f"skipped {reason}"] += n
     return {k: v for k, v in out.items() if v}
 
+  def skip_reports(self) -> list[str]:
+    """The sources' `skip_report`s (those that can skip records name which), where not empty."""
+    return [r for r in (src.skip_report() for src in self.sources if hasattr(src, "skip_report")) if r]
+
   def __call__(self, example):
     try:
       if example["image"] is None:  # text-only example: a blank (mid-grey) image keeps shapes static
