@@ -35,8 +35,9 @@ class MetricsLog:
     return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
-def plot(records: list[dict], out_png: str):
-  """Training loss (and any held-out metrics) against step, stages shaded, written to `out_png`."""
+def plot(records: list[dict], out_png):
+  """Training loss (and any held-out metrics) against step, stages shaded, written as PNG to `out_png` (a path
+  or a binary file)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

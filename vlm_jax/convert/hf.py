@@ -161,7 +161,7 @@ def vision_params_from_hf(sd: dict, img: ViTConfig) -> dict:
 
 
 def params_from_hf(sd: dict, cfg: VLMConfig) -> dict:
-  """Flat {"img/...": array} params from canonical-named HF tensors (numpy, any float dtype)."""
+  """Flat {"img/...", "llm/...": array} params from canonical-named HF tensors (numpy, any float dtype)."""
   llm = cfg.llm
   n, k, h, d = llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.width
   get = sd.__getitem__

@@ -1,4 +1,6 @@
-"""HuggingFace `T5ForConditionalGeneration` (T5 v1.0 / v1.1, UL2, mT5) directories <-> vlm_jax T5 params.
+"""HuggingFace `T5ForConditionalGeneration` (T5 v1.0 / v1.1, UL2, mT5) directories <-> vlm_jax T5 params:
+`load` reads one (a SigLIP + UL2 VLM's language model, `model.llm.init`); `config_to_hf` / `params_to_hf` write
+the text model back (no transformers class holds the whole VLM).
 
 The param names and the HF tensor each comes from are listed in `vlm_jax/models/t5.py`. Params here are flat
 {"encoder/layers/attn/q_einsum/w": array} dicts relative to the `T5` module (a VLM nests them under its own

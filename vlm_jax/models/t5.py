@@ -364,7 +364,8 @@ class T5(nn.Module):
 
 
 def init_params(cfg: T5Config, seed: int = 0):
-  """Random params {"params": ...}; under `jax.eval_shape` the abstract template loaders fill."""
+  """Random params {"params": ...} of a text-only T5 (the tests' bridge to transformers' T5; a VLM's come from
+  `vlm.init_params`)."""
 
   @jax.jit
   def init(rng):
