@@ -309,16 +309,13 @@ class T5(nn.Module):
     """[B,T,D] token embeddings (in cfg.dtype, unscaled), for the encoder or the decoder."""
     return self.embedder.encode(tokens_BT)
 
-  def encode(self, x_BSD, valid_BS, mask_BSS=None, positions_BS=None):
-    """Encoder output [B,S,D] (final-normed) for embedded inputs x_BSD.
-
-    Bidirectional over the valid tokens (valid_BS); mask_BSS (optional bool [B,S,S], query x key) restricts it
-    further. positions_BS (default: the index, as transformers) drive the relative position bias.
+  def encode(self, x_BSD, valid_BS, positions_BS=None):
+    """Encoder output [B,S,D] (final-normed) for embedded inputs x_BSD, bidirectional over the valid tokens
+    (valid_BS). positions_BS (default: the index, as transformers) drive the relative position bias.
     """
-    s = x_BSD.shape[1]
-    positions_BS = jnp.arange(s)[None] if positions_BS is None else positions_BS
-    mask_BSS = valid_BS.astype(bool)[:, None, :] & (True if mask_BSS is None else mask_BSS.astype(bool))
-    return self.encoder(x_BSD.astype(jnp.dtype(self.cfg.dtype)), positions_BS, mask_BSS)
+    positions_BS = jnp.arange(x_BSD.shape[1])[None] if positions_BS is None else positions_BS
+    mask_B1S = valid_BS.astype(bool)[:, None, :]  # every query sees the same keys
+    return self.encoder(x_BSD.astype(jnp.dtype(self.cfg.dtype)), positions_BS, mask_B1S)
 
   def logits(self, h_BTD):
     """float32 [B,T,V] vocab logits from final-normed decoder output."""
