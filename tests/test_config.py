@@ -70,3 +70,10 @@ def test_override_may_add_a_key_the_schema_knows_but_not_a_typo():
   assert c.evals[0]["sampler"] == "beam" and dict(c.dcn_mesh) == {"data": 2}
   with pytest.raises(ValueError, match="did you mean 'dcn_mesh'"):
     config_util.apply_override(c, "dcn_mesj", "1", ALLOWED_KEYS)
+  # Inside a key whose content the schema leaves free (the model's sizes), new keys are the model's to check.
+  config_util.apply_override(c, "model.llm.vocab_size", "1537", ALLOWED_KEYS)
+  assert c.model.llm["vocab_size"] == 1537
+  with pytest.raises(ValueError, match="Unknown config key config.seed.x"):
+    config_util.apply_override(c, "seed.x", "1", ALLOWED_KEYS)
+  with pytest.raises(ValueError, match="Unknown config key config.optim.bb1"):
+    config_util.apply_override(c, "optim.bb1", "1", ALLOWED_KEYS)

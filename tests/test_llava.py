@@ -112,6 +112,38 @@ def test_llava_export_carries_a_llama_tokenizer_transformers_reads(llava_dir, tm
   assert vlm_jax.load(str(tmp_path / "out")).tokenizer.encode(text) == model.tokenizer.encode(text)
 
 
+def test_the_llava_config_with_an_image_token_id_exports_to_transformers(tmp_path):
+  """configs/siglip_llama.py with model.image_token_id (the vocabulary one above the tokenizer's) builds a model
+  that `save_hf` writes and transformers' LLaVA reads with the same logits; an id the tokenizer can produce is
+  refused with the key's name."""
+  import os
+  from transformers import LlavaForConditionalGeneration
+  from vlm_jax import config_util
+  from vlm_jax.api import Model
+  from vlm_jax.models.vlm import init_params
+  from vlm_jax.train_setup import build_model_config, make_tokenizer, model_for_stage, normalize
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  c = normalize(config_util.load_config(os.path.join(repo, "configs", "siglip_llama.py")))
+  tok = make_tokenizer(c)
+  c.model.llm["vocab_size"] = tok.vocab_size + 1
+  c.model["image_token_id"] = tok.vocab_size
+  cfg = model_for_stage(build_model_config(c.model, tok), c.stages[0])
+  assert cfg.image_token_id == tok.vocab_size
+  model = Model(cfg, init_params(cfg, seed=3), tok)
+  model.save_hf(str(tmp_path / "hf"))
+  theirs = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").eval()
+  size = cfg.img.image_size
+  pixels = np.random.RandomState(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+  ids = np.concatenate([np.full((2, cfg.num_image_tokens), tok.vocab_size), TOKENS], axis=1)
+  with torch.no_grad():
+    ref = theirs(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2)).logits
+  ours = model.logits(pixels, TOKENS, np.ones_like(TOKENS))
+  assert rel_err(ours, ref[:, cfg.num_image_tokens:].float().numpy()) < 1e-4
+  c.model["image_token_id"] = tok.vocab_size - 1
+  with pytest.raises(ValueError, match=r"config.model.image_token_id \d+ must lie in"):
+    build_model_config(c.model, tok)
+
+
 def test_llava_config_errors_name_the_field(llava_dir, tmp_path):
   path, _ = llava_dir
   import dataclasses

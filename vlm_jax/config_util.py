@@ -77,9 +77,10 @@ def load_with_overrides(spec: str, overrides, allowed: dict | None = None) -> ml
 
 def apply_override(config, dotted: str, text: str, allowed: dict | None = None):
   """`config.a.b[0].c = value`, value parsed like the current one. A key the config does not have yet is added
-  only if the schema `allowed` (see check_keys) knows it; any other unknown key is a clear error."""
+  only if the schema `allowed` (see check_keys) knows it, or inside a key whose content the schema leaves free
+  (e.g. `model.llm.vocab_size`, checked where the model is built); any other unknown key is a clear error."""
   parts = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
-  node, where = config, "config"
+  node, where, free = config, "config", False
   for i, part in enumerate(parts):
     last = i == len(parts) - 1
     if part.startswith("["):
@@ -92,11 +93,12 @@ def apply_override(config, dotted: str, text: str, allowed: dict | None = None):
       continue
     keys = list(node.keys()) if hasattr(node, "keys") else []
     schema = allowed if isinstance(allowed, dict) else {}
-    if part not in keys and not (last and part in schema):
+    if part not in keys and not (last and (part in schema or free and hasattr(node, "keys"))):
       hint = difflib.get_close_matches(part, keys + [k for k in schema if k not in keys], n=1)
       raise ValueError(f"Unknown config key {where}.{part}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + ".")
     if last:
       node[part] = _parse_value(text, node[part], dotted) if part in keys else _parse_new(text)
+    free = free or (part in schema and schema[part] is None)
     node, where, allowed = node[part], f"{where}.{part}", schema.get(part)
 
 

@@ -22,7 +22,7 @@ ALLOWED_KEYS = {
     "seed": None, "mesh": None, "dcn_mesh": None, "checkpoint_every": None, "keep_checkpoints": None,
     "log_every": None, "eval_every": None, "grad_accum": None, "export_model": None, "tokenizer": None,
     "model": {"name": None, "img": None, "llm": None, "adapter": None, "causal": None, "dtype": None, "remat": None,
-              "scan_unroll": None, "init": None},
+              "scan_unroll": None, "init": None, "image_token_id": None},
     "optim": {"name": None, "b1": None, "b2": None, "eps": None, "momentum": None, "clip_norm": None,
               "weight_decay": None, "wd_mults": None},
     "stages": {"name": None, "steps": None, "image_size": None, "text_len": None, "batch_size": None,
@@ -68,7 +68,8 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
   """The model: named (`model.name`), spelled out (`model.img` = ViT variant + options, `model.llm` = Gemma
   variant or explicit sizes; `vocab_size` defaults to the tokenizer's), or read from the checkpoint that
   `model.init` points at (a HF or vlm_jax directory). Without a tokenizer (memory planning) its vocabulary
-  is not checked against the model's."""
+  is not checked against the model's. `model.image_token_id` sets the id a LLaVA export marks image positions
+  with: one the tokenizer never produces (>= its vocabulary size) inside the model's vocabulary."""
   overrides = {k: model_cfg[k] for k in ("dtype", "remat", "scan_unroll") if model_cfg.get(k)}
   if model_cfg.get("name"):
     cfg = get_model_config(model_cfg.name)
@@ -84,6 +85,13 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
     raise ValueError("config.model needs a name, img + llm, or an init checkpoint to take the config from.")
   if tokenizer is not None and cfg.llm.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model vocab_size {cfg.llm.vocab_size} < tokenizer vocab size {tokenizer.vocab_size}.")
+  if (image_token := model_cfg.get("image_token_id")) is not None:
+    low = tokenizer.vocab_size if tokenizer is not None else 0
+    if not low <= image_token < cfg.llm.vocab_size:
+      raise ValueError(f"config.model.image_token_id {image_token} must lie in [{low}, {cfg.llm.vocab_size}): an id "
+                       "the tokenizer never produces (>= its vocabulary size) below the model's vocab_size (raise "
+                       "model.llm.vocab_size to make room).")
+    cfg = dataclasses.replace(cfg, image_token_id=int(image_token))
   return with_overrides(cfg, **overrides) if overrides else cfg
 
 
