@@ -141,3 +141,30 @@ def test_mismatched_config_names_key_and_shapes(bv_npz, tmp_path):
   assert "expected shape" in err
   assert "llm/layers/attn/kv_einsum/w" in err  # tiny has 1 KV head, tiny_gemma2 has 2
   assert not out.exists()
+
+
+def test_encoder_decoder_converts_to_vlm_jax_and_refuses_hf_clearly(tmp_path):
+  """A T5 / UL2 model: bfloat16 vlm_jax copy exact to the cast; no transformers class holds it, which the
+  HF export says without a traceback."""
+  import jax
+  import jax.numpy as jnp
+  from vlm_jax import checkpoint, treeutil
+  from vlm_jax.api import Model
+  from vlm_jax.models.registry import get_model_config
+  from vlm_jax.models.vlm import init_params
+  cfg = get_model_config("tiny_t5")
+  params = init_params(cfg, seed=1)
+  Model(cfg, params).save(str(tmp_path / "src"))
+  rc, _, err = run_cli("--from", "vlm_jax", tmp_path / "src", "--to", "vlm_jax", tmp_path / "bf16", "--dtype",
+                       "bfloat16")
+  assert_ok(rc, err)
+  assert f"text {cfg.llm.width}x{cfg.llm.encoder_depth}+{cfg.llm.decoder_depth}" in err
+  _, got, _ = checkpoint.load_model(str(tmp_path / "bf16"))
+  want = treeutil.flatten(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+  got = treeutil.flatten(got)
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+  rc, _, err = run_cli("--from", "vlm_jax", tmp_path / "src", "--to", "hf", tmp_path / "hf")
+  assert_user_error(rc, err)
+  assert not (tmp_path / "hf").exists()

@@ -125,8 +125,10 @@ def describe(model) -> str:
   cfg = model.config
   n = sum(int(np.size(x)) for x in jax.tree.leaves(model.params))
   tok = ", with tokenizer" if model.tokenizer is not None else ""
+  llm = cfg.llm  # an encoder-decoder (T5) has two depths
+  depth = f"{llm.encoder_depth}+{llm.decoder_depth}" if hasattr(llm, "encoder_depth") else llm.depth
   return (f"config {cfg.name or '(unnamed)'}: vision {cfg.img.width}x{cfg.img.depth}, "
-          f"text {cfg.llm.width}x{cfg.llm.depth}, {n:,} params{tok}")
+          f"text {llm.width}x{depth}, {n:,} params{tok}")
 
 
 def convert(args):
