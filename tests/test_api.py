@@ -78,3 +78,10 @@ def test_generate_without_tokenizer_is_a_clear_error():
   cfg = get_model_config("tiny")
   with pytest.raises(ValueError, match="no tokenizer"):
     Model(cfg, init_params(cfg)).generate(np.zeros((1, 28, 28, 3), np.uint8), "caption en")
+
+
+def test_load_of_a_workdir_without_exported_model_says_so(tmp_path):
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text("{}")  # the training config, not a model's
+  with pytest.raises(ValueError, match="training workdir without an exported model/"):
+    vlm_jax.load(str(tmp_path))

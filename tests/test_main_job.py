@@ -24,7 +24,7 @@ def test_readme_main_job_reaches_the_accuracy_bar(tmp_path):
   assert {"step", "stage", "loss", "lr"} <= set(records[0])
   assert (workdir / "loss.png").stat().st_size > 0
   import vlm_jax
-  model = vlm_jax.load(str(workdir / "model"))
+  model = vlm_jax.load(str(workdir))  # the workdir: the model it exported
   assert model.config.img.image_size == 48  # the second stage's resolution
   ex = results["predictions"][0]
   from vlm_jax.data.synthetic import SyntheticSource

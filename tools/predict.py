@@ -50,17 +50,10 @@ def add_load_flags(parser):
 
 
 def load_model(args, default_tokenizer=None, mesh=None):
-  """The Model at --checkpoint (a training workdir means its exported model/), with a tokenizer: --tokenizer,
-  else the checkpoint's own, else default_tokenizer(); sharded over `mesh` if given."""
+  """The Model at --checkpoint (`vlm_jax.load`: a training workdir means its exported model/), with a tokenizer:
+  --tokenizer, else the checkpoint's own, else default_tokenizer(); sharded over `mesh` if given."""
   import vlm_jax
-  path = args.checkpoint
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    exported = os.path.join(path, "model")
-    if not os.path.isdir(exported):
-      raise ValueError(f"{path} is a training workdir without an exported model/ yet (training has not finished); "
-                       "pass a model directory.")
-    path = exported
-  model = vlm_jax.load(path, dtype=args.dtype, config=args.model_config, mesh=mesh)
+  model = vlm_jax.load(args.checkpoint, dtype=args.dtype, config=args.model_config, mesh=mesh)
   if args.tokenizer:
     from vlm_jax.train_setup import make_tokenizer
     model.tokenizer = make_tokenizer({"tokenizer": args.tokenizer})

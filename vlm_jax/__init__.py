@@ -8,7 +8,7 @@ __all__ = ["Model", "load"]
 
 def load(path: str, dtype: str | None = None, config=None, mesh=None) -> Model:
   """Loads a model from a HuggingFace PaliGemma or LLaVA (SigLIP + Llama / Qwen2) directory, a big_vision `.npz`
-  (with `config`), or a vlm_jax checkpoint directory. `config`: a model config name such as "paligemma_3b_224" (see
+  (with `config`), a vlm_jax checkpoint directory, or a training workdir (the model it exported at the end). `config`: a model config name such as "paligemma_3b_224" (see
   `vlm_jax.models.registry.CONFIGS`) or a `VLMConfig`; required for .npz, else it replaces the stored one.
   `dtype` (float32 | bfloat16) sets both the stored params and the compute dtype; default: as stored.
   `mesh` (a jax Mesh or a config dict, as `Model.shard` takes): params go straight to their shards on it (for a
@@ -21,6 +21,11 @@ def load(path: str, dtype: str | None = None, config=None, mesh=None) -> Model:
   if mesh is not None:
     from vlm_jax import sharding
     mesh = sharding.make_mesh(mesh)
+  if os.path.isdir(os.path.join(path, "checkpoints")):  # a training workdir, whose config.json is not a model's
+    if not checkpoint.is_model_dir(os.path.join(path, "model")):
+      raise ValueError(f"{path} is a training workdir without an exported model/ (training has not finished, or "
+                       "config.export_model is off): pass a model directory.")
+    path = os.path.join(path, "model")
   if os.path.isfile(path) and path.endswith(".npz"):
     if named is None:
       raise ValueError(f"{path} is a big_vision .npz: pass config=NAME (e.g. 'paligemma_3b_224').")
