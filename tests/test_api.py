@@ -85,3 +85,14 @@ def test_load_of_a_workdir_without_exported_model_says_so(tmp_path):
   (tmp_path / "config.json").write_text("{}")  # the training config, not a model's
   with pytest.raises(ValueError, match="training workdir without an exported model/"):
     vlm_jax.load(str(tmp_path))
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(model):
+  from vlm_jax.data.synthetic import synthetic_tokenizer
+  big = synthetic_tokenizer()
+  assert big.vocab_size > model.config.llm.vocab_size
+  with pytest.raises(ValueError, match=rf"tokenizer's {big.vocab_size} tokens do not fit the model's vocab_size"):
+    Model(model.config, model.params, big)
+  with pytest.raises(ValueError, match="do not fit"):
+    model.tokenizer = big  # as tools/predict.py --tokenizer sets it
+  assert model.tokenizer.vocab_size <= model.config.llm.vocab_size

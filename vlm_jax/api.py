@@ -37,6 +37,18 @@ class Model:
     self.tokenizer = tokenizer
     self.mesh = mesh
 
+  @property
+  def tokenizer(self):
+    return self._tokenizer
+
+  @tokenizer.setter
+  def tokenizer(self, tokenizer):
+    # Ids past the embedding table would be clamped by the lookup without a word: refuse the pair instead.
+    if tokenizer is not None and tokenizer.vocab_size > self.config.llm.vocab_size:
+      raise ValueError(f"the tokenizer's {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
+                       f"{self.config.llm.vocab_size}: a tokenizer of another model?")
+    self._tokenizer = tokenizer
+
   def shard(self, mesh) -> "Model":
     """The same model with params sharded over `mesh` (a jax Mesh, or a config dict like {"data": -1,
     "tensor": 2}) by vlm_jax.sharding's rules; its batches are then split over the data axes (a batch that
