@@ -8,8 +8,9 @@ __all__ = ["Model", "load"]
 
 def load(path: str, dtype: str | None = None, config=None, mesh=None) -> Model:
   """Loads a model from a HuggingFace PaliGemma or LLaVA (SigLIP + Llama / Qwen2) directory, a big_vision `.npz`
-  (with `config`), a vlm_jax checkpoint directory, or a training workdir (the model it exported at the end). `config`: a model config name such as "paligemma_3b_224" (see
-  `vlm_jax.models.registry.CONFIGS`) or a `VLMConfig`; required for .npz, else it replaces the stored one.
+  (with `config`), a vlm_jax checkpoint directory, or a training workdir (the model it exported at the end).
+  `config`: a model config name such as "paligemma_3b_224" (see `vlm_jax.models.registry.CONFIGS`) or a
+  `VLMConfig`; required for .npz, else it replaces the stored one.
   `dtype` (float32 | bfloat16) sets both the stored params and the compute dtype; default: as stored.
   `mesh` (a jax Mesh or a config dict, as `Model.shard` takes): params go straight to their shards on it (for a
   model too big for one device); default: this process's first device.
@@ -21,7 +22,8 @@ def load(path: str, dtype: str | None = None, config=None, mesh=None) -> Model:
   if mesh is not None:
     from vlm_jax import sharding
     mesh = sharding.make_mesh(mesh)
-  if os.path.isdir(os.path.join(path, "checkpoints")):  # a training workdir, whose config.json is not a model's
+  if not checkpoint.is_model_dir(path) and os.path.isdir(os.path.join(path, "checkpoints")):
+    # a training workdir, whose config.json is the training config, not a model's
     if not checkpoint.is_model_dir(os.path.join(path, "model")):
       raise ValueError(f"{path} is a training workdir without an exported model/ (training has not finished, or "
                        "config.export_model is off): pass a model directory.")

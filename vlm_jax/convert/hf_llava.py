@@ -56,8 +56,8 @@ def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> dict:
     raise ValueError(f"a LLaVA export needs config.image_token_id: a vocabulary id (< {cfg.llm.vocab_size}) the "
                      f"tokenizer never produces, which transformers uses to mark image positions; got "
                      f"{cfg.image_token_id}. Train with config.model.image_token_id (and model.llm.vocab_size one "
-                     f"above the tokenizer's, to make room), or set it on a loaded model: model.config = "
-                     f"dataclasses.replace(model.config, image_token_id=N).")
+                     "above the tokenizer's, to make room), or set it on a loaded model: model.config = "
+                     "dataclasses.replace(model.config, image_token_id=N).")
   img = cfg.img
   vision = {"model_type": "siglip_vision_model", "hidden_size": img.width, "intermediate_size": img.mlp_dim,
             "num_hidden_layers": img.depth, "num_attention_heads": img.num_heads, "patch_size": img.patch_size,
