@@ -59,26 +59,74 @@ def test_encoder_decoder_logits_line_up_with_the_targets():
     np.testing.assert_allclose(logits[i, p - 1:p - 1 + len(suffix)], ref[0], rtol=1e-5, atol=1e-5)
 
 
-def test_llm_init_loads_hf_text_weights(tmp_path):
+@pytest.fixture(scope="module")
+def hf_llama_dir(tmp_path_factory):
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
-  from vlm_jax.convert import hf_llama
   torch.manual_seed(0)
   hf_model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                           vocab_size=1536, tie_word_embeddings=False))
-  hf_model.save_pretrained(tmp_path / "llama")
+  path = str(tmp_path_factory.mktemp("hf") / "llama")
+  hf_model.save_pretrained(path)
+  return path
+
+
+def _llm_init_config(llm):
   config = config_util.load_config("configs/siglip_llama.py")
-  config.model.llm = dict(init=str(tmp_path / "llama"))
+  config.model.llm = llm
   check_config(config)
-  cfg = build_model_config(normalize(config).model, make_tokenizer(config))
+  config = normalize(config)
+  return config, build_model_config(config.model, make_tokenizer(config))
+
+
+def test_llm_init_loads_hf_text_weights(hf_llama_dir):
+  from vlm_jax.convert import hf_llama
+  config, cfg = _llm_init_config(dict(init=hf_llama_dir))
   assert cfg.llm.width == 64 and cfg.llm.num_kv_heads == 2
-  params = initial_params(normalize(config), cfg, log=lambda *_: None)
-  _, ref = hf_llama.load_text_model(str(tmp_path / "llama"))
+  params = initial_params(config, cfg, log=lambda *_: None)
+  _, ref = hf_llama.load_text_model(hf_llama_dir)
   ours = treeutil.flatten(params["llm"])
   for k, v in treeutil.flatten(ref).items():
     np.testing.assert_array_equal(ours[k], v, err_msg=k)
   assert set(params) >= {"img", "adapter", "llm"}
+
+
+def test_llm_init_grows_the_vocabulary_for_an_image_token(hf_llama_dir):
+  """LLaVA's recipe: a HF text model plus one id its tokenizer never produces; the old rows keep their weights."""
+  from vlm_jax.convert import hf_llama
+  config, cfg = _llm_init_config(dict(init=hf_llama_dir, vocab_size=1540))
+  with config.model.unlocked():
+    config.model.image_token_id = 1536
+  cfg = build_model_config(config.model, make_tokenizer(config))
+  assert cfg.llm.vocab_size == 1540 and cfg.image_token_id == 1536
+  params = initial_params(config, cfg, log=lambda *_: None)
+  _, ref = hf_llama.load_text_model(hf_llama_dir)
+  ours, ref = treeutil.flatten(params["llm"]), treeutil.flatten(ref)
+  emb, head = ours["embedder/input_embedding"], ours["lm_head/w"]
+  assert emb.shape == (1540, 64) and head.shape == (64, 1540)
+  np.testing.assert_array_equal(emb[:1536], ref["embedder/input_embedding"])
+  np.testing.assert_array_equal(head[:, :1536], ref["lm_head/w"])
+  assert np.all(np.std(emb[1536:], axis=1) > 0) and np.all(np.std(head[:, 1536:], axis=0) > 0)
+  for k in ref.keys() - {"embedder/input_embedding", "lm_head/w"}:
+    np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+
+
+@pytest.mark.parametrize("llm, match", [(dict(vocab_size=1000), "can only grow"),
+                                        (dict(num_heads=8), "llm.num_heads cannot change it")])
+def test_llm_init_refuses_overrides_it_cannot_honour(hf_llama_dir, llm, match):
+  with pytest.raises(ValueError, match=match):
+    _llm_init_config(dict(init=hf_llama_dir, **llm))
+
+
+@pytest.mark.parametrize("model, match", [
+    (dict(name="tiny", llm=dict(depth=1)), "fixes the architecture.*model.llm would be ignored"),
+    (dict(init="/ckpt/pg", img=dict(variant="B/16")), "needs both img and llm")])
+def test_model_keys_that_would_be_ignored_are_refused(model, match):
+  config = config_util.load_config("configs/tiny_synthetic.py")
+  config.model = model
+  with pytest.raises(ValueError, match=match):
+    build_model_config(normalize(config).model, make_tokenizer(config))
 
 
 def test_img_init_takes_the_vision_tower_of_another_checkpoint(tmp_path):

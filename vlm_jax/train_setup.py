@@ -71,6 +71,14 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
   is not checked against the model's. `model.image_token_id` sets the id a LLaVA export marks image positions
   with: one the tokenizer never produces (>= its vocabulary size) inside the model's vocabulary."""
   overrides = {k: model_cfg[k] for k in ("dtype", "remat", "scan_unroll") if model_cfg.get(k)}
+  spelled = [k for k in ("img", "llm", "adapter", "causal") if model_cfg.get(k) is not None]
+  if model_cfg.get("name") and spelled:
+    raise ValueError(f"config.model.name {model_cfg.name!r} fixes the architecture, so config.model."
+                     f"{'/'.join(spelled)} would be ignored: drop them, or spell the model out with img + llm "
+                     "instead of a name.")
+  if spelled and not (model_cfg.get("img") and model_cfg.get("llm")):
+    raise ValueError(f"config.model sets {'/'.join(spelled)} but a spelled-out model needs both img and llm "
+                     "(or drop them to take the whole config from model.init).")
   if model_cfg.get("name"):
     cfg = get_model_config(model_cfg.name)
   elif model_cfg.get("img") and model_cfg.get("llm"):
@@ -97,11 +105,20 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
 
 def _llm_config(kw: dict, tokenizer):
   """The language model from `model.llm`: `type` gemma (default; a `variant` or explicit sizes) | llama | t5, or
-  `init`: a local HF Llama / Qwen2 / T5 directory whose config (and, in initial_params, weights) it takes."""
+  `init`: a local HF Llama / Qwen2 / T5 directory whose config (and, in initial_params, weights) it takes; with
+  `init`, `vocab_size` may grow the vocabulary (room for an image token), the new rows randomly initialised."""
   if "init" in kw:
     if not kw["init"]:
       raise ValueError("config.model.llm.init is empty: point it at a HF Llama / Qwen2 / T5 directory.")
-    return _text_checkpoint(kw["init"])[0]
+    cfg = _text_checkpoint(kw["init"])[0]
+    if extra := sorted(set(kw) - {"init", "vocab_size"}):
+      raise ValueError(f"config.model.llm.init takes the language model's config from {kw['init']}; "
+                       f"config.model.llm.{'/'.join(extra)} cannot change it (only vocab_size may, to grow the "
+                       "vocabulary).")
+    if (vocab := kw.get("vocab_size", cfg.vocab_size)) < cfg.vocab_size:
+      raise ValueError(f"config.model.llm.vocab_size {vocab} < {cfg.vocab_size}, the vocabulary of "
+                       f"config.model.llm.init {kw['init']}: it can only grow.")
+    return dataclasses.replace(cfg, vocab_size=int(vocab))
   kind = kw.pop("type", "gemma")
   if kind not in LLM_TYPES:
     raise ValueError(f"config.model.llm.type {kind!r} is not one of {sorted(LLM_TYPES)}.")
@@ -118,6 +135,19 @@ def _llm_config(kw: dict, tokenizer):
     return LLM_TYPES[kind](**kw)
   except TypeError as e:
     raise ValueError(f"config.model.llm ({kind}): {e}") from e
+
+
+def _grow_vocab(found, random):
+  """`found` with the rows (or columns) of the tokens a larger `model.llm.vocab_size` adds taken from the random
+  init `random`, when the two differ in one axis only and `found` is the shorter; else `found` unchanged (for
+  check_shapes to report)."""
+  if random is None or found.shape == random.shape or found.ndim != random.ndim:
+    return found
+  diff = [i for i, (a, b) in enumerate(zip(found.shape, random.shape)) if a != b]
+  if len(diff) != 1 or found.shape[diff[0]] > random.shape[diff[0]]:
+    return found
+  extra = np.take(np.asarray(random, np.float32), range(found.shape[diff[0]], random.shape[diff[0]]), axis=diff[0])
+  return np.concatenate([np.asarray(found, np.float32), extra], axis=diff[0])
 
 
 def _text_checkpoint(path: str, with_params: bool = False):
@@ -164,6 +194,7 @@ def initial_params(config, model_cfg, log):
       log(f"loading language-model weights from {llm_init}")
       found = _text_checkpoint(llm_init, with_params=True)[1]
       want = {k.removeprefix("llm/"): v for k, v in params.items() if k.startswith("llm/")}
+      found = {k: _grow_vocab(v, want.get(k)) for k, v in found.items()}
       treeutil.check_shapes(want, found, f"config.model.llm.init {llm_init}")
       params.update({f"llm/{k}": np.asarray(v, np.float32) for k, v in found.items()})
     if img_init := dict(config.model.get("img") or {}).get("init"):
