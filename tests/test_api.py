@@ -87,6 +87,29 @@ def test_load_of_a_workdir_without_exported_model_says_so(tmp_path):
     vlm_jax.load(str(tmp_path))
 
 
+def test_every_entry_point_takes_a_training_workdir_as_its_exported_model(model, tmp_path):
+  """One rule (checkpoint.model_dir) for vlm_jax.load, config.model.init, tools/convert.py and tools/eval.py."""
+  import json
+  import ml_collections
+  from tools import convert, eval as eval_cli
+  from vlm_jax import train_setup
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "config.json").write_text(json.dumps({"model": {"name": "tiny"}, "stages": []}))  # training config
+  model.save(str(workdir / "model"))
+  assert vlm_jax.load(str(workdir)).config == model.config
+  model_cfg = ml_collections.ConfigDict({"init": str(workdir)})
+  assert train_setup.build_model_config(model_cfg, model.tokenizer) == model.config
+  config = ml_collections.ConfigDict({"model": {"init": str(workdir)}, "seed": 0})
+  params = train_setup.initial_params(config, model.config, log=lambda *_: None)
+  np.testing.assert_array_equal(params["llm"]["final_norm"]["scale"],
+                                model.params["params"]["llm"]["final_norm"]["scale"])
+  assert convert.read_model("vlm_jax", str(workdir), None).config == model.config
+  assert eval_cli.default_out(str(workdir)) == str(workdir / "eval_results.json")
+  (workdir / "model" / "checkpoints").mkdir()  # a model directory stays one, whatever it holds
+  assert eval_cli.default_out(str(workdir / "model")) == str(workdir / "eval_results.json")
+
+
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(model):
   from vlm_jax.data.synthetic import synthetic_tokenizer
   big = synthetic_tokenizer()

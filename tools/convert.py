@@ -32,7 +32,8 @@ formats:
   hf          a HuggingFace PaliGemmaForConditionalGeneration or LlavaForConditionalGeneration directory
               (config.json + *.safetensors)
   big_vision  a big_vision .npz file (keys params/img/..., params/llm/...); needs --config
-  vlm_jax     a vlm_jax checkpoint directory (vlm_config.json + Orbax params/)
+  vlm_jax     a vlm_jax checkpoint directory (vlm_config.json + Orbax params/), or a training workdir (its
+              exported model/)
 
 model configs for --config:
   {configs}
@@ -98,6 +99,7 @@ def read_model(src: str, path: str, config):
   if src == "big_vision":
     return Model(config, big_vision.load(path, config))
   if src == "vlm_jax":
+    path = checkpoint.model_dir(path)
     if not checkpoint.is_model_dir(path):
       raise FileNotFoundError(f"{path} is not a vlm_jax checkpoint (no {checkpoint.CONFIG_FILE} + params/).")
     return Model(*checkpoint.load_model(path, config))

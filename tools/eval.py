@@ -50,10 +50,11 @@ def select_evals(config, names: str | None):
   return [by_name[n] for n in wanted]
 
 
-def default_out(checkpoint: str) -> str:
-  path = os.path.abspath(checkpoint.rstrip("/"))
-  return os.path.join(path if os.path.isdir(os.path.join(path, "checkpoints")) else os.path.dirname(path),
-                      "eval_results.json")
+def default_out(path: str) -> str:
+  """Inside a training workdir, else beside the checkpoint."""
+  from vlm_jax import checkpoint
+  path = os.path.abspath(path.rstrip("/"))
+  return os.path.join(path if checkpoint.is_workdir(path) else os.path.dirname(path), "eval_results.json")
 
 
 def main(argv=None) -> int:

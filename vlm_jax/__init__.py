@@ -22,12 +22,7 @@ def load(path: str, dtype: str | None = None, config=None, mesh=None) -> Model:
   if mesh is not None:
     from vlm_jax import sharding
     mesh = sharding.make_mesh(mesh)
-  if not checkpoint.is_model_dir(path) and os.path.isdir(os.path.join(path, "checkpoints")):
-    # a training workdir, whose config.json is the training config, not a model's
-    if not checkpoint.is_model_dir(os.path.join(path, "model")):
-      raise ValueError(f"{path} is a training workdir without an exported model/ (training has not finished, or "
-                       "config.export_model is off): pass a model directory.")
-    path = os.path.join(path, "model")
+  path = checkpoint.model_dir(path)
   if os.path.isfile(path) and path.endswith(".npz"):
     if named is None:
       raise ValueError(f"{path} is a big_vision .npz: pass config=NAME (e.g. 'paligemma_3b_224').")

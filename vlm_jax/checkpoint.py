@@ -17,6 +17,8 @@ from vlm_jax.models.registry import config_from_dict, config_to_dict
 
 CONFIG_FILE = "vlm_config.json"
 TOKENIZER_FILE = "tokenizer.model"
+# Inside a training workdir: the training checkpoints and the model exported when training ends.
+TRAIN_CHECKPOINTS, EXPORTED_MODEL = "checkpoints", "model"
 
 
 def is_remote(path: str) -> bool:
@@ -26,6 +28,23 @@ def is_remote(path: str) -> bool:
 def is_model_dir(path: str) -> bool:
   path = epath.Path(path)
   return (path / CONFIG_FILE).is_file() and (path / "params").is_dir()
+
+
+def is_workdir(path: str) -> bool:
+  """A training workdir, whose config.json is the training config, not a model's (a model directory that
+  happens to hold a checkpoints/ folder is still a model directory)."""
+  return not is_model_dir(path) and (epath.Path(path) / TRAIN_CHECKPOINTS).is_dir()
+
+
+def model_dir(path: str) -> str:
+  """`path`, or for a training workdir the model it exported (every loader takes either)."""
+  if not is_workdir(path):
+    return path
+  exported = os.path.join(path, EXPORTED_MODEL)
+  if not is_model_dir(exported):
+    raise ValueError(f"{path} is a training workdir without an exported {EXPORTED_MODEL}/ (training has not "
+                     "finished, or config.export_model is off): pass a model directory.")
+  return exported
 
 
 def save_model(out_dir: str, config, params, tokenizer=None):

@@ -155,7 +155,7 @@ def train(config, workdir: str, log=print) -> dict:
   mesh = sharding.make_mesh(config.get("mesh"), dcn_mesh_cfg=config.get("dcn_mesh"))
   tokenizer = make_tokenizer(config)
   base_cfg = build_model_config(config.model, tokenizer)
-  ckpts = checkpoint.TrainCheckpoints(str(workdir_path / "checkpoints"), keep=config.get("keep_checkpoints", 3))
+  ckpts = checkpoint.TrainCheckpoints(str(workdir_path / checkpoint.TRAIN_CHECKPOINTS), keep=config.get("keep_checkpoints", 3))
   latest = ckpts.latest_step()
   resume = ckpts.read_meta(latest) if latest is not None else None
   global_step = resume["step"] if resume else 0
@@ -200,7 +200,7 @@ def train(config, workdir: str, log=print) -> dict:
     if is_main and (records := metrics_log.records()):
       with (workdir_path / "loss.png").open("wb") as f:
         plot(records, f)
-    export_dir = workdir_path / "model"
+    export_dir = workdir_path / checkpoint.EXPORTED_MODEL
     if config.get("export_model", True) and not checkpoint.is_model_dir(export_dir):
       final_cfg = model_for_stage(base_cfg, config.stages[-1])
       checkpoint.save_model(str(export_dir), final_cfg, {"params": params}, tokenizer)  # on every process

@@ -171,6 +171,7 @@ def _text_checkpoint(path: str, with_params: bool = False):
 def _checkpoint_config(path: str) -> VLMConfig:
   from vlm_jax import checkpoint
   from vlm_jax.convert import hf
+  path = checkpoint.model_dir(path)
   if checkpoint.is_model_dir(path):
     return checkpoint.load_config(path)
   if os.path.isfile(os.path.join(path, "config.json")):
