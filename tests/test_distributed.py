@@ -73,6 +73,13 @@ def test_mesh_sizes_fill_and_errors():
   assert dict(mesh.shape) == dict(data=1, fsdp=1, tensor=1)
 
 
+def test_batch_ways_are_the_axes_batch_sharding_splits_over(monkeypatch):
+  shape = dict(data=2, fsdp=4, tensor=3)
+  assert sharding.batch_ways(shape) == 8
+  monkeypatch.setitem(sharding.LOGICAL_TO_MESH, "batch", "data")  # every caller follows the one mapping
+  assert sharding.batch_ways(shape) == 2
+
+
 def test_param_and_opt_state_layout_without_devices():
   """Specs and per-device blocks from axis sizes alone; Adam's moments follow their params."""
   import jax

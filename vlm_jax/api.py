@@ -64,7 +64,8 @@ class Model:
     """Rows a batch of b is padded to: a multiple of the mesh's data-parallel size."""
     if self.mesh is None:
       return b
-    n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    from vlm_jax import sharding
+    n = sharding.batch_ways(self.mesh.shape)
     return -(-b // n) * n
 
   def _put(self, x, rows: int):

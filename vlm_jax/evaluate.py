@@ -84,7 +84,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
   put, fetch = jnp.asarray, np.asarray
   if mesh is not None:
     from vlm_jax import sharding
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = sharding.batch_ways(mesh.shape)
     batch_size = -(-batch_size // ways) * ways  # padded rows, like the last batch's, are dropped
     # Every process reads the whole batch and places the rows its devices hold; outputs split over
     # processes are gathered back, so each process scores every example (as in a one-process run).

@@ -151,7 +151,7 @@ def plan(config, mesh_shape: dict) -> Plan:
   config = normalize(config)
   tokenizer = None if config.model.get("name") else make_tokenizer(config)
   base = build_model_config(config.model, tokenizer)
-  data_ways = mesh_shape["data"] * mesh_shape["fsdp"]
+  data_ways = sharding.batch_ways(mesh_shape)
   grad_accum = int(config.get("grad_accum", 1))
   plans, num_params = [], 0
   for index, stage_cfg in enumerate(config.stages):

@@ -218,6 +218,12 @@ def process_batch_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
   return start, stop - start
 
 
+def batch_ways(mesh_shape) -> int:
+  """How many ways a batch is split: the product of the mesh axes (a Mesh's `.shape` or a dict) it spans."""
+  axes = LOGICAL_TO_MESH["batch"]
+  return math.prod(mesh_shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) dim split over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(LOGICAL_TO_MESH["batch"], *([None] * (ndim - 1))))

@@ -241,7 +241,7 @@ def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh) -> StageSt
   frozen = optim.frozen_names(names, stage_cfg.get("frozen"))
   optimizer, schedule = optim.make_optimizer(config.get("optim", {}), stage_cfg, set(names) - frozen)
   step_fn = make_train_step(model_cfg, optimizer, schedule, int(config.get("grad_accum", 1)))
-  batch_size, data_ways = int(stage_cfg.batch_size), mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size, data_ways = int(stage_cfg.batch_size), sharding.batch_ways(mesh.shape)
   if batch_size % data_ways:
     raise ValueError(f"config.stages[{index}].batch_size {batch_size} is not divisible by the mesh's "
                      f"data x fsdp = {data_ways} devices.")
