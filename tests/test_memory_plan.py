@@ -14,6 +14,7 @@ import pytest
 
 from tests import train_helpers as th
 from vlm_jax import config_util, memory_plan, sharding, treeutil
+from vlm_jax.models.registry import with_overrides
 from vlm_jax.models.vlm import init_params, model_for
 from vlm_jax.train_setup import build_model_config, make_tokenizer, model_for_stage, normalize
 
@@ -106,6 +107,25 @@ def test_activation_estimate_tracks_xla_for_every_family():
   assert 1 < gemma < 2, ratios
   assert abs(ratios["siglip_ul2"] / gemma - 1) < 0.08, ratios
   assert abs(ratios["siglip_llama"] / gemma - 1) < 0.2, ratios
+
+
+def test_encoder_decoder_layers_under_remat_full_cost_what_xla_keeps():
+  """Per extra layer under remat full, XLA keeps an encoder layer's input, and a decoder layer's input plus its
+  cross-attention keys and values twice (before the scan and as its residuals): the estimate's slope is XLA's."""
+  c = normalize(config_util.load_config(os.path.join(th.REPO, "configs", "siglip_ul2.py")))
+  base = model_for_stage(build_model_config(c.model, make_tokenizer(c)), c.stages[0])
+  base = with_overrides(base, remat="full")
+
+  def both(encoder_depth, decoder_depth):
+    cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, encoder_depth=encoder_depth,
+                                                            decoder_depth=decoder_depth))
+    return np.array([xla_temp_bytes(cfg, 8, 64) / 8, memory_plan.activation_bytes(cfg, 64)])
+
+  start = both(3, 3)
+  xla, estimate = (both(3, 6) - start) / 3
+  assert estimate == pytest.approx(xla, rel=0.02)
+  xla, estimate = (both(6, 3) - start) / 3
+  assert estimate == pytest.approx(xla, rel=0.02)
 
 
 def run_cli(*args):

@@ -18,8 +18,10 @@ size H, D the width and F the MLP width, per token and layer:
 
 over the layers of each stack: the ViT over P tokens; a decoder-only LLM (Gemma, Llama) over S; T5 / UL2's
 encoder over S and decoder over T, whose cross-attention adds (2D + 2NH) s + N S (4 + s) per decoder token
-((D + NH) s under dots) and its keys and values, 2NH s per encoder token (also under dots). With remat, one
-layer of each stack is held at the `none` rate while it is recomputed. Plus the text logits T V (s + 8)
+((D + NH) s under dots). Whatever the policy, every decoder layer's cross-attention keys and values, 2NH s per
+encoder token, are kept twice (computed before the layer scan, which stacks them again as residuals), and the
+encoder's position bias adds N S^2 4 once. With remat, one layer of each stack is held at the `none` rate while
+it is recomputed. Plus the text logits T V (s + 8)
 (logits, float32 log-probs and their gradient). Tensor parallelism divides the head, MLP, attention and vocab
 terms by the tensor axis when it divides them, as the weights are split; the examples per device are batch /
 (data x fsdp) / grad_accum. Embeddings, norms, adapters and XLA's temporaries are not counted: keep 10-20% of
@@ -119,14 +121,15 @@ def activation_bytes(cfg, text_len: int, tensor: int = 1) -> float:
     h, nh = llm.head_dim, split(llm.num_heads, llm.num_heads * llm.head_dim)
     encoder = stack(seq, llm.width, llm.num_heads, h, llm.num_heads, llm.mlp_dim, llm.gated, seq)
     decoder = stack(text_len, llm.width, llm.num_heads, h, llm.num_heads, llm.mlp_dim, llm.gated, text_len)
-    # Cross-attention: per decoder token its norm, queries, logits over the encoder tokens and output; its keys
-    # and values per encoder token (matmul outputs: kept under `dots` too).
+    # Cross-attention: per decoder token its norm, queries, logits over the encoder tokens and output.
     decoder["none"] += text_len * ((2 * llm.width + 2 * nh) * s + split(llm.num_heads) * seq * (4 + s))
     decoder["dots"] += text_len * (llm.width + nh) * s
-    for policy in ("none", "dots"):
-      decoder[policy] += seq * 2 * nh * s
+    # Every decoder layer's cross-attention keys and values are computed before the layer scan and kept twice
+    # whatever the policy: as the scan's input and as the residuals it stacks for the backward pass. The
+    # encoder's float32 position bias is computed once for all its layers.
     total += (_stack_bytes(llm.encoder_depth, llm.remat, encoder)
-              + _stack_bytes(llm.decoder_depth, llm.remat, decoder))
+              + _stack_bytes(llm.decoder_depth, llm.remat, decoder)
+              + llm.decoder_depth * 2 * seq * 2 * nh * s + split(llm.num_heads) * seq * seq * 4)
   else:  # decoder-only over image + text tokens: Gemma's GeGLU or Llama's SwiGLU MLP
     layer = stack(seq, llm.width, llm.num_heads, llm.head_dim, llm.num_kv_heads, llm.mlp_dim, True, seq)
     if getattr(llm, "post_norms", False):  # Gemma 2
