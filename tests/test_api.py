@@ -1,4 +1,6 @@
 """The public API: load / save round trips, generate on raw images, the tokenizer and its <loc> tokens."""
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -118,4 +120,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(model):
     Model(model.config, model.params, big)
   with pytest.raises(ValueError, match="do not fit"):
     model.tokenizer = big  # as tools/predict.py --tokenizer sets it
+  small = dataclasses.replace(model.config, llm=dataclasses.replace(model.config.llm, vocab_size=100))
+  with pytest.raises(ValueError, match="do not fit the model's vocab_size 100"):
+    model.config = small
   assert model.tokenizer.vocab_size <= model.config.llm.vocab_size

@@ -129,6 +129,19 @@ def test_model_keys_that_would_be_ignored_are_refused(model, match):
     build_model_config(normalize(config).model, make_tokenizer(config))
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("img", dict(variant="Ti/8", dpth=2), r"config.model.img: .*'dpth'"),
+    ("img", dict(depth=2), "config.model.img needs a variant"),
+    ("adapter", dict(knd="mlp"), r"config.model.adapter: .*'knd'"),
+    ("llm", dict(variant="gemma_2b", widht=64), r"config.model.llm: .*'widht'"),
+    ("llm", dict(type="llama", widht=64), r"config.model.llm \(llama\): .*'widht'")])
+def test_a_misspelt_model_key_names_where_it_is(key, value, match):
+  config = config_util.load_config("configs/tiny_synthetic.py")
+  config.model[key] = value
+  with pytest.raises(ValueError, match=match):
+    build_model_config(normalize(config).model, make_tokenizer(config))
+
+
 def test_img_init_takes_the_vision_tower_of_another_checkpoint(tmp_path):
   """A LLaVA-style model starting from the ViT of a (PaliGemma-family) vlm_jax checkpoint."""
   from vlm_jax.api import Model

@@ -114,19 +114,20 @@ def test_llava_export_carries_a_llama_tokenizer_transformers_reads(llava_dir, tm
 
 def test_the_llava_config_with_an_image_token_id_exports_to_transformers(tmp_path):
   """configs/siglip_llama.py with model.image_token_id (the vocabulary one above the tokenizer's) builds a model
-  that `save_hf` writes and transformers' LLaVA reads with the same logits; an id the tokenizer can produce is
-  refused with the key's name."""
+  that `save_hf` writes and transformers' LLaVA reads with the same logits; an id the tokenizer can produce, or
+  one outside the vocabulary, is refused with the key's name, in training and at export."""
+  import dataclasses
   import os
   from transformers import LlavaForConditionalGeneration
   from vlm_jax import config_util
   from vlm_jax.api import Model
   from vlm_jax.models.vlm import init_params
-  from vlm_jax.train_setup import build_model_config, make_tokenizer, model_for_stage, normalize
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  c = normalize(config_util.load_config(os.path.join(repo, "configs", "siglip_llama.py")))
-  tok = make_tokenizer(c)
-  c.model.llm["vocab_size"] = tok.vocab_size + 1
-  c.model["image_token_id"] = tok.vocab_size
+  from vlm_jax.train_setup import ALLOWED_KEYS, build_model_config, make_tokenizer, model_for_stage, normalize
+  spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "siglip_llama.py")
+  tok = make_tokenizer(config_util.load_config(spec))
+  # as the README's command line gives them
+  c = normalize(config_util.load_with_overrides(spec, [("model.llm.vocab_size", str(tok.vocab_size + 1)),
+                                                       ("model.image_token_id", str(tok.vocab_size))], ALLOWED_KEYS))
   cfg = model_for_stage(build_model_config(c.model, tok), c.stages[0])
   assert cfg.image_token_id == tok.vocab_size
   model = Model(cfg, init_params(cfg, seed=3), tok)
@@ -139,9 +140,13 @@ def test_the_llava_config_with_an_image_token_id_exports_to_transformers(tmp_pat
     ref = theirs(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2)).logits
   ours = model.logits(pixels, TOKENS, np.ones_like(TOKENS))
   assert rel_err(ours, ref[:, cfg.num_image_tokens:].float().numpy()) < 1e-4
-  c.model["image_token_id"] = tok.vocab_size - 1
-  with pytest.raises(ValueError, match=r"config.model.image_token_id \d+ must lie in"):
-    build_model_config(c.model, tok)
+  for bad in (tok.vocab_size - 1, tok.vocab_size + 1):
+    c.model["image_token_id"] = bad
+    with pytest.raises(ValueError, match=rf"config.model.image_token_id {bad} must lie in \[{tok.vocab_size}, "):
+      build_model_config(c.model, tok)
+  model.config = dataclasses.replace(cfg, image_token_id=tok.vocab_size - 1)
+  with pytest.raises(ValueError, match=rf"a LLaVA export: config.image_token_id {tok.vocab_size - 1} must lie in"):
+    model.save_hf(str(tmp_path / "hf2"))
 
 
 def test_llava_config_errors_name_the_field(llava_dir, tmp_path):
@@ -149,7 +154,7 @@ def test_llava_config_errors_name_the_field(llava_dir, tmp_path):
   import dataclasses
   model = vlm_jax.load(path)
   model.config = dataclasses.replace(model.config, image_token_id=None)
-  with pytest.raises(ValueError, match="needs config.image_token_id"):
+  with pytest.raises(ValueError, match="a LLaVA export: config.image_token_id None must lie in"):
     model.save_hf(str(tmp_path / "x"))
   assert not (tmp_path / "x").exists()
   with open(f"{path}/config.json") as f:

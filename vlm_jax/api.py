@@ -28,14 +28,30 @@ def _check_batch(name, x, ndim, batch=None):
   return x
 
 
+def _check_fit(config: VLMConfig, tokenizer):
+  # Ids past the embedding table would be clamped by the lookup without a word: refuse the pair instead.
+  if tokenizer is not None and tokenizer.vocab_size > config.llm.vocab_size:
+    raise ValueError(f"the tokenizer's {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
+                     f"{config.llm.vocab_size}: a tokenizer of another model?")
+
+
 class Model:
   """A loaded vision-language model. Params are a pytree {"params": {"img": ..., "llm": ...}}."""
 
   def __init__(self, config: VLMConfig, params, tokenizer=None, mesh=None):
-    self.config = config
+    self._config, self._tokenizer = config, None
     self.params = params
     self.tokenizer = tokenizer
     self.mesh = mesh
+
+  @property
+  def config(self) -> VLMConfig:
+    return self._config
+
+  @config.setter
+  def config(self, config: VLMConfig):
+    _check_fit(config, self._tokenizer)
+    self._config = config
 
   @property
   def tokenizer(self):
@@ -43,10 +59,7 @@ class Model:
 
   @tokenizer.setter
   def tokenizer(self, tokenizer):
-    # Ids past the embedding table would be clamped by the lookup without a word: refuse the pair instead.
-    if tokenizer is not None and tokenizer.vocab_size > self.config.llm.vocab_size:
-      raise ValueError(f"the tokenizer's {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
-                       f"{self.config.llm.vocab_size}: a tokenizer of another model?")
+    _check_fit(self._config, tokenizer)
     self._tokenizer = tokenizer
 
   def shard(self, mesh) -> "Model":

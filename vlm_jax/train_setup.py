@@ -11,7 +11,7 @@ from vlm_jax.models.adapters import AdapterConfig
 from vlm_jax.models.gemma import gemma_config
 from vlm_jax.models.registry import get_model_config, with_overrides
 from vlm_jax.models.vit import resample_posemb, vit_config
-from vlm_jax.models.vlm import LLM_TYPES, VLMConfig
+from vlm_jax.models.vlm import LLM_TYPES, VLMConfig, check_image_token_id
 
 _SOURCE = {k: None for k in ("kind", "weight", "num_examples", "seed", "split", "image_size", "tasks",
                              "max_objects", "grid", "json_path", "image_dir", "skip_bad", "name", "data_dir",
@@ -83,9 +83,12 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
     cfg = get_model_config(model_cfg.name)
   elif model_cfg.get("img") and model_cfg.get("llm"):
     llm = _llm_config(dict(model_cfg.llm), tokenizer)
-    adapter = AdapterConfig(**dict(model_cfg.get("adapter") or {}))
+    adapter = _construct("config.model.adapter", AdapterConfig, **dict(model_cfg.get("adapter") or {}))
     img_kw = {k: v for k, v in dict(model_cfg.img).items() if k != "init"}
-    img = vit_config(img_kw.pop("variant"), head_dim_out=llm.width if adapter.kind == "linear" else None, **img_kw)
+    if "variant" not in img_kw:
+      raise ValueError("config.model.img needs a variant (e.g. 'So400m/14', 'B/16', 'Ti/8').")
+    img = _construct("config.model.img", vit_config, img_kw.pop("variant"),
+                     head_dim_out=llm.width if adapter.kind == "linear" else None, **img_kw)
     cfg = VLMConfig(img=img, llm=llm, name="custom", adapter=adapter, causal=bool(model_cfg.get("causal", False)))
   elif model_cfg.get("init"):
     cfg = _checkpoint_config(model_cfg.init)
@@ -94,12 +97,9 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
   if tokenizer is not None and cfg.llm.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model vocab_size {cfg.llm.vocab_size} < tokenizer vocab size {tokenizer.vocab_size}.")
   if (image_token := model_cfg.get("image_token_id")) is not None:
-    low = tokenizer.vocab_size if tokenizer is not None else 0
-    if not low <= image_token < cfg.llm.vocab_size:
-      raise ValueError(f"config.model.image_token_id {image_token} must lie in [{low}, {cfg.llm.vocab_size}): an id "
-                       "the tokenizer never produces (>= its vocabulary size) below the model's vocab_size (raise "
-                       "model.llm.vocab_size to make room).")
     cfg = dataclasses.replace(cfg, image_token_id=int(image_token))
+    check_image_token_id(cfg, tokenizer, "config.model.image_token_id",
+                         " Raise model.llm.vocab_size to make room.")
   return with_overrides(cfg, **overrides) if overrides else cfg
 
 
@@ -130,11 +130,16 @@ def _llm_config(kw: dict, tokenizer):
   if variant:
     if kind != "gemma":
       raise ValueError(f"config.model.llm.variant is for Gemma; give a {kind} model's sizes instead.")
-    return gemma_config(variant, **kw)
+    return _construct("config.model.llm", gemma_config, variant, **kw)
+  return _construct(f"config.model.llm ({kind})", LLM_TYPES[kind], **kw)
+
+
+def _construct(where: str, make, *args, **kw):
+  """make(*args, **kw), a misspelt keyword reported as the config key it came from."""
   try:
-    return LLM_TYPES[kind](**kw)
+    return make(*args, **kw)
   except TypeError as e:
-    raise ValueError(f"config.model.llm ({kind}): {e}") from e
+    raise ValueError(f"{where}: {e}") from e
 
 
 def _grow_vocab(found, random):

@@ -16,7 +16,7 @@ from vlm_jax.convert import hf, hf_llama
 from vlm_jax.models.adapters import AdapterConfig
 from vlm_jax.models.llama import LlamaConfig
 from vlm_jax.models.vit import ViTConfig
-from vlm_jax.models.vlm import VLMConfig
+from vlm_jax.models.vlm import VLMConfig, check_image_token_id
 
 PROJ = "multi_modal_projector."
 
@@ -48,16 +48,14 @@ def config_from_hf(c: dict, source: str = "config.json") -> VLMConfig:
                    image_token_id=image_token)
 
 
-def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> dict:
+def config_to_hf(cfg: VLMConfig, dtype: str = "float32", tokenizer=None) -> dict:
   if not is_llava(cfg) or not cfg.causal or cfg.img.final_norm or cfg.img.pool != "none":
     raise ValueError("a LLaVA export needs a Llama-family LLM, the mlp adapter, causal=True and ViT features "
                      "before the final norm (img.final_norm=False, pool none).")
-  if cfg.image_token_id is None or not 0 <= cfg.image_token_id < cfg.llm.vocab_size:
-    raise ValueError(f"a LLaVA export needs config.image_token_id: a vocabulary id (< {cfg.llm.vocab_size}) the "
-                     f"tokenizer never produces, which transformers uses to mark image positions; got "
-                     f"{cfg.image_token_id}. Train with config.model.image_token_id (and model.llm.vocab_size one "
-                     "above the tokenizer's, to make room), or set it on a loaded model: model.config = "
-                     "dataclasses.replace(model.config, image_token_id=N).")
+  check_image_token_id(cfg, tokenizer, "a LLaVA export: config.image_token_id",
+                       " Train with config.model.image_token_id (and model.llm.vocab_size above the tokenizer's, "
+                       "to make room), or set it on a loaded model: model.config = "
+                       "dataclasses.replace(model.config, image_token_id=N).")
   img = cfg.img
   vision = {"model_type": "siglip_vision_model", "hidden_size": img.width, "intermediate_size": img.mlp_dim,
             "num_hidden_layers": img.depth, "num_attention_heads": img.num_heads, "patch_size": img.patch_size,
@@ -116,7 +114,7 @@ def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | N
          max_shard_bytes: int = 4 << 30):
   """A new LlavaForConditionalGeneration directory, written atomically."""
   dtype = dtype or config.llm.dtype
-  hf_config = config_to_hf(config, dtype)
+  hf_config = config_to_hf(config, dtype, tokenizer)
   flat = {k: np.asarray(jax.device_get(v)) for k, v in treeutil.flatten(params["params"]).items()}
   with fileutil.atomic_dir(out_dir) as tmp:
     hf.write_weights(tmp, params_to_hf(flat, config), dtype, max_shard_bytes)

@@ -50,6 +50,16 @@ class VLMConfig:
     return self.adapter.num_tokens(self.img.num_patches)
 
 
+def check_image_token_id(cfg: VLMConfig, tokenizer=None, where: str = "config.image_token_id", hint: str = ""):
+  """transformers' LLaVA finds image positions by this id, so it must be one the tokenizer never produces
+  (>= its vocabulary size) inside the model's vocabulary."""
+  low = tokenizer.vocab_size if tokenizer is not None else 0
+  if cfg.image_token_id is None or not low <= cfg.image_token_id < cfg.llm.vocab_size:
+    raise ValueError(f"{where} {cfg.image_token_id} must lie in [{low}, {cfg.llm.vocab_size}): an id the tokenizer "
+                     "never produces (>= its vocabulary size) below the model's vocab_size, which transformers' "
+                     f"LLaVA marks image positions with.{hint}")
+
+
 def prefix_lm_mask(mask_ar_BT, valid_BT):
   """[B,T,T] boolean: query t sees key s iff cumsum(mask_ar)[s] <= cumsum(mask_ar)[t], both valid."""
   cum_BT = jnp.cumsum(mask_ar_BT, axis=-1)
