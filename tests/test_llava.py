@@ -86,6 +86,9 @@ def test_llava_export_round_trip_and_loads_in_transformers(llava_dir, pixels, tm
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
   reloaded = LlavaForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
   assert rel_err(model.logits(pixels, TOKENS, np.ones_like(TOKENS)), hf_logits(reloaded, pixels, TOKENS)) < 1e-4
+  assert model.tokenizer is None  # so no Gemma ids replace the Llama ones
+  for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    assert getattr(reloaded.config.text_config, name) == getattr(torch_model.config.text_config, name), name
 
 
 def test_llava_export_carries_a_llama_tokenizer_transformers_reads(llava_dir, tmp_path):

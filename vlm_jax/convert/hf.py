@@ -352,11 +352,15 @@ def write_weights(out_dir: str, tensors: dict, dtype: str, max_shard_bytes: int)
               f, indent=2)
 
 
-def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer, tokenizer_class: str = "GemmaTokenizer"):
+GEMMA_SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2}  # the defaults `generate_ids` uses without a tokenizer
+
+
+def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer, tokenizer_class: str = "GemmaTokenizer",
+                               default_special: dict = GEMMA_SPECIAL_IDS):
   """config.json (special token ids in its text_config), generation_config.json and the SentencePiece files,
   declared as the model family's `tokenizer_class`. A special token the SentencePiece model lacks (Llama's have
-  no pad: id -1) is left out; without a tokenizer, Gemma's ids are written (the defaults `generate_ids` uses)."""
-  special = {"pad": 0, "eos": 1, "bos": 2}
+  no pad: id -1) is left out; without a tokenizer, `default_special`'s ids are written."""
+  special = default_special
   if tokenizer is not None:
     special = {k: v for k, v in (("pad", tokenizer.pad_id), ("eos", tokenizer.eos_id), ("bos", tokenizer.bos_id))
                if v >= 0}

@@ -118,4 +118,5 @@ def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | N
   flat = {k: np.asarray(jax.device_get(v)) for k, v in treeutil.flatten(params["params"]).items()}
   with fileutil.atomic_dir(out_dir) as tmp:
     hf.write_weights(tmp, params_to_hf(flat, config), dtype, max_shard_bytes)
-    hf.write_config_and_tokenizer(tmp, hf_config, tokenizer, "LlamaTokenizer")
+    # Without a tokenizer no ids are written: transformers' Llama defaults (bos 1, eos 2) are Llama's own.
+    hf.write_config_and_tokenizer(tmp, hf_config, tokenizer, "LlamaTokenizer", default_special={})
