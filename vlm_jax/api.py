@@ -136,8 +136,9 @@ class Model:
     (default: tokens != pad). sampler "greedy" | "sample" (temperature, top_k, top_p, best_of, seed) | "beam"
     (beam_size, length_penalty); see `vlm_jax.decode.Sampling`. Row r samples with fold_in(key(seed), first_row + r),
     so a long list decoded in batches (first_row: the batch's start) samples as if decoded in one.
-    Prefixes are padded to a multiple of
-    PREFIX_BUCKET tokens, so prompts of similar length share one compiled program.
+    eos_id / pad_id default to the tokenizer's, or without one to Gemma's (1 / 0): pass them for another family.
+    Prefixes are padded to a multiple of PREFIX_BUCKET tokens, so prompts of similar length share one compiled
+    program.
     """
     prefix_tokens = _check_batch("prefix_tokens", prefix_tokens, 2)
     pad_id = self._special("pad_id", 0) if pad_id is None else pad_id
