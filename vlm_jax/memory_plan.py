@@ -21,10 +21,9 @@ encoder over S and decoder over T, whose cross-attention adds (2D + 2NH) s + N S
 ((D + NH) s under dots). Whatever the policy, every decoder layer's cross-attention keys and values, 2NH s per
 encoder token, are kept twice (computed before the layer scan, which stacks them again as residuals), and the
 encoder's position bias adds N S^2 4 once. With remat, one layer of each stack is held at the `none` rate while
-it is recomputed. Plus the text logits T V (s + 8)
-(logits, float32 log-probs and their gradient). Tensor parallelism divides the head, MLP, attention and vocab
-terms by the tensor axis when it divides them, as the weights are split; the examples per device are batch /
-(data x fsdp) / grad_accum. Embeddings, norms, adapters and XLA's temporaries are not counted: keep 10-20% of
+it is recomputed. Plus the text logits T V (s + 8) (logits, float32 log-probs and their gradient). Tensor
+parallelism divides the head, MLP, attention and vocab terms by the tensor axis when it divides them, as the
+weights are split; the examples per device are batch / (data x fsdp) / grad_accum. Embeddings, norms, adapters and XLA's temporaries are not counted: keep 10-20% of
 the device free. Checked against XLA's own buffer sizes for the compiled gradient of small models of each
 family (tests/test_memory_plan.py).
 """

@@ -155,7 +155,8 @@ def train(config, workdir: str, log=print) -> dict:
   mesh = sharding.make_mesh(config.get("mesh"), dcn_mesh_cfg=config.get("dcn_mesh"))
   tokenizer = make_tokenizer(config)
   base_cfg = build_model_config(config.model, tokenizer)
-  ckpts = checkpoint.TrainCheckpoints(str(workdir_path / checkpoint.TRAIN_CHECKPOINTS), keep=config.get("keep_checkpoints", 3))
+  ckpts = checkpoint.TrainCheckpoints(str(workdir_path / checkpoint.TRAIN_CHECKPOINTS),
+                                      keep=config.get("keep_checkpoints", 3))
   latest = ckpts.latest_step()
   resume = ckpts.read_meta(latest) if latest is not None else None
   global_step = resume["step"] if resume else 0
