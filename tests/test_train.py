@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -80,6 +81,21 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
   for step in steps:  # no checkpoint holds the state that produced the bad loss
     params = th.read_item(str(tmp_path), step)
     assert all(np.all(np.isfinite(v)) for v in params.values())
+
+
+def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
+  c = th.small_config(steps=(2, 1), checkpoint_every=1, export_model=False)
+  c.stages = c.stages[:1]
+  train_lib.train(c, str(tmp_path), log=QUIET)
+  c.stages[0]["steps"] = 3
+  wider = ml_collections.ConfigDict(c.to_dict())
+  wider.model.llm.width = 96
+  with pytest.raises(ValueError, match=r"(?s)step 2 checkpoint in .*new workdir\) does not fit the model:\n"
+                                       r".*llm/final_norm/scale: expected shape \(96,\), found \(128,\)"):
+    train_lib.train(wider, str(tmp_path), log=QUIET)
+  c.stages[0]["frozen"] = "img/.*"
+  with pytest.raises(ValueError, match=r"optimizer state of the step 2 checkpoint .*\(another optim or frozen set"):
+    train_lib.train(c, str(tmp_path), log=QUIET)
 
 
 def test_log_names_the_records_a_skip_bad_source_dropped(tmp_path):

@@ -142,12 +142,26 @@ class TrainCheckpoints:
   def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
     """Restores onto the shardings/dtypes of the abstract trees (any mesh, any number of processes), and the
     iterator in place unless it is None (grain keeps one iterator state per process, so a checkpoint saved
-    by another number of processes has none for this one)."""
+    by another number of processes has none for this one). Params of another model (the workdir holds a run
+    of a different config) fail with every mis-shaped, missing or extra key named, before any array is read."""
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(epath.Path(self.directory) / str(step) / "params")
+    treeutil.check_shapes(treeutil.flatten(abstract_params), treeutil.flatten(getattr(meta, "item_metadata", meta)),
+                          f"the step {step} checkpoint in {self.directory} (a run of another model config: resume "
+                          "with that config, or start this one in a new workdir)")
     args = {"params": ocp.args.StandardRestore(abstract_params),
             "opt_state": ocp.args.StandardRestore(abstract_opt_state)}
     if data_iterator is not None:
       args["data"] = self._grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except ValueError as e:
+      if "tree structures do not match" not in str(e):
+        raise
+      # The params fit (checked above): the optimizer state covers another set of trainable params.
+      raise ValueError(f"the optimizer state of the step {step} checkpoint in {self.directory} does not match this "
+                       "config's (another optim or frozen set? resume with the config that wrote it, or start "
+                       f"this one in a new workdir): {str(e)[:300]}") from e
     return restored["params"], restored["opt_state"]
 
   def wait(self):
