@@ -144,9 +144,8 @@ class TrainCheckpoints:
     iterator in place unless it is None (grain keeps one iterator state per process, so a checkpoint saved
     by another number of processes has none for this one). Params of another model (the workdir holds a run
     of a different config) fail with every mis-shaped, missing or extra key named, before any array is read."""
-    with ocp.StandardCheckpointer() as ckptr:
-      meta = ckptr.metadata(epath.Path(self.directory) / str(step) / "params")
-    treeutil.check_shapes(treeutil.flatten(abstract_params), treeutil.flatten(getattr(meta, "item_metadata", meta)),
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "params")
+    treeutil.check_shapes(treeutil.flatten(abstract_params), treeutil.flatten(meta),
                           f"the step {step} checkpoint in {self.directory} (a run of another model config: resume "
                           "with that config, or start this one in a new workdir)")
     args = {"params": ocp.args.StandardRestore(abstract_params),
