@@ -11,7 +11,9 @@ causally, image tokens never see the question, and the model needs the longer sc
 accuracy (0.85 at 1300 + 250, 0.91 at 1800 + 300). Otherwise: a SigLIP So400m/14 tower (random, or the
 vision tower of the PaliGemma / LLaVA / vlm_jax checkpoint `img`), an MLP adapter and the language model of
 the local HF Llama / Qwen2 directory `llm` (its config and weights), trained on LLaVA-style JSON: stage 1 trains
-the adapter only (LLaVA's pre-training), stage 2 everything but the vision tower.
+the adapter only (LLaVA's pre-training), stage 2 everything but the vision tower. For an export that
+transformers' LlavaForConditionalGeneration reads, give the model an image token the tokenizer never produces,
+growing Llama 2's vocabulary by one: `--config.model.llm.vocab_size=32001 --config.model.image_token_id=32000`.
 """
 import os
 
