@@ -109,12 +109,14 @@ def test_activation_estimate_tracks_xla_for_every_family():
   assert abs(ratios["siglip_llama"] / gemma - 1) < 0.2, ratios
 
 
-def test_encoder_decoder_layers_under_remat_full_cost_what_xla_keeps():
+@pytest.mark.parametrize("remat, rel", [("full", 0.02), ("dots", 0.1)])
+def test_encoder_decoder_layers_cost_what_xla_keeps(remat, rel):
   """Per extra layer under remat full, XLA keeps an encoder layer's input, and a decoder layer's input plus its
-  cross-attention keys and values twice (before the scan and as its residuals): the estimate's slope is XLA's."""
+  cross-attention keys and values twice (before the scan and as its residuals): the estimate's slope is XLA's.
+  Under dots the matmul outputs come on top, the keys and values still twice."""
   c = normalize(config_util.load_config(os.path.join(th.REPO, "configs", "siglip_ul2.py")))
   base = model_for_stage(build_model_config(c.model, make_tokenizer(c)), c.stages[0])
-  base = with_overrides(base, remat="full")
+  base = with_overrides(base, remat=remat)
 
   def both(encoder_depth, decoder_depth):
     cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, encoder_depth=encoder_depth,
@@ -123,9 +125,9 @@ def test_encoder_decoder_layers_under_remat_full_cost_what_xla_keeps():
 
   start = both(3, 3)
   xla, estimate = (both(3, 6) - start) / 3
-  assert estimate == pytest.approx(xla, rel=0.02)
+  assert estimate == pytest.approx(xla, rel=rel)
   xla, estimate = (both(6, 3) - start) / 3
-  assert estimate == pytest.approx(xla, rel=0.02)
+  assert estimate == pytest.approx(xla, rel=rel)
 
 
 def run_cli(*args):

@@ -23,9 +23,9 @@ encoder token, are kept twice (computed before the layer scan, which stacks them
 encoder's position bias adds N S^2 4 once. With remat, one layer of each stack is held at the `none` rate while
 it is recomputed. Plus the text logits T V (s + 8) (logits, float32 log-probs and their gradient). Tensor
 parallelism divides the head, MLP, attention and vocab terms by the tensor axis when it divides them, as the
-weights are split; the examples per device are batch / (data x fsdp) / grad_accum. Embeddings, norms, adapters and XLA's temporaries are not counted: keep 10-20% of
-the device free. Checked against XLA's own buffer sizes for the compiled gradient of small models of each
-family (tests/test_memory_plan.py).
+weights are split; the examples per device are batch / (data x fsdp) / grad_accum. Embeddings, norms, adapters
+and XLA's temporaries are not counted: keep 10-20% of the device free. Checked against XLA's own buffer sizes
+for the compiled gradient of small models of each family (tests/test_memory_plan.py).
 """
 import dataclasses
 import math

@@ -220,8 +220,7 @@ def process_batch_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
 
 def batch_ways(mesh_shape) -> int:
   """How many ways a batch is split: the product of the mesh axes (a Mesh's `.shape` or a dict) it spans."""
-  axes = LOGICAL_TO_MESH["batch"]
-  return math.prod(mesh_shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return axis_size(LOGICAL_TO_MESH["batch"], mesh_shape)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
