@@ -13,7 +13,8 @@ vision tower of the PaliGemma / LLaVA / vlm_jax checkpoint `img`), an MLP adapte
 the local HF Llama / Qwen2 directory `llm` (its config and weights), trained on LLaVA-style JSON: stage 1 trains
 the adapter only (LLaVA's pre-training), stage 2 everything but the vision tower. For an export that
 transformers' LlavaForConditionalGeneration reads, give the model an image token the tokenizer never produces,
-growing Llama 2's vocabulary by one: `--config.model.llm.vocab_size=32001 --config.model.image_token_id=32000`.
+growing Llama 2's vocabulary as llava-hf does (rounded up, so a tensor axis still splits it):
+`--config.model.llm.vocab_size=32064 --config.model.image_token_id=32000`.
 """
 import os
 

@@ -113,10 +113,12 @@ def test_llm_init_grows_the_vocabulary_for_an_image_token(hf_llama_dir):
 
 
 @pytest.mark.parametrize("llm, match", [(dict(vocab_size=1000), "can only grow"),
-                                        (dict(num_heads=8), "llm.num_heads cannot change it")])
+                                        (dict(num_heads=8), "llm.num_heads cannot change it"),
+                                        (dict(type="t5"), "llm.type cannot change it")])
 def test_llm_init_refuses_overrides_it_cannot_honour(hf_llama_dir, llm, match):
   with pytest.raises(ValueError, match=match):
     _llm_init_config(dict(init=hf_llama_dir, **llm))
+  assert _llm_init_config(dict(init=hf_llama_dir, type="llama"))[1].llm_type == "llama"  # what it is: fine
 
 
 @pytest.mark.parametrize("model, match", [

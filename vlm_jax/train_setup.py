@@ -69,7 +69,8 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
   variant or explicit sizes; `vocab_size` defaults to the tokenizer's), or read from the checkpoint that
   `model.init` points at (a HF or vlm_jax directory). Without a tokenizer (memory planning) its vocabulary
   is not checked against the model's. `model.image_token_id` sets the id a LLaVA export marks image positions
-  with: one the tokenizer never produces (>= its vocabulary size) inside the model's vocabulary."""
+  with: one the tokenizer never produces (>= its vocabulary size) inside the model's vocabulary. Keys the chosen
+  route would ignore (img / llm beside a name, one of img / llm alone) are refused."""
   overrides = {k: model_cfg[k] for k in ("dtype", "remat", "scan_unroll") if model_cfg.get(k)}
   spelled = [k for k in ("img", "llm", "adapter", "causal") if model_cfg.get(k) is not None]
   if model_cfg.get("name") and spelled:
@@ -111,6 +112,8 @@ def _llm_config(kw: dict, tokenizer):
     if not kw["init"]:
       raise ValueError("config.model.llm.init is empty: point it at a HF Llama / Qwen2 / T5 directory.")
     cfg = _text_checkpoint(kw["init"])[0]
+    if kw.get("type") in LLM_TYPES and isinstance(cfg, LLM_TYPES[kw["type"]]):
+      kw.pop("type")  # says what the checkpoint is: nothing to override
     if extra := sorted(set(kw) - {"init", "vocab_size"}):
       raise ValueError(f"config.model.llm.init takes the language model's config from {kw['init']}; "
                        f"config.model.llm.{'/'.join(extra)} cannot change it (only vocab_size may, to grow the "
@@ -142,16 +145,16 @@ def _construct(where: str, make, *args, **kw):
     raise ValueError(f"{where}: {e}") from e
 
 
-def _grow_vocab(found, random):
+def _grow_vocab(found, random, old_vocab: int, new_vocab: int):
   """`found` with the rows (or columns) of the tokens a larger `model.llm.vocab_size` adds taken from the random
-  init `random`, when the two differ in one axis only and `found` is the shorter; else `found` unchanged (for
-  check_shapes to report)."""
-  if random is None or found.shape == random.shape or found.ndim != random.ndim:
+  init `random`, when the two differ only in a vocabulary axis (old_vocab -> new_vocab); else `found` unchanged
+  (for check_shapes to report)."""
+  if random is None or old_vocab == new_vocab or found.ndim != random.ndim:
     return found
   diff = [i for i, (a, b) in enumerate(zip(found.shape, random.shape)) if a != b]
-  if len(diff) != 1 or found.shape[diff[0]] > random.shape[diff[0]]:
+  if len(diff) != 1 or (found.shape[diff[0]], random.shape[diff[0]]) != (old_vocab, new_vocab):
     return found
-  extra = np.take(np.asarray(random, np.float32), range(found.shape[diff[0]], random.shape[diff[0]]), axis=diff[0])
+  extra = np.take(np.asarray(random, np.float32), range(old_vocab, new_vocab), axis=diff[0])
   return np.concatenate([np.asarray(found, np.float32), extra], axis=diff[0])
 
 
@@ -200,7 +203,8 @@ def initial_params(config, model_cfg, log):
       log(f"loading language-model weights from {llm_init}")
       found = _text_checkpoint(llm_init, with_params=True)[1]
       want = {k.removeprefix("llm/"): v for k, v in params.items() if k.startswith("llm/")}
-      found = {k: _grow_vocab(v, want.get(k)) for k, v in found.items()}
+      vocab = (_text_checkpoint(llm_init)[0].vocab_size, model_cfg.llm.vocab_size)
+      found = {k: _grow_vocab(v, want.get(k), *vocab) for k, v in found.items()}
       treeutil.check_shapes(want, found, f"config.model.llm.init {llm_init}")
       params.update({f"llm/{k}": np.asarray(v, np.float32) for k, v in found.items()})
     if img_init := dict(config.model.get("img") or {}).get("init"):
