@@ -145,10 +145,10 @@ def test_the_llava_config_with_an_image_token_id_exports_to_transformers(tmp_pat
   assert rel_err(ours, ref[:, cfg.num_image_tokens:].float().numpy()) < 1e-4
   for bad in (tok.vocab_size - 1, tok.vocab_size + 1):
     c.model["image_token_id"] = bad
-    with pytest.raises(ValueError, match=rf"config.model.image_token_id {bad} must lie in \[{tok.vocab_size}, "):
+    with pytest.raises(ValueError, match=rf"config.model.image_token_id {bad}: it must lie in \[{tok.vocab_size}, "):
       build_model_config(c.model, tok)
   model.config = dataclasses.replace(cfg, image_token_id=tok.vocab_size - 1)
-  with pytest.raises(ValueError, match=rf"a LLaVA export: config.image_token_id {tok.vocab_size - 1} must lie in"):
+  with pytest.raises(ValueError, match=rf"a LLaVA export: config.image_token_id {tok.vocab_size - 1}: it must lie in"):
     model.save_hf(str(tmp_path / "hf2"))
 
 
@@ -157,7 +157,7 @@ def test_llava_config_errors_name_the_field(llava_dir, tmp_path):
   import dataclasses
   model = vlm_jax.load(path)
   model.config = dataclasses.replace(model.config, image_token_id=None)
-  with pytest.raises(ValueError, match="a LLaVA export: config.image_token_id None must lie in"):
+  with pytest.raises(ValueError, match="a LLaVA export: config.image_token_id is not set: it must lie in"):
     model.save_hf(str(tmp_path / "x"))
   assert not (tmp_path / "x").exists()
   with open(f"{path}/config.json") as f:

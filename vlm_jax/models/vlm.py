@@ -55,7 +55,8 @@ def check_image_token_id(cfg: VLMConfig, tokenizer=None, where: str = "config.im
   (>= its vocabulary size) inside the model's vocabulary."""
   low = tokenizer.vocab_size if tokenizer is not None else 0
   if cfg.image_token_id is None or not low <= cfg.image_token_id < cfg.llm.vocab_size:
-    raise ValueError(f"{where} {cfg.image_token_id} must lie in [{low}, {cfg.llm.vocab_size}): an id the tokenizer "
+    got = "is not set" if cfg.image_token_id is None else cfg.image_token_id
+    raise ValueError(f"{where} {got}: it must lie in [{low}, {cfg.llm.vocab_size}): an id the tokenizer "
                      "never produces (>= its vocabulary size) below the model's vocab_size, which transformers' "
                      f"LLaVA marks image positions with.{hint}")
 
