@@ -112,6 +112,14 @@ def test_every_entry_point_takes_a_training_workdir_as_its_exported_model(model,
   assert eval_cli.default_out(str(workdir / "model")) == str(workdir / "eval_results.json")
 
 
+def test_eval_results_beside_a_remote_checkpoint_keep_its_url(monkeypatch):
+  from tools import eval as eval_cli
+  from vlm_jax import checkpoint
+  monkeypatch.setattr(checkpoint, "is_workdir", lambda path: path == "gs://bucket/run")  # no network here
+  assert eval_cli.default_out("gs://bucket/run/model/") == "gs://bucket/run/eval_results.json"
+  assert eval_cli.default_out("gs://bucket/run") == "gs://bucket/run/eval_results.json"
+
+
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(model):
   from vlm_jax.data.synthetic import synthetic_tokenizer
   big = synthetic_tokenizer()

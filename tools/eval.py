@@ -51,10 +51,23 @@ def select_evals(config, names: str | None):
 
 
 def default_out(path: str) -> str:
-  """Inside a training workdir, else beside the checkpoint."""
+  """Inside a training workdir, else beside the checkpoint (either may be remote: gs://...)."""
   from vlm_jax import checkpoint
-  path = os.path.abspath(path.rstrip("/"))
+  path = path.rstrip("/") if checkpoint.is_remote(path) else os.path.abspath(path.rstrip("/"))
   return os.path.join(path if checkpoint.is_workdir(path) else os.path.dirname(path), "eval_results.json")
+
+
+def write_results(results: dict, out_path: str):
+  """Never a half-written file: a local one is renamed into place; an object store writes whole objects."""
+  from vlm_jax import checkpoint
+  text = json.dumps(results, indent=1)
+  if checkpoint.is_remote(out_path):
+    from etils import epath
+    epath.Path(out_path).write_text(text)
+    return
+  with open(out_path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(out_path + ".tmp", out_path)
 
 
 def main(argv=None) -> int:
@@ -94,10 +107,7 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  tmp = out_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, out_path)
+  write_results(results, out_path)
   print(f"wrote {out_path}")
   return 0
 
