@@ -20,6 +20,7 @@ def tiny_llava(seed=0):
   text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=16, vocab_size=VOCAB + 1, tie_word_embeddings=False,
                      rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+  text.bos_token_id, text.eos_token_id, text.pad_token_id = 3, 4, 0  # not transformers' Llama defaults (1, 2)
   cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=VOCAB, vision_feature_layer=-1,
                     vision_feature_select_strategy="full", projector_hidden_act="gelu", image_seq_length=N_IMG)
   torch.manual_seed(seed)
@@ -74,6 +75,8 @@ def test_llava_logits_and_greedy_match_transformers(llava_dir, pixels):
 
 
 def test_llava_export_round_trip_and_loads_in_transformers(llava_dir, pixels, tmp_path):
+  import dataclasses
+  from vlm_jax.api import Model
   from transformers import LlavaForConditionalGeneration
   path, torch_model = llava_dir
   model = vlm_jax.load(path)
@@ -86,9 +89,17 @@ def test_llava_export_round_trip_and_loads_in_transformers(llava_dir, pixels, tm
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
   reloaded = LlavaForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
   assert rel_err(model.logits(pixels, TOKENS, np.ones_like(TOKENS)), hf_logits(reloaded, pixels, TOKENS)) < 1e-4
-  assert model.tokenizer is None  # so no Gemma ids replace the Llama ones
+  # Without a tokenizer, the source's special ids come through the config: into the export, a vlm_jax
+  # checkpoint and generate_ids' defaults.
+  assert model.tokenizer is None and (model.config.bos_id, model.config.eos_id, model.config.pad_id) == (3, 4, 0)
   for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
     assert getattr(reloaded.config.text_config, name) == getattr(torch_model.config.text_config, name), name
+  model.save(str(tmp_path / "ours"))
+  assert vlm_jax.load(str(tmp_path / "ours")).config == model.config
+  first = int(np.asarray(model.generate_ids(pixels[:1], TOKENS[:1, :4], max_new_tokens=4, eos_id=-1))[0, 0])
+  kept = Model(dataclasses.replace(model.config, eos_id=first, pad_id=VOCAB - 1), model.params)
+  out = np.asarray(kept.generate_ids(pixels[:1], TOKENS[:1, :4], max_new_tokens=4))
+  assert out[0, 0] == first and np.all(out[0, 1:] == VOCAB - 1)  # stopped at the kept EOS, padded with the kept pad
 
 
 def test_llava_export_carries_a_llama_tokenizer_transformers_reads(llava_dir, tmp_path):

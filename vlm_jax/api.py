@@ -136,7 +136,7 @@ class Model:
     (default: tokens != pad). sampler "greedy" | "sample" (temperature, top_k, top_p, best_of, seed) | "beam"
     (beam_size, length_penalty); see `vlm_jax.decode.Sampling`. Row r samples with fold_in(key(seed), first_row + r),
     so a long list decoded in batches (first_row: the batch's start) samples as if decoded in one.
-    eos_id / pad_id default to the tokenizer's, or without one to Gemma's (1 / 0): pass them for another family.
+    eos_id / pad_id default to the tokenizer's, else those kept from an imported HF config, else Gemma's (1 / 0).
     Prefixes are padded to a multiple of PREFIX_BUCKET tokens, so prompts of similar length share one compiled
     program.
     """
@@ -183,7 +183,10 @@ class Model:
     return (texts, [float(s) for s in np.asarray(out[1])]) if return_scores else texts
 
   def _special(self, name, default):
-    return getattr(self.tokenizer, name) if self.tokenizer is not None else default
+    if self.tokenizer is not None:
+      return getattr(self.tokenizer, name)
+    kept = getattr(self.config, name)  # from an imported HF config
+    return default if kept is None else kept
 
   def _require_tokenizer(self):
     if self.tokenizer is None:

@@ -17,7 +17,7 @@ from vlm_jax import fileutil, treeutil
 from vlm_jax.convert import safetensors_io
 from vlm_jax.models.gemma import GemmaConfig
 from vlm_jax.models.vit import ViTConfig
-from vlm_jax.models.vlm import VLMConfig
+from vlm_jax.models.vlm import VLMConfig, special_ids
 
 V = "vision_tower."
 T = "language_model."
@@ -85,7 +85,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> VLMConfig:
                   num_heads=v["num_attention_heads"], patch_size=v["patch_size"],
                   image_size=v.get("image_size", 224), layernorm_eps=v.get("layer_norm_eps", 1e-6),
                   pool="none", head_dim_out=width)
-  return VLMConfig(img=img, llm=llm, name=hf.get("_name_or_path", ""))
+  return VLMConfig(img=img, llm=llm, name=hf.get("_name_or_path", ""), **special_ids_from_hf(hf))
 
 
 def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> dict:
@@ -324,7 +324,7 @@ def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | N
 def _write_hf_files(out_dir, hf_config, config, params, tokenizer, dtype, max_shard_bytes):
   flat = {k: np.asarray(jax.device_get(v)) for k, v in treeutil.flatten(params["params"]).items()}
   write_weights(out_dir, params_to_hf(flat, config), dtype, max_shard_bytes)
-  write_config_and_tokenizer(out_dir, hf_config, tokenizer)
+  write_config_and_tokenizer(out_dir, hf_config, tokenizer, special_ids(config, tokenizer) or GEMMA_SPECIAL_IDS)
 
 
 def write_weights(out_dir: str, tensors: dict, dtype: str, max_shard_bytes: int):
@@ -355,15 +355,21 @@ def write_weights(out_dir: str, tensors: dict, dtype: str, max_shard_bytes: int)
 GEMMA_SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2}  # the defaults `generate_ids` uses without a tokenizer
 
 
-def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer, tokenizer_class: str = "GemmaTokenizer",
-                               default_special: dict = GEMMA_SPECIAL_IDS):
-  """config.json (special token ids in its text_config), generation_config.json and the SentencePiece files,
-  declared as the model family's `tokenizer_class`. A special token the SentencePiece model lacks (Llama's have
-  no pad: id -1) is left out; without a tokenizer, `default_special`'s ids are written."""
-  special = default_special
-  if tokenizer is not None:
-    special = {k: v for k, v in (("pad", tokenizer.pad_id), ("eos", tokenizer.eos_id), ("bos", tokenizer.bos_id))
-               if v >= 0}
+def special_ids_from_hf(hf_config: dict) -> dict:
+  """{"bos_id", "eos_id", "pad_id"} a HF config names (in text_config, else at the top; the first of a list)."""
+  out = {}
+  for name in ("bos", "eos", "pad"):
+    value = hf_config.get("text_config", {}).get(f"{name}_token_id", hf_config.get(f"{name}_token_id"))
+    value = value[0] if isinstance(value, list) and value else value
+    if isinstance(value, int):
+      out[f"{name}_id"] = value
+  return out
+
+
+def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer, special: dict,
+                               tokenizer_class: str = "GemmaTokenizer"):
+  """config.json (the `special` {"pad" / "eos" / "bos": id} in its text_config), generation_config.json and the
+  SentencePiece files, declared as the model family's `tokenizer_class`."""
   hf_config["text_config"].update({f"{k}_token_id": v for k, v in special.items()})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)

@@ -16,7 +16,7 @@ from vlm_jax.convert import hf, hf_llama
 from vlm_jax.models.adapters import AdapterConfig
 from vlm_jax.models.llama import LlamaConfig
 from vlm_jax.models.vit import ViTConfig
-from vlm_jax.models.vlm import VLMConfig, check_image_token_id
+from vlm_jax.models.vlm import VLMConfig, check_image_token_id, special_ids
 
 PROJ = "multi_modal_projector."
 
@@ -45,7 +45,7 @@ def config_from_hf(c: dict, source: str = "config.json") -> VLMConfig:
                   layernorm_eps=v.get("layer_norm_eps", 1e-6), pool="none", head_dim_out=None, final_norm=False)
   image_token = c.get("image_token_index", c.get("image_token_id"))
   return VLMConfig(img=img, llm=llm, name=c.get("_name_or_path", ""), adapter=AdapterConfig("mlp"), causal=True,
-                   image_token_id=image_token)
+                   image_token_id=image_token, **hf.special_ids_from_hf(c))
 
 
 def config_to_hf(cfg: VLMConfig, dtype: str = "float32", tokenizer=None) -> dict:
@@ -118,5 +118,5 @@ def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | N
   flat = {k: np.asarray(jax.device_get(v)) for k, v in treeutil.flatten(params["params"]).items()}
   with fileutil.atomic_dir(out_dir) as tmp:
     hf.write_weights(tmp, params_to_hf(flat, config), dtype, max_shard_bytes)
-    # Without a tokenizer no ids are written: transformers' Llama defaults (bos 1, eos 2) are Llama's own.
-    hf.write_config_and_tokenizer(tmp, hf_config, tokenizer, "LlamaTokenizer", default_special={})
+    # Without a tokenizer or ids kept from an import none are written: transformers' Llama defaults apply.
+    hf.write_config_and_tokenizer(tmp, hf_config, tokenizer, special_ids(config, tokenizer), "LlamaTokenizer")

@@ -99,8 +99,9 @@ def config_from_dict(d: dict, source: str = "config") -> VLMConfig:
   llm_type = d.get("llm_type", "gemma")
   if llm_type not in LLM_TYPES:
     raise ValueError(f"{source}: unknown llm_type {llm_type!r}; known: {sorted(LLM_TYPES)}.")
-  if unknown := sorted(set(d) - {"img", "llm", "name", "adapter", "causal", "image_token_id", "llm_type"}):
+  ids = ("image_token_id", "bos_id", "eos_id", "pad_id")
+  if unknown := sorted(set(d) - {"img", "llm", "name", "adapter", "causal", "llm_type", *ids}):
     raise ValueError(f"{source}: unknown keys {unknown}.")
   return VLMConfig(img=build(ViTConfig, d["img"], "img"), llm=build(LLM_TYPES[llm_type], d["llm"], "llm"),
                    name=d.get("name", ""), adapter=build(AdapterConfig, d.get("adapter", {}), "adapter"),
-                   causal=bool(d.get("causal", False)), image_token_id=d.get("image_token_id"))
+                   causal=bool(d.get("causal", False)), **{k: d.get(k) for k in ids})

@@ -40,6 +40,11 @@ class VLMConfig:
   # The vocabulary id transformers' LLaVA marks image positions with (it must lie inside the vocabulary): kept from
   # an imported checkpoint, needed to export one.
   image_token_id: int | None = None
+  # Special token ids kept from an imported HF config, for a model without a SentencePiece tokenizer (a LLaVA
+  # checkpoint with no tokenizer.model, or Qwen2's BPE): generate_ids and the HF export use them.
+  bos_id: int | None = None
+  eos_id: int | None = None
+  pad_id: int | None = None
 
   @property
   def llm_type(self) -> str:
@@ -48,6 +53,14 @@ class VLMConfig:
   @property
   def num_image_tokens(self) -> int:
     return self.adapter.num_tokens(self.img.num_patches)
+
+
+def special_ids(cfg: VLMConfig, tokenizer=None) -> dict:
+  """{"pad" / "eos" / "bos": id} of the tokenizer, else those the config kept; one a tokenizer lacks (id -1,
+  Llama's pad) or the config did not keep is left out."""
+  source = tokenizer if tokenizer is not None else cfg
+  ids = {k: getattr(source, f"{k}_id") for k in ("pad", "eos", "bos")}
+  return {k: v for k, v in ids.items() if v is not None and v >= 0}
 
 
 def check_image_token_id(cfg: VLMConfig, tokenizer=None, where: str = "config.image_token_id", hint: str = ""):
