@@ -88,8 +88,13 @@ def test_sampled_evaluation_does_not_depend_on_the_batch_size(model):
 
 
 def test_unknown_metric_is_rejected(model):
-  with pytest.raises(ValueError, match="Unknown metrics"):
+  with pytest.raises(ValueError, match=r"evaluator 'val': unknown metrics \['bleu'\]"):
     evaluate.evaluate(model.config, model.params, model.tokenizer, eval_cfg(metrics=["bleu"]))
+
+
+def test_generate_needs_at_least_one_new_token(model):
+  with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+    model.generate_ids(np.zeros((1, 28, 28, 3), np.uint8), np.array([[2, 5]]), max_new_tokens=0)
 
 
 def test_second_evaluation_compiles_nothing(model):
@@ -167,6 +172,11 @@ def test_cli_errors_are_clear(checkpoint, tmp_path):
   proc = run_tool("tools/eval.py", "--config", "configs/tiny_synthetic.py", "--checkpoint", checkpoint,
                   "--evals", "nope")
   assert proc.returncode == 2 and "unknown evaluators ['nope']" in proc.stderr
+  proc = run_tool("tools/eval.py", "--config", "configs/tiny_synthetic.py", "--checkpoint", checkpoint,
+                  "--out", str(tmp_path / "no" / "e.json"))
+  assert proc.returncode == 2 and f"there is no directory {tmp_path / 'no'}" in proc.stderr
+  proc = run_tool("tools/predict.py", "--checkpoint", checkpoint, "--image", "x.png", "--batch_size", "0")
+  assert proc.returncode == 2 and "argument --batch_size: must be >= 1, got 0" in proc.stderr
   for tool in ("tools/eval.py", "tools/predict.py"):
     proc = run_tool(tool, "--help")
     assert proc.returncode == 0 and "--checkpoint" in proc.stdout

@@ -132,11 +132,12 @@ def test_model_keys_that_would_be_ignored_are_refused(model, match):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("img", dict(variant="Ti/8", dpth=2), r"config.model.img: .*'dpth'"),
+    ("img", dict(variant="Ti/8", dpth=2), r"config.model.img.dpth: not a field of ViTConfig \(did you mean 'depth'"),
     ("img", dict(depth=2), "config.model.img needs a variant"),
-    ("adapter", dict(knd="mlp"), r"config.model.adapter: .*'knd'"),
-    ("llm", dict(variant="gemma_2b", widht=64), r"config.model.llm: .*'widht'"),
-    ("llm", dict(type="llama", widht=64), r"config.model.llm \(llama\): .*'widht'")])
+    ("adapter", dict(knd="mlp"), r"config.model.adapter.knd: not a field of AdapterConfig \(did you mean 'kind'"),
+    ("llm", dict(variant="gemma_2b", widht=64), r"config.model.llm.widht: not a field of GemmaConfig .*'width'"),
+    ("llm", dict(type="llama", widht=64), r"config.model.llm.widht: not a field of LlamaConfig .*'width'"),
+    ("llm", dict(type="llama", width=64), r"config.model.llm: .*missing .*required")])
 def test_a_misspelt_model_key_names_where_it_is(key, value, match):
   config = config_util.load_config("configs/tiny_synthetic.py")
   config.model[key] = value

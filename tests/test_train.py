@@ -1,6 +1,7 @@
 """The train loop: stage transitions, freezing, NaN handling, kill-and-resume, sharded = unsharded."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,20 @@ def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
   c.stages[0]["frozen"] = "img/.*"
   with pytest.raises(ValueError, match=r"optimizer state of the step 2 checkpoint .*\(another optim or frozen set"):
     train_lib.train(c, str(tmp_path), log=QUIET)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--config.evals[0].metrics=['exact_mach']", r"unknown metrics \['exact_mach'\]"),
+    ("--config.evals[0].sampler=beem", "Unknown sampler 'beem'"),
+    ("--config.evals[0].max_new_tokens=0", "max_new_tokens must be >= 1"),
+    ("--config.model.llm.widht=64", r"config.model.llm.widht: .*did you mean 'width'")])
+def test_train_cli_refuses_a_bad_config_before_training_or_writing(tmp_path, capsys, override, match):
+  """An evaluator or model key that cannot work fails at start-up (not after the stages), leaving no workdir."""
+  from tools import train as train_cli
+  workdir = tmp_path / "run"
+  assert train_cli.main(["--config", th.TINY, "--workdir", str(workdir), override]) != 0
+  assert re.search(match, capsys.readouterr().err)
+  assert not workdir.exists()
 
 
 def test_log_names_the_records_a_skip_bad_source_dropped(tmp_path):

@@ -78,6 +78,10 @@ def main(argv=None) -> int:
     config = config_util.load_with_overrides(args.config, overrides, ALLOWED_KEYS)
     check_config(config)
     evals = select_evals(normalize(config), args.evals)
+    out_path = args.out or default_out(args.checkpoint)
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if "://" not in out_path and not os.path.isdir(out_dir):  # found out before the evaluation, not after
+      raise FileNotFoundError(f"--out {out_path}: there is no directory {out_dir} to write it in.")
     import jax
     mesh = None
     if jax.device_count() > 1:  # params read straight into their shards: no device holds them all
@@ -91,7 +95,6 @@ def main(argv=None) -> int:
 
   from tqdm import tqdm
   from vlm_jax import evaluate
-  out_path = args.out or default_out(args.checkpoint)
   results = {}
   try:
     for eval_cfg in evals:

@@ -3,7 +3,7 @@ activation estimate for every stage, from abstract shapes only (no device, nothi
 even for PaliGemma 2 28B).
 
   python tools/memory_plan.py --config configs/paligemma_stages.py:model=paligemma2_28b_224 \\
-      --mesh data=1,fsdp=64,tensor=1 --device_memory 16G
+      --mesh data=1,fsdp=32,tensor=2 --device_memory 16G
   python tools/memory_plan.py --config configs/tiny_synthetic.py --mesh data=-1 --num_devices 8
   python tools/memory_plan.py --config ... --mesh fsdp=8 --config.grad_accum=4 --config.model.remat=full
 

@@ -21,16 +21,23 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 
+def positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
 def add_sampling_flags(parser):
   g = parser.add_argument_group("decoding (see vlm_jax.decode.Sampling)")
   g.add_argument("--sampler", default="greedy", choices=["greedy", "sample", "beam"],
                  help="greedy (default), sample (temperature / top-k / top-p / best-of) or beam search")
-  g.add_argument("--max_new_tokens", type=int, default=32, help="length limit of each answer (default 32)")
+  g.add_argument("--max_new_tokens", type=positive_int, default=32, help="length limit of each answer (default 32)")
   g.add_argument("--temperature", type=float, help="sampling temperature (sample; default 1.0)")
   g.add_argument("--top_k", type=int, default=0, help="sample only from the k most likely tokens (0: off)")
   g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-  g.add_argument("--best_of", type=int, default=1, help="draw N samples per prompt, keep the best-scoring")
-  g.add_argument("--beam_size", type=int, help="beams for --sampler beam (default 4)")
+  g.add_argument("--best_of", type=positive_int, default=1, help="draw N samples per prompt, keep the best-scoring")
+  g.add_argument("--beam_size", type=positive_int, help="beams for --sampler beam (default 4)")
   g.add_argument("--length_penalty", type=float, default=1.0,
                  help="scores are log-prob / length ** this (beam search and best-of; default 1.0)")
   g.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same output")
@@ -70,7 +77,7 @@ def main(argv=None) -> int:
   add_load_flags(parser)
   parser.add_argument("--image", required=True, help="image file (any size and mode PIL reads)")
   parser.add_argument("--prompt", action="append", help="a prompt (repeatable); default: read stdin, one per line")
-  parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (default 8)")
+  parser.add_argument("--batch_size", type=positive_int, default=8, help="prompts decoded together (default 8)")
   parser.add_argument("--json", action="store_true", help="print JSON lines {prompt, prediction, score}")
   add_sampling_flags(parser)
   args = parser.parse_args(argv)

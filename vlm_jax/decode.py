@@ -308,6 +308,8 @@ def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, 
   [B, max_new_tokens], positions after EOS filled with `pad_id`, and with return_scores also float32 [B] scores
   (see `Sampling`).
   """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
   # Each layer's weights and KV cache live in arrays of their own, split off once here: slicing them out of
   # stacked [depth, ...] arrays inside the loop would copy every weight and the whole cache at every step.
   cfg, params = per_layer(cfg, params)

@@ -44,6 +44,20 @@ def answers_of(example) -> list[str]:
   return list(example.get("answers") or [example["turns"][0][1]])
 
 
+def check_eval_config(eval_cfg):
+  """The mistakes an evaluator config can hold that need no data or model: raised before a run starts."""
+  name = eval_cfg.get("name", "eval")
+  if unknown := [m for m in eval_cfg.get("metrics", ["exact_match"]) if m not in KNOWN]:
+    raise ValueError(f"evaluator {name!r}: unknown metrics {unknown}; known: {KNOWN}.")
+  for key in ("batch_size", "max_new_tokens"):
+    if key in eval_cfg and int(eval_cfg[key]) < 1:
+      raise ValueError(f"evaluator {name!r}: {key} must be >= 1, got {eval_cfg[key]}.")
+  try:
+    sampling_of(eval_cfg)
+  except ValueError as e:
+    raise ValueError(f"evaluator {name!r}: {e}") from e
+
+
 def sampling_of(eval_cfg) -> tuple[decode_lib.Sampling, int]:
   kw = {k: eval_cfg[k] for k in SAMPLING_KEYS if k in eval_cfg and k not in ("sampler", "seed")}
   return decode_lib.Sampling.make(eval_cfg.get("sampler", "greedy"), **kw), int(eval_cfg.get("seed", 0))
@@ -75,9 +89,8 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
     n = min(n, int(eval_cfg.num_examples))
   if n == 0:
     raise ValueError(f"evaluator {eval_cfg.get('name', 'eval')!r}: its data has no examples.")
+  check_eval_config(eval_cfg)
   metric_names = list(eval_cfg.get("metrics", ["exact_match"]))
-  if unknown := [m for m in metric_names if m not in KNOWN]:
-    raise ValueError(f"Unknown metrics {unknown}; known: {KNOWN}.")
   decoded = [m for m in metric_names if m not in TEACHER_FORCED]
   batch_size = int(eval_cfg.get("batch_size", 32))
   size = model_cfg.img.image_size

@@ -149,12 +149,12 @@ def train(config, workdir: str, log=print) -> dict:
   is_main = jax.process_index() == 0
   log = log if is_main else (lambda *a, **k: None)
   workdir_path = epath.Path(workdir)
+  mesh = sharding.make_mesh(config.get("mesh"), dcn_mesh_cfg=config.get("dcn_mesh"))
+  tokenizer = make_tokenizer(config)
+  base_cfg = build_model_config(config.model, tokenizer)  # a bad model config leaves no workdir behind
   if is_main:
     workdir_path.mkdir(parents=True, exist_ok=True)
     (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
-  mesh = sharding.make_mesh(config.get("mesh"), dcn_mesh_cfg=config.get("dcn_mesh"))
-  tokenizer = make_tokenizer(config)
-  base_cfg = build_model_config(config.model, tokenizer)
   ckpts = checkpoint.TrainCheckpoints(str(workdir_path / checkpoint.TRAIN_CHECKPOINTS),
                                       keep=config.get("keep_checkpoints", 3))
   latest = ckpts.latest_step()

@@ -1,5 +1,6 @@
 """What a training config turns into before the loop: validated keys, tokenizer, model config, first params."""
 import dataclasses
+import difflib
 import os
 
 import jax
@@ -10,7 +11,7 @@ from vlm_jax import config_util, treeutil
 from vlm_jax.models.adapters import AdapterConfig
 from vlm_jax.models.gemma import gemma_config
 from vlm_jax.models.registry import get_model_config, with_overrides
-from vlm_jax.models.vit import resample_posemb, vit_config
+from vlm_jax.models.vit import ViTConfig, resample_posemb, vit_config
 from vlm_jax.models.vlm import LLM_TYPES, VLMConfig, check_image_token_id
 
 _SOURCE = {k: None for k in ("kind", "weight", "num_examples", "seed", "split", "image_size", "tasks",
@@ -43,6 +44,9 @@ def check_config(config):
   for i, stage in enumerate(config.stages):
     if missing := [k for k in REQUIRED_STAGE_KEYS if k not in stage]:
       raise ValueError(f"config.stages[{i}] is missing {missing}.")
+  from vlm_jax import evaluate  # a bad evaluator is reported now, not after hours of training
+  for eval_cfg in config.get("evals") or []:
+    evaluate.check_eval_config(eval_cfg)
 
 
 def normalize(config):
@@ -88,7 +92,7 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
     img_kw = {k: v for k, v in dict(model_cfg.img).items() if k != "init"}
     if "variant" not in img_kw:
       raise ValueError("config.model.img needs a variant (e.g. 'So400m/14', 'B/16', 'Ti/8').")
-    img = _construct("config.model.img", vit_config, img_kw.pop("variant"),
+    img = _construct("config.model.img", ViTConfig, img_kw.pop("variant"), make=vit_config,
                      head_dim_out=llm.width if adapter.kind == "linear" else None, **img_kw)
     cfg = VLMConfig(img=img, llm=llm, name="custom", adapter=adapter, causal=bool(model_cfg.get("causal", False)))
   elif model_cfg.get("init"):
@@ -133,15 +137,21 @@ def _llm_config(kw: dict, tokenizer):
   if variant:
     if kind != "gemma":
       raise ValueError(f"config.model.llm.variant is for Gemma; give a {kind} model's sizes instead.")
-    return _construct("config.model.llm", gemma_config, variant, **kw)
-  return _construct(f"config.model.llm ({kind})", LLM_TYPES[kind], **kw)
+    return _construct("config.model.llm", LLM_TYPES[kind], variant, make=gemma_config, **kw)
+  return _construct("config.model.llm", LLM_TYPES[kind], **kw)
 
 
-def _construct(where: str, make, *args, **kw):
-  """make(*args, **kw), a misspelt keyword reported as the config key it came from."""
+def _construct(where: str, cls, *args, make=None, **kw):
+  """(make or cls)(*args, **kw) for the config dataclass `cls`; a key it has no field for is reported as the
+  config key it came from, with the closest field."""
+  fields = [f.name for f in dataclasses.fields(cls)]
+  if unknown := [k for k in kw if k not in fields]:
+    hint = difflib.get_close_matches(unknown[0], fields, n=1)
+    raise ValueError(f"Unknown config key {where}.{unknown[0]}: not a field of {cls.__name__}"
+                     + (f" (did you mean {hint[0]!r}?)" if hint else "") + ".")
   try:
-    return make(*args, **kw)
-  except TypeError as e:
+    return (make or cls)(*args, **kw)
+  except TypeError as e:  # a required field left out
     raise ValueError(f"{where}: {e}") from e
 
 
