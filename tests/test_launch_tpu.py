@@ -79,6 +79,8 @@ def test_help_and_flag_errors():
                         (["--tpu", "t", "--zone", "z", "--config", "missing.py", "--workdir", "gs://b"],
                          "error: no config file missing.py"),
                         (ARGS + ["--seed=3"], "unrecognised argument '--seed=3'"),
+                        (ARGS + ["--config.mesh.fsdpp=32"], "Unknown config.mesh axes ['fsdpp']"),
+                        (ARGS + ["--config.stages[0].lrr=1"], "Unknown config key config.stages[0].lrr"),
                         (["--zone", "z"], "the following arguments are required")):
     p = run(*args)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)

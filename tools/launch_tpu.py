@@ -25,6 +25,8 @@ import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # the config is checked here with this checkout's package
+  sys.path.insert(0, REPO_ROOT)
 REMOTE_DIR = "vlm_jax"  # in each worker's home directory
 COPIED = ("setup.py", "requirements.txt", "vlm_jax", "configs", "tools")
 PIP_PACKAGES = ("jax[tpu]", "gcsfs")
@@ -94,11 +96,15 @@ def parse_args(argv):
   mode.add_argument("--dry_run", action="store_true", help="print the commands without running them (default)")
   mode.add_argument("--run", action="store_true", help="run the commands, stopping at the first failure")
   args, rest = parser.parse_known_args(argv)
-  for item in rest:
-    if not item.startswith("--config.") or "=" not in item:
-      parser.error(f"unrecognised argument {item!r} (overrides look like --config.KEY=VALUE)")
+  from vlm_jax import config_util
+  from vlm_jax.train_setup import ALLOWED_KEYS, check_config
+  pairs = config_util.override_pairs(parser, rest)
   if not os.path.isfile(args.config.partition(":")[0]):
     parser.error(f"no config file {args.config.partition(':')[0]}")
+  try:  # here, not on every worker after copying and installing
+    check_config(config_util.load_with_overrides(args.config, pairs, ALLOWED_KEYS))
+  except ValueError as e:
+    parser.error(str(e))
   return args, rest
 
 

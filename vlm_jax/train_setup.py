@@ -44,7 +44,10 @@ def check_config(config):
   for i, stage in enumerate(config.stages):
     if missing := [k for k in REQUIRED_STAGE_KEYS if k not in stage]:
       raise ValueError(f"config.stages[{i}] is missing {missing}.")
-  from vlm_jax import evaluate  # a bad evaluator is reported now, not after hours of training
+  from vlm_jax import evaluate, sharding  # a bad evaluator or mesh is reported now, not after hours of training
+  for key in ("mesh", "dcn_mesh"):
+    if unknown := sorted(set(config.get(key) or {}) - set(sharding.MESH_AXES)):
+      raise ValueError(f"Unknown config.{key} axes {unknown}; the axes are {list(sharding.MESH_AXES)}.")
   for eval_cfg in config.get("evals") or []:
     evaluate.check_eval_config(eval_cfg)
 
