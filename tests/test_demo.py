@@ -24,6 +24,14 @@ def test_demo_without_an_hf_export_still_round_trips_its_checkpoint(tmp_path):
   assert not (tmp_path / "demo" / "hf").exists()
 
 
-def test_demo_help():
-  out = subprocess.run([sys.executable, "tools/demo.py", "--help"], cwd=REPO, capture_output=True, text=True)
+def test_demo_help_and_usage_errors_before_any_work(tmp_path):
+  def demo(*args):
+    return subprocess.run([sys.executable, "tools/demo.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+  out = demo("--help")
   assert out.returncode == 0 and "--workdir" in out.stdout
+  out = demo("--workdir", str(tmp_path / "new"), "--config", "tinny")
+  assert out.returncode == 2 and "--config 'tinny' is not a model config; known:" in out.stderr
+  (tmp_path / "used" / "x").mkdir(parents=True)
+  out = demo("--workdir", str(tmp_path / "used"))
+  assert out.returncode == 2 and "exists and is not an empty directory" in out.stderr and "Traceback" not in out.stderr

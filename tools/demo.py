@@ -25,11 +25,15 @@ def main(argv=None) -> int:
                       "vlm_jax.models.registry.CONFIGS — the real ones need tens of GB)")
   parser.add_argument("--seed", type=int, default=0, help="init seed")
   args = parser.parse_args(argv)
+  from vlm_jax.models.registry import CONFIGS, get_model_config
+  if args.config not in CONFIGS:
+    parser.error(f"--config {args.config!r} is not a model config; known: {', '.join(sorted(CONFIGS))}")
+  if os.path.exists(args.workdir) and (not os.path.isdir(args.workdir) or os.listdir(args.workdir)):
+    parser.error(f"--workdir {args.workdir} exists and is not an empty directory; choose a new one")
 
   import numpy as np
   import vlm_jax
   from vlm_jax.api import Model
-  from vlm_jax.models.registry import get_model_config
   from vlm_jax.models.vlm import init_params
 
   t0 = time.time()
