@@ -41,6 +41,18 @@ def test_generate_accepts_pil_and_uint8_of_any_size_and_mode(model):
   assert a == b
 
 
+def test_generate_reads_image_files_and_names_a_bad_one(model, tmp_path):
+  rgb = np.random.RandomState(0).randint(0, 255, (40, 60, 3)).astype(np.uint8)
+  Image.fromarray(rgb).save(tmp_path / "a.png")
+  assert model.generate(str(tmp_path / "a.png"), "caption en", max_new_tokens=5) == \
+      model.generate(rgb[None], "caption en", max_new_tokens=5)
+  assert model.generate([tmp_path / "a.png"], "caption en", max_new_tokens=5) == \
+      model.generate(rgb[None], "caption en", max_new_tokens=5)
+  (tmp_path / "bad.png").write_bytes(b"not a png")
+  with pytest.raises(ValueError, match=r"cannot load image .*bad.png"):
+    model.generate([str(tmp_path / "bad.png")], "caption en")
+
+
 def test_generate_uses_the_same_prefix_as_generate_ids(model):
   tok = model.tokenizer
   images = np.zeros((1, 28, 28, 3), np.uint8)

@@ -1,5 +1,6 @@
 """`Model`: a config, its params and (optionally) a tokenizer, with jitted logits / generation / saving."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,11 @@ class Model:
   def _images(self, images, batch):
     if images is None:
       return None
+    if isinstance(images, (str, os.PathLike)):
+      images = [images]
+    if isinstance(images, (list, tuple)):  # image files are read here, with an error naming a bad one
+      from vlm_jax.data.llava_json import load_image
+      images = [load_image(x) if isinstance(x, (str, os.PathLike)) else x for x in images]
     if isinstance(images, (np.ndarray, jax.Array)) and np.asarray(images).dtype != np.uint8:
       images = _check_batch("images", images, 4, batch)
       if images.shape[1:] == (self.image_size, self.image_size, 3):
@@ -165,7 +171,7 @@ class Model:
     return (ids, scores) if return_scores else ids
 
   def generate(self, images, prompts, max_new_tokens: int = 32, return_scores: bool = False, **sampling):
-    """Decoded strings for a batch of images (arrays or PIL images, any size/mode) and prompts (and with
+    """Decoded strings for a batch of images (arrays, PIL images or file paths, any size/mode) and prompts (and with
     return_scores, their float scores); `sampling` takes generate_ids' options (sampler, temperature, top_k,
     top_p, best_of, beam_size, length_penalty, seed, logits_mask, first_row)."""
     tok = self._require_tokenizer()
