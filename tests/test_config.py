@@ -77,3 +77,11 @@ def test_override_may_add_a_key_the_schema_knows_but_not_a_typo():
     config_util.apply_override(c, "seed.x", "1", ALLOWED_KEYS)
   with pytest.raises(ValueError, match="Unknown config key config.optim.bb1"):
     config_util.apply_override(c, "optim.bb1", "1", ALLOWED_KEYS)
+
+
+def test_changes_lists_every_leaf_that_moved():
+  old = {"seed": 0, "stages": [{"steps": 3, "lr": 1e-3}], "model": {"dtype": "float32"}}
+  new = {"seed": 0, "stages": [{"steps": 6, "lr": 1e-3}], "model": {}, "evals": [1]}
+  assert config_util.changes(old, new) == ["evals: (unset) -> [1]", "model.dtype: 'float32' -> (unset)",
+                                           "stages[0].steps: 3 -> 6"]
+  assert config_util.changes(old, old) == []

@@ -91,9 +91,12 @@ def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
   c.stages[0]["steps"] = 3
   wider = ml_collections.ConfigDict(c.to_dict())
   wider.model.llm.width = 96
+  logged = []
   with pytest.raises(ValueError, match=r"(?s)step 2 checkpoint in .*new workdir\) does not fit the model:\n"
                                        r".*llm/final_norm/scale: expected shape \(96,\), found \(128,\)"):
-    train_lib.train(wider, str(tmp_path), log=QUIET)
+    train_lib.train(wider, str(tmp_path), log=lambda *a, **k: logged.append(" ".join(map(str, a))))
+  assert f"the config differs from the one {tmp_path} last ran with: model.llm.width: 128 -> 96; " \
+         "stages[0].steps: 2 -> 3" in logged
   c.stages[0]["frozen"] = "img/.*"
   with pytest.raises(ValueError, match=r"optimizer state of the step 2 checkpoint .*\(another optim or frozen set"):
     train_lib.train(c, str(tmp_path), log=QUIET)

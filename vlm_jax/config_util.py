@@ -110,6 +110,20 @@ def _parse_new(text: str):
     return text
 
 
+_UNSET = "(unset)"
+
+
+def changes(old, new, where: str = "") -> list[str]:
+  """"key: old -> new" for every leaf that differs between two JSON-like configs (dicts, lists, values)."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [c for k in sorted(set(old) | set(new), key=str)
+            for c in changes(old.get(k, _UNSET), new.get(k, _UNSET), f"{where}.{k}" if where else str(k))]
+  if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+    return [c for i, (a, b) in enumerate(zip(old, new)) for c in changes(a, b, f"{where}[{i}]")]
+  show = lambda value: value if value is _UNSET else repr(value)
+  return [] if old == new else [f"{where}: {show(old)} -> {show(new)}"]
+
+
 def check_keys(node, allowed: dict, where: str = "config"):
   """Rejects keys not in `allowed` (a dict key -> nested allowed dict, or None for a leaf of any content)."""
   for key in node.keys():

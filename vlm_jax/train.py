@@ -24,7 +24,7 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vlm_jax import checkpoint, evaluate, optim, sharding, treeutil
+from vlm_jax import checkpoint, config_util, evaluate, optim, sharding, treeutil
 from vlm_jax.data.pipeline import make_train_iterator, seek
 from vlm_jax.models.vit import resample_posemb
 from vlm_jax.models.vlm import model_for
@@ -154,7 +154,11 @@ def train(config, workdir: str, log=print) -> dict:
   base_cfg = build_model_config(config.model, tokenizer)  # a bad model config leaves no workdir behind
   if is_main:
     workdir_path.mkdir(parents=True, exist_ok=True)
-    (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    saved, text = workdir_path / "config.json", config.to_json_best_effort(indent=2)
+    if saved.exists() and (changed := config_util.changes(json.loads(saved.read_text()), json.loads(text))):
+      # A resumed run takes the new config from where it stopped (a finished stage is not re-run): say what moved.
+      log(f"the config differs from the one {workdir} last ran with: {'; '.join(changed)}")
+    saved.write_text(text)
   ckpts = checkpoint.TrainCheckpoints(str(workdir_path / checkpoint.TRAIN_CHECKPOINTS),
                                       keep=config.get("keep_checkpoints", 3))
   latest = ckpts.latest_step()
