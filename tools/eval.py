@@ -78,9 +78,10 @@ def main(argv=None) -> int:
     config = config_util.load_with_overrides(args.config, overrides, ALLOWED_KEYS)
     check_config(config)
     evals = select_evals(normalize(config), args.evals)
+    from vlm_jax import checkpoint
     out_path = args.out or default_out(args.checkpoint)
     out_dir = os.path.dirname(os.path.abspath(out_path))
-    if "://" not in out_path and not os.path.isdir(out_dir):  # found out before the evaluation, not after
+    if not checkpoint.is_remote(out_path) and not os.path.isdir(out_dir):  # known now, not after the evaluation
       raise FileNotFoundError(f"--out {out_path}: there is no directory {out_dir} to write it in.")
     import jax
     mesh = None
