@@ -8,7 +8,6 @@ import json
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -45,6 +44,11 @@ def model_dir(path: str) -> str:
     raise ValueError(f"{path} is a training workdir without an exported {EXPORTED_MODEL}/ (training has not "
                      "finished, or config.export_model is off): pass a model directory.")
   return exported
+
+
+def _stored_arrays(path) -> dict:
+  """{flat key: array metadata (shape, dtype)} of the params Orbax saved at `path`, read without the arrays."""
+  return treeutil.flatten(ocp.StandardCheckpointHandler().metadata(epath.Path(path)))
 
 
 def save_model(out_dir: str, config, params, tokenizer=None):
@@ -95,11 +99,9 @@ def load_model(path: str, config=None, mesh=None):
   path = str(path) if is_remote(path) else os.path.abspath(path)
   config = config or load_config(path)
   expected = jax.eval_shape(lambda: init_params(config))
+  found = _stored_arrays(os.path.join(path, "params"))
+  treeutil.check_shapes(treeutil.flatten(expected), found, f"checkpoint {path}")
   with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(os.path.join(path, "params"))
-    found = treeutil.flatten(getattr(meta, "item_metadata", meta) or {})
-    treeutil.check_shapes(treeutil.flatten(expected), {k: np.empty(v.shape, np.int8) for k, v in found.items()},
-                          f"checkpoint {path}")
     stored = treeutil.unflatten({k: v.dtype for k, v in found.items()})
     if mesh is None:
       where = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), expected)
@@ -144,8 +146,8 @@ class TrainCheckpoints:
     iterator in place unless it is None (grain keeps one iterator state per process, so a checkpoint saved
     by another number of processes has none for this one). Params of another model (the workdir holds a run
     of a different config) fail with every mis-shaped, missing or extra key named, before any array is read."""
-    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "params")
-    treeutil.check_shapes(treeutil.flatten(abstract_params), treeutil.flatten(meta),
+    treeutil.check_shapes(treeutil.flatten(abstract_params),
+                          _stored_arrays(epath.Path(self.directory) / str(step) / "params"),
                           f"the step {step} checkpoint in {self.directory} (a run of another model config: resume "
                           "with that config, or start this one in a new workdir)")
     args = {"params": ocp.args.StandardRestore(abstract_params),

@@ -214,9 +214,9 @@ def initial_params(config, model_cfg, log):
     params = treeutil.flatten(init_params(model_cfg, int(config.seed))["params"])
     if llm_init := dict(config.model.get("llm") or {}).get("init"):
       log(f"loading language-model weights from {llm_init}")
-      found = _text_checkpoint(llm_init, with_params=True)[1]
+      src_cfg, found = _text_checkpoint(llm_init, with_params=True)
       want = {k.removeprefix("llm/"): v for k, v in params.items() if k.startswith("llm/")}
-      vocab = (_text_checkpoint(llm_init)[0].vocab_size, model_cfg.llm.vocab_size)
+      vocab = (src_cfg.vocab_size, model_cfg.llm.vocab_size)
       found = {k: _grow_vocab(v, want.get(k), *vocab) for k, v in found.items()}
       treeutil.check_shapes(want, found, f"config.model.llm.init {llm_init}")
       params.update({f"llm/{k}": np.asarray(v, np.float32) for k, v in found.items()})
