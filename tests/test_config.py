@@ -48,6 +48,19 @@ def test_unknown_key_in_config_file():
     check_config(c)
 
 
+@pytest.mark.parametrize("key,sizes,match", [
+    ("mesh", {"fsdpp": 2}, r"Unknown config.mesh axes \['fsdpp'\]"),
+    ("mesh", {"data": 0}, r"config.mesh axis sizes must be positive or -1, got \{'data': 0\}"),
+    ("dcn_mesh", {"data": -1, "fsdp": -1}, r"Only one config.dcn_mesh axis may be -1")])
+def test_check_config_rejects_bad_mesh_before_devices(key, sizes, match):
+  """The mesh is checked with the config, not when the devices are laid out after the data loads."""
+  c = config_util.load_config(TINY)
+  with c.unlocked():
+    c[key] = sizes
+  with pytest.raises(ValueError, match=match):
+    check_config(c)
+
+
 def test_train_cli_rejects_unknown_key_cleanly(tmp_path):
   out = subprocess.run([sys.executable, "tools/train.py", "--config", "configs/tiny_synthetic.py",
                         "--workdir", str(tmp_path / "w"), "--config.learning_rate=1"], cwd=REPO,

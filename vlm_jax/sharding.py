@@ -82,18 +82,25 @@ LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab":
                    "layers": None, "batch": ("data", "fsdp")}
 
 
-def resolve_axes(sizes_cfg, num_devices: int, what: str = "mesh") -> dict:
-  """{axis: size} over `MESH_AXES` (missing axes are 1) whose product is `num_devices`; one axis may be -1 to
-  take the devices the others leave. Raises ValueError naming the sizes when they do not fit."""
+def check_axes(sizes_cfg, what: str = "mesh") -> dict:
+  """{axis: size} over `MESH_AXES` (missing axes are 1), checked without devices: known names, sizes positive
+  or -1, at most one -1. Raises ValueError naming `what` and the offending axes."""
   sizes = {k: int(v) for k, v in dict(sizes_cfg or {}).items()}
   if unknown := sorted(set(sizes) - set(MESH_AXES)):
     raise ValueError(f"Unknown {what} axes {unknown}; use {', '.join(MESH_AXES)}.")
   sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
   if bad := {a: s for a, s in sizes.items() if s == 0 or s < -1}:
     raise ValueError(f"{what} axis sizes must be positive or -1, got {bad}.")
-  fill = [a for a, s in sizes.items() if s == -1]
-  if len(fill) > 1:
+  if len(fill := [a for a, s in sizes.items() if s == -1]) > 1:
     raise ValueError(f"Only one {what} axis may be -1, got {fill}.")
+  return sizes
+
+
+def resolve_axes(sizes_cfg, num_devices: int, what: str = "mesh") -> dict:
+  """`check_axes`' sizes with the -1 axis filled, whose product is `num_devices`. Raises ValueError naming the
+  sizes when they do not fit."""
+  sizes = check_axes(sizes_cfg, what)
+  fill = [a for a, s in sizes.items() if s == -1]
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if fill:
     if num_devices % fixed:

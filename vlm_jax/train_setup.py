@@ -46,8 +46,7 @@ def check_config(config):
       raise ValueError(f"config.stages[{i}] is missing {missing}.")
   from vlm_jax import evaluate, sharding  # a bad evaluator or mesh is reported now, not after hours of training
   for key in ("mesh", "dcn_mesh"):
-    if unknown := sorted(set(config.get(key) or {}) - set(sharding.MESH_AXES)):
-      raise ValueError(f"Unknown config.{key} axes {unknown}; the axes are {list(sharding.MESH_AXES)}.")
+    sharding.check_axes(config.get(key), f"config.{key}")
   for eval_cfg in config.get("evals") or []:
     evaluate.check_eval_config(eval_cfg)
 
