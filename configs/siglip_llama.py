@@ -4,6 +4,8 @@
   python tools/train.py --config configs/siglip_llama.py:adapter=resampler --workdir runs/llama_rs
   python tools/train.py --workdir runs/llava --config \\
       configs/siglip_llama.py:tiny=False,llm=/ckpt/Llama-2-7b-hf,tokenizer=/ckpt/Llama-2-7b-hf/tokenizer.model,data=/data/llava.json,images=/data/images
+  python tools/train.py --workdir runs/llava3 --config \\
+      configs/siglip_llama.py:tiny=False,llm=/ckpt/Llama-3-8B,tokenizer=/ckpt/Llama-3-8B/tokenizer.json,data=/data/llava.json,images=/data/images
 
 tiny (default): the README main job's two-stage recipe on the shipped synthetic data, with a 3+3-layer
 LLaVA-shaped model trained from scratch (CPU, minutes), for 1800 + 300 steps instead of 1300 + 250: attending
@@ -14,7 +16,8 @@ the local HF Llama / Qwen2 directory `llm` (its config and weights), trained on 
 the adapter only (LLaVA's pre-training), stage 2 everything but the vision tower. For an export that
 transformers' LlavaForConditionalGeneration reads, give the model an image token the tokenizer never produces,
 growing Llama 2's vocabulary as llava-hf does (rounded up, so a tensor axis still splits it):
-`--config.model.llm.vocab_size=32064 --config.model.image_token_id=32000`.
+`--config.model.llm.vocab_size=32064 --config.model.image_token_id=32000` (Llama 3's tokenizer.json holds all
+of its 128256 ids: `--config.model.llm.vocab_size=128320 --config.model.image_token_id=128256`).
 """
 import os
 

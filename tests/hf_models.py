@@ -65,3 +65,39 @@ def train_tokenizer(out_dir: str, vocab_size: int = VOCAB, llama: bool = False) 
       **(dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True) if llama else
          dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, add_dummy_prefix=False, user_defined_symbols=loc)))
   return prefix + ".model"
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's pre-tokenizer split, as in its tokenizer.json
+
+
+def train_json_tokenizer(out_dir: str, vocab_size: int = 290, style: str = "llama3") -> str:
+  """A byte-level BPE tokenizer.json (+ tokenizer_config.json) shaped like Llama 3's (regex split, BOS added by
+  a template, special tokens after the merges) or, with style "qwen2", Qwen2's (NFC, no BOS, pad = eos)."""
+  import json
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  if style == "qwen2":
+    tok.normalizer = normalizers.NFC()
+  words = ["a", "red", "blue", "green", "circle", "square", "caption", "en", "what", "colour", "is", "the", "café",
+           "naïve", "12", "345", "日本"]
+  rs = np.random.RandomState(0)
+  lines = [" ".join(rs.choice(words, 8)) for _ in range(500)]
+  tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  if style == "qwen2":
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    config = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+  else:
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    config = {"bos_token": bos, "eos_token": {"__type": "AddedToken", "content": "<|end_of_text|>", "special": True}}
+  os.makedirs(out_dir, exist_ok=True)
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **config}, f)
+  return os.path.join(out_dir, "tokenizer.json")

@@ -9,18 +9,18 @@ import vlm_jax
 from vlm_jax.api import Model
 from vlm_jax.models.registry import get_model_config
 from vlm_jax.models.vlm import init_params
-from vlm_jax.tokenizer import Tokenizer
+from vlm_jax.tokenizer import SentencePieceTokenizer
 from tests.test_model import randomize
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer_file):
   cfg = get_model_config("tiny")
-  return Model(cfg, randomize(init_params(cfg), seed=4), Tokenizer(tokenizer_file))
+  return Model(cfg, randomize(init_params(cfg), seed=4), SentencePieceTokenizer(tokenizer_file))
 
 
 def test_loc_tokens_are_single_ids(tokenizer_file):
-  tok = Tokenizer(tokenizer_file)
+  tok = SentencePieceTokenizer(tokenizer_file)
   answer = "<loc0064><loc0128><loc0512><loc0960> circle"
   ids = tok.encode(answer)
   assert [tok.sp.IdToPiece(i) for i in ids[:4]] == ["<loc0064>", "<loc0128>", "<loc0512>", "<loc0960>"]

@@ -126,6 +126,36 @@ def test_llava_export_carries_a_llama_tokenizer_transformers_reads(llava_dir, tm
   assert vlm_jax.load(str(tmp_path / "out")).tokenizer.encode(text) == model.tokenizer.encode(text)
 
 
+def test_a_llama3_tokenizer_json_is_loaded_kept_and_exported(llava_dir, pixels, tmp_path):
+  """A LLaVA directory with a Llama 3-style tokenizer.json (no tokenizer.model): vlm_jax.load reads it (ids from
+  its tokenizer_config.json), generate decodes text with it, and both the vlm_jax checkpoint and the HF export
+  carry it, the export as a tokenizer transformers reads with the same ids."""
+  import shutil
+  from transformers import AutoTokenizer
+  from tests.hf_models import train_json_tokenizer
+  path, _ = llava_dir
+  src = tmp_path / "src"
+  shutil.copytree(path, src)
+  train_json_tokenizer(str(src), VOCAB - 10)
+  model = vlm_jax.load(str(src))
+  tok = model.tokenizer
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (VOCAB - 10, VOCAB - 9, -1)
+  prefix = np.array([tok.encode_prefix("what colour")])
+  ids = np.asarray(model.generate_ids(pixels[:1], prefix, max_new_tokens=6))[0]
+  assert model.generate(pixels[:1], "what colour", max_new_tokens=6) == [tok.decode(ids)]
+  model.save(str(tmp_path / "ckpt"))
+  again = vlm_jax.load(str(tmp_path / "ckpt")).tokenizer
+  assert (again.bos_id, again.eos_id) == (tok.bos_id, tok.eos_id) and again.encode("café 12") == tok.encode("café 12")
+  model.save_hf(str(tmp_path / "out"))
+  with open(tmp_path / "out" / "config.json") as f:
+    text_config = json.load(f)["text_config"]
+  assert (text_config["bos_token_id"], text_config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+  hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+  assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
+  for text in ("what colour is the circle", " a  red café"):
+    assert hf_tok(text)["input_ids"] == [tok.bos_id] + tok.encode(text)
+
+
 def test_the_llava_config_with_an_image_token_id_exports_to_transformers(tmp_path):
   """configs/siglip_llama.py with model.image_token_id (the vocabulary one above the tokenizer's) builds a model
   that `save_hf` writes and transformers' LLaVA reads with the same logits; an id the tokenizer can produce, or

@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlm_jax.data.llava_json import DataError, LlavaJsonSource, load_image
 from vlm_jax.data.text import tokenize_turns
-from vlm_jax.tokenizer import Tokenizer
+from vlm_jax.tokenizer import SentencePieceTokenizer
 
 GOOD = [
     {"id": "two_turns", "image": "a/red.png", "conversations": [
@@ -74,7 +74,7 @@ def test_json_list_records_to_turns(tmp_path, image_dir):
 
 
 def test_masks_from_turns(tmp_path, image_dir, tokenizer_file):
-  tok = Tokenizer(tokenizer_file)
+  tok = SentencePieceTokenizer(tokenizer_file)
   source = LlavaJsonSource(write_jsonl(tmp_path / "data.jsonl", GOOD), image_dir)
   turns = source[0]["turns"]
   (p1, a1), (p2, a2) = turns

@@ -6,12 +6,12 @@ import pytest
 from PIL import Image
 
 from vlm_jax.data.pipeline import make_train_iterator
-from vlm_jax.tokenizer import Tokenizer
+from vlm_jax.tokenizer import SentencePieceTokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_file):
-  return Tokenizer(tokenizer_file)
+  return SentencePieceTokenizer(tokenizer_file)
 
 
 @pytest.fixture

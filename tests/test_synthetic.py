@@ -203,8 +203,8 @@ def test_tokenizer_cache_and_determinism(tok_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("VLM_JAX_CACHE", str(tmp_path / "env_cache"))
   fresh = synthetic_tokenizer()
   assert os.path.dirname(fresh.path) == str(tmp_path / "env_cache")
-  assert fresh.model_bytes() == data
+  assert fresh.files() == {"tokenizer.model": data}
   # A corrupt cached file is replaced, not trusted.
   with open(fresh.path, "wb") as f:
     f.write(b"not a model")
-  assert synthetic_tokenizer().model_bytes() == data
+  assert synthetic_tokenizer().files() == {"tokenizer.model": data}

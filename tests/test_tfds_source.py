@@ -7,7 +7,7 @@ from PIL import Image
 
 from vlm_jax.data.pipeline import make_train_iterator
 from vlm_jax.data.tfds_source import TfdsSource
-from vlm_jax.tokenizer import Tokenizer
+from vlm_jax.tokenizer import SentencePieceTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_records_map_onto_turns(data_dir):
 
 def test_literal_prompt_and_pipeline(data_dir, tokenizer_file):
   cfg = dict(kind="tfds", name="tiny_vqa", data_dir=data_dir, fields=dict(FIELDS, prompt="=caption en"))
-  it, _ = make_train_iterator(cfg, Tokenizer(tokenizer_file), 16, 16, 2, seed=0)
+  it, _ = make_train_iterator(cfg, SentencePieceTokenizer(tokenizer_file), 16, 16, 2, seed=0)
   batch = next(it)
   assert batch["image"].shape == (2, 16, 16, 3) and batch["mask_loss"].sum() > 0
 

@@ -51,8 +51,8 @@ def sampling_kwargs(args) -> dict:
 def add_load_flags(parser):
   parser.add_argument("--checkpoint", required=True, help="model directory, HF directory, .npz or training workdir")
   parser.add_argument("--model_config", help="model config name for a big_vision .npz (e.g. paligemma_3b_224)")
-  parser.add_argument("--tokenizer", help="SentencePiece model, if the checkpoint has none ('synthetic' for the "
-                      "tokenizer of the shipped synthetic data)")
+  parser.add_argument("--tokenizer", help="SentencePiece model or HF tokenizer.json, if the checkpoint has none "
+                      "('synthetic' for the tokenizer of the shipped synthetic data)")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
 
 
@@ -67,7 +67,7 @@ def load_model(args, default_tokenizer=None, mesh=None):
   if model.tokenizer is None and default_tokenizer is not None:
     model.tokenizer = default_tokenizer()
   if model.tokenizer is None:
-    raise ValueError(f"{args.checkpoint} has no tokenizer.model: pass --tokenizer PATH.")
+    raise ValueError(f"{args.checkpoint} has no tokenizer (tokenizer.model or tokenizer.json): pass --tokenizer.")
   return model
 
 

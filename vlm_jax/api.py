@@ -196,11 +196,11 @@ class Model:
 
   def _require_tokenizer(self):
     if self.tokenizer is None:
-      raise ValueError("This model has no tokenizer: load one with a tokenizer.model, or use generate_ids.")
+      raise ValueError("This model has no tokenizer: load one with a tokenizer.model or tokenizer.json, or use generate_ids.")
     return self.tokenizer
 
   def save(self, out_dir: str):
-    """A vlm_jax checkpoint directory (config JSON, Orbax params, tokenizer model if any)."""
+    """A vlm_jax checkpoint directory (config JSON, Orbax params, tokenizer files if any)."""
     from vlm_jax import checkpoint
     checkpoint.save_model(out_dir, self.config, self.params, self.tokenizer)
 

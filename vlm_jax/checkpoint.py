@@ -1,4 +1,4 @@
-"""vlm_jax model checkpoints (`vlm_config.json` + Orbax `params/` + `tokenizer.model`) and training checkpoints.
+"""vlm_jax model checkpoints (`vlm_config.json` + Orbax `params/` + the tokenizer's files) and training checkpoints.
 
 Both work across hosts: in a multi-process run every process calls the same save / restore, Orbax writes and
 reads each process's shards of the global arrays, and files that are not arrays come from process 0. Paths
@@ -15,7 +15,6 @@ from vlm_jax import fileutil, treeutil
 from vlm_jax.models.registry import config_from_dict, config_to_dict
 
 CONFIG_FILE = "vlm_config.json"
-TOKENIZER_FILE = "tokenizer.model"
 # Inside a training workdir: the training checkpoints and the model exported when training ends.
 TRAIN_CHECKPOINTS, EXPORTED_MODEL = "checkpoints", "model"
 
@@ -62,9 +61,9 @@ def save_model(out_dir: str, config, params, tokenizer=None):
   with fileutil.atomic_dir(out_dir) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config_to_dict(config), f, indent=2)
-    if tokenizer is not None:
-      with open(os.path.join(tmp, TOKENIZER_FILE), "wb") as f:
-        f.write(tokenizer.model_bytes())
+    for name, data in (tokenizer.files() if tokenizer is not None else {}).items():
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(data)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "params"), params)
       ckptr.wait_until_finished()
@@ -77,8 +76,8 @@ def _save_model_shared(path, config, params, tokenizer):
     ckptr.save(path / "params", params, force=True)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    if tokenizer is not None:
-      (path / TOKENIZER_FILE).write_bytes(tokenizer.model_bytes())
+    for name, data in (tokenizer.files() if tokenizer is not None else {}).items():
+      (path / name).write_bytes(data)
     (path / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -95,7 +94,7 @@ def load_model(path: str, config=None, mesh=None):
   whatever mesh they were saved from: on this process's first device, or read straight into their shards on
   `mesh` (by `sharding.param_shardings`), so that no device ever holds all of them."""
   from vlm_jax.models.vlm import init_params
-  from vlm_jax.tokenizer import Tokenizer
+  from vlm_jax import tokenizer
   path = str(path) if is_remote(path) else os.path.abspath(path)
   config = config or load_config(path)
   expected = jax.eval_shape(lambda: init_params(config))
@@ -111,8 +110,7 @@ def load_model(path: str, config=None, mesh=None):
     target = jax.tree.map(lambda x, d, sh: jax.ShapeDtypeStruct(x.shape, d, sharding=sh), expected, stored,
                           where)
     params = ckptr.restore(os.path.join(path, "params"), target)
-  tok_file = os.path.join(path, TOKENIZER_FILE)
-  return config, params, Tokenizer(tok_file) if epath.Path(tok_file).is_file() else None
+  return config, params, tokenizer.from_dir(path)
 
 
 class TrainCheckpoints:

@@ -61,13 +61,14 @@ def normalize(config):
 
 
 def make_tokenizer(config):
-  """`config.tokenizer`: a SentencePiece model path, or "synthetic" for the small one the package trains."""
-  from vlm_jax.tokenizer import Tokenizer
+  """`config.tokenizer`: a SentencePiece model, a HF tokenizer.json (its tokenizer_config.json beside it names
+  the special tokens), or "synthetic" for the small SentencePiece model the package trains."""
+  from vlm_jax import tokenizer
   spec = config.get("tokenizer", "synthetic")
   if spec == "synthetic":
     from vlm_jax.data.synthetic import synthetic_tokenizer
     return synthetic_tokenizer()
-  return Tokenizer(spec)
+  return tokenizer.load(spec)
 
 
 def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:

@@ -18,6 +18,7 @@ from vlm_jax.convert import safetensors_io
 from vlm_jax.models.gemma import GemmaConfig
 from vlm_jax.models.vit import ViTConfig
 from vlm_jax.models.vlm import VLMConfig, special_ids
+from vlm_jax.tokenizer import JSONTokenizer
 
 V = "vision_tower."
 T = "language_model."
@@ -293,7 +294,7 @@ def read_tensors(path: str) -> dict:
 def load(path: str, config: VLMConfig | None = None):
   """(config, params, tokenizer-or-None) from a HF PaliGemma directory; shapes checked key by key."""
   from vlm_jax.models.vlm import init_params
-  from vlm_jax.tokenizer import Tokenizer
+  from vlm_jax import tokenizer
   config = config or read_config(path)
   sd = read_tensors(path)
   template = treeutil.flatten(jax.eval_shape(lambda: init_params(config))["params"])
@@ -305,8 +306,7 @@ def load(path: str, config: VLMConfig | None = None):
   treeutil.check_shapes(expected_hf, sd, f"HF checkpoint {path}")
   flat = params_from_hf(sd, config)
   params = {k: np.asarray(v, template[k].dtype) for k, v in flat.items()}
-  tok_file = os.path.join(path, "tokenizer.model")
-  return config, {"params": treeutil.unflatten(params)}, Tokenizer(tok_file) if os.path.isfile(tok_file) else None
+  return config, {"params": treeutil.unflatten(params)}, tokenizer.from_dir(path)
 
 
 def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | None = None,
@@ -369,15 +369,21 @@ def special_ids_from_hf(hf_config: dict) -> dict:
 def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer, special: dict,
                                tokenizer_class: str = "GemmaTokenizer"):
   """config.json (the `special` {"pad" / "eos" / "bos": id} in its text_config), generation_config.json and the
-  SentencePiece files, declared as the model family's `tokenizer_class`."""
+  tokenizer's files: a SentencePiece model declared as the model family's `tokenizer_class`, a tokenizer.json
+  as transformers' generic fast tokenizer."""
   hf_config["text_config"].update({f"{k}_token_id": v for k, v in special.items()})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
     json.dump({f"{k}_token_id": v for k, v in special.items()}, f, indent=2)
-  if tokenizer is not None:
-    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:  # its source may be remote
-      f.write(tokenizer.model_bytes())
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-      json.dump({"tokenizer_class": tokenizer_class, "add_bos_token": True, "add_eos_token": False,
-                 **{f"{k}_token": tokenizer.sp.IdToPiece(v) for k, v in special.items()}}, f, indent=2)
+  if tokenizer is None:
+    return
+  for name, data in tokenizer.files().items():
+    with open(os.path.join(out_dir, name), "wb") as f:  # its source may be remote
+      f.write(data)
+  if isinstance(tokenizer, JSONTokenizer):  # BOS / EOS insertion is the tokenizer.json's post-processor's
+    declared = {"tokenizer_class": "PreTrainedTokenizerFast"}
+  else:
+    declared = {"tokenizer_class": tokenizer_class, "add_bos_token": True, "add_eos_token": False}
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump({**declared, **{f"{k}_token": tokenizer.piece(v) for k, v in special.items()}}, f, indent=2)

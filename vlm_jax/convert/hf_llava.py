@@ -94,7 +94,7 @@ def params_to_hf(flat: dict, cfg: VLMConfig) -> dict:
 def load(path: str, config: VLMConfig | None = None):
   """(config, params, tokenizer-or-None) from a HF LLaVA directory; every tensor's shape checked by name."""
   from vlm_jax.models.vlm import init_params
-  from vlm_jax.tokenizer import Tokenizer
+  from vlm_jax import tokenizer
   file = os.path.join(path, "config.json")
   config = config or config_from_hf(fileutil.read_json(file), source=file)
   sd = hf.read_tensors(path)
@@ -106,8 +106,7 @@ def load(path: str, config: VLMConfig | None = None):
                         f"HF checkpoint {path}")
   flat = params_from_hf(sd, config, f"HF checkpoint {path}")
   params = {k: np.asarray(v, template[k].dtype) for k, v in flat.items()}
-  tok_file = os.path.join(path, "tokenizer.model")
-  return config, {"params": treeutil.unflatten(params)}, Tokenizer(tok_file) if os.path.isfile(tok_file) else None
+  return config, {"params": treeutil.unflatten(params)}, tokenizer.from_dir(path)
 
 
 def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | None = None,

@@ -202,12 +202,12 @@ def _train_tokenizer_bytes() -> bytes:
 def synthetic_tokenizer(cache_dir: str | None = None):
   """The SentencePiece tokenizer for this dataset (Gemma's special ids, every <locNNNN> and <segNNN> piece).
   Trained on first use (about a second) and cached in `cache_dir`, $VLM_JAX_CACHE or ~/.cache/vlm_jax."""
-  from vlm_jax.tokenizer import Tokenizer
+  from vlm_jax.tokenizer import SentencePieceTokenizer
   cache_dir = cache_dir or os.environ.get("VLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlm_jax")
   path = os.path.join(cache_dir, f"synthetic_tokenizer_{TOKENIZER_VERSION}.model")
   if os.path.isfile(path):
     try:
-      return Tokenizer(path)
+      return SentencePieceTokenizer(path)
     except ValueError:
       pass  # unreadable (e.g. written by hand): train again and replace it
   os.makedirs(cache_dir, exist_ok=True)
@@ -225,4 +225,4 @@ def synthetic_tokenizer(cache_dir: str | None = None):
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-  return Tokenizer(path)
+  return SentencePieceTokenizer(path)

@@ -40,8 +40,8 @@ class VLMConfig:
   # The vocabulary id transformers' LLaVA marks image positions with (it must lie inside the vocabulary): kept from
   # an imported checkpoint, needed to export one.
   image_token_id: int | None = None
-  # Special token ids kept from an imported HF config, for a model without a SentencePiece tokenizer (a LLaVA
-  # checkpoint with no tokenizer.model, or Qwen2's BPE): generate_ids and the HF export use them.
+  # Special token ids kept from an imported HF config, for a model loaded without tokenizer files (a LLaVA
+  # checkpoint of weights only): generate_ids and the HF export use them.
   bos_id: int | None = None
   eos_id: int | None = None
   pad_id: int | None = None
