@@ -57,19 +57,6 @@ def default_out(path: str) -> str:
   return os.path.join(path if checkpoint.is_workdir(path) else os.path.dirname(path), "eval_results.json")
 
 
-def write_results(results: dict, out_path: str):
-  """Never a half-written file: a local one is renamed into place; an object store writes whole objects."""
-  from vlm_jax import checkpoint
-  text = json.dumps(results, indent=1)
-  if checkpoint.is_remote(out_path):
-    from etils import epath
-    epath.Path(out_path).write_text(text)
-    return
-  with open(out_path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(out_path + ".tmp", out_path)
-
-
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   from vlm_jax import config_util
@@ -78,10 +65,10 @@ def main(argv=None) -> int:
     config = config_util.load_with_overrides(args.config, overrides, ALLOWED_KEYS)
     check_config(config)
     evals = select_evals(normalize(config), args.evals)
-    from vlm_jax import checkpoint
+    from vlm_jax import fileutil
     out_path = args.out or default_out(args.checkpoint)
     out_dir = os.path.dirname(os.path.abspath(out_path))
-    if not checkpoint.is_remote(out_path) and not os.path.isdir(out_dir):  # known now, not after the evaluation
+    if not fileutil.is_remote(out_path) and not os.path.isdir(out_dir):  # known now, not after the evaluation
       raise FileNotFoundError(f"--out {out_path}: there is no directory {out_dir} to write it in.")
     import jax
     mesh = None
@@ -111,7 +98,7 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  write_results(results, out_path)
+  fileutil.write_file(out_path, json.dumps(results, indent=1))
   print(f"wrote {out_path}")
   return 0
 

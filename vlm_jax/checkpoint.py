@@ -12,15 +12,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vlm_jax import fileutil, treeutil
+from vlm_jax.fileutil import is_remote
 from vlm_jax.models.registry import config_from_dict, config_to_dict
 
 CONFIG_FILE = "vlm_config.json"
 # Inside a training workdir: the training checkpoints and the model exported when training ends.
 TRAIN_CHECKPOINTS, EXPORTED_MODEL = "checkpoints", "model"
-
-
-def is_remote(path: str) -> bool:
-  return "://" in str(path)
 
 
 def is_model_dir(path: str) -> bool:

@@ -1,4 +1,4 @@
-"""File helpers every writer and reader shares: JSON with errors naming the file, atomic directories."""
+"""File helpers every writer and reader shares: JSON with errors naming the file, atomic files and directories."""
 import contextlib
 import json
 import os
@@ -6,6 +6,30 @@ import shutil
 import tempfile
 
 from etils import epath
+
+
+def is_remote(path) -> bool:
+  """An object-store path (gs://..., read and written through etils.epath)."""
+  return "://" in str(path)
+
+
+def write_file(path, data: str | bytes):
+  """Writes `data` whole or not at all: a local file goes to a sibling that is renamed over `path` once synced (a
+  crash leaves the previous contents, or nothing); an object store only ever shows whole objects."""
+  if is_remote(path):
+    (epath.Path(path).write_bytes if isinstance(data, bytes) else epath.Path(path).write_text)(data)
+    return
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def read_json(file: str):

@@ -4,6 +4,8 @@ import math
 
 from etils import epath
 
+from vlm_jax import fileutil
+
 
 class MetricsLog:
   """Appends to workdir/metrics.jsonl; a resumed run drops records past its restored step first. The workdir
@@ -12,11 +14,11 @@ class MetricsLog:
   def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.enabled = enabled
-    self._local = "://" not in str(workdir)
+    self._local = not fileutil.is_remote(workdir)
     if enabled and self.path.exists():
       kept = [line + "\n" for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      self.path.write_text("".join(kept))
+      fileutil.write_file(self.path, "".join(kept))  # a crash here must not lose the kept records
 
   def write(self, record: dict):
     if not self.enabled:
@@ -27,7 +29,7 @@ class MetricsLog:
       with self.path.open("a") as f:
         f.write(line)
     else:
-      self.path.write_text((self.path.read_text() if self.path.exists() else "") + line)
+      fileutil.write_file(self.path, (self.path.read_text() if self.path.exists() else "") + line)
 
   def records(self) -> list[dict]:
     if not self.path.exists():

@@ -12,6 +12,7 @@ them from all processes; metrics.jsonl, loss.png, config.json and eval.json come
 may resume on another mesh or number of processes.
 """
 import dataclasses
+import io
 import json
 import signal
 import time
@@ -24,7 +25,7 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vlm_jax import checkpoint, config_util, evaluate, optim, sharding, treeutil
+from vlm_jax import checkpoint, config_util, evaluate, fileutil, optim, sharding, treeutil
 from vlm_jax.data.pipeline import make_train_iterator, seek
 from vlm_jax.models.vit import resample_posemb
 from vlm_jax.models.vlm import model_for
@@ -158,7 +159,7 @@ def train(config, workdir: str, log=print) -> dict:
     if saved.exists() and (changed := config_util.changes(json.loads(saved.read_text()), json.loads(text))):
       # A resumed run takes the new config from where it stopped (a finished stage is not re-run): say what moved.
       log(f"the config differs from the one {workdir} last ran with: {'; '.join(changed)}")
-    saved.write_text(text)
+    fileutil.write_file(saved, text)
   ckpts = checkpoint.TrainCheckpoints(str(workdir_path / checkpoint.TRAIN_CHECKPOINTS),
                                       keep=config.get("keep_checkpoints", 3))
   latest = ckpts.latest_step()
@@ -203,8 +204,9 @@ def train(config, workdir: str, log=print) -> dict:
     ckpts.wait()
     results = _final_eval(config, base_cfg, params, tokenizer, mesh, workdir_path, metrics_log, global_step, log)
     if is_main and (records := metrics_log.records()):
-      with (workdir_path / "loss.png").open("wb") as f:
-        plot(records, f)
+      png = io.BytesIO()
+      plot(records, png)
+      fileutil.write_file(workdir_path / "loss.png", png.getvalue())
     export_dir = workdir_path / checkpoint.EXPORTED_MODEL
     if config.get("export_model", True) and not checkpoint.is_model_dir(export_dir):
       final_cfg = model_for_stage(base_cfg, config.stages[-1])
@@ -389,6 +391,6 @@ def _final_eval(config, base_cfg, params, tokenizer, mesh, workdir_path, metrics
     return {}
   out = {r["name"]: r for r in results}
   metrics_log.write(_eval_record(results, step, len(config.stages) - 1))
-  (workdir_path / "eval.json").write_text(json.dumps(out, indent=1))
+  fileutil.write_file(workdir_path / "eval.json", json.dumps(out, indent=1))
   log(f"wrote {workdir_path / 'eval.json'}")
   return out

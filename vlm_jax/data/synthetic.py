@@ -15,9 +15,10 @@ Tasks (prompt -> answer):
 """
 import io
 import os
-import tempfile
 
 import numpy as np
+
+from vlm_jax import fileutil
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -211,18 +212,7 @@ def synthetic_tokenizer(cache_dir: str | None = None):
     except ValueError:
       pass  # unreadable (e.g. written by hand): train again and replace it
   os.makedirs(cache_dir, exist_ok=True)
-  data = _train_tokenizer_bytes()
-  # Written to a temporary file beside the target and renamed: a crash or a concurrent process never sees a
-  # half-written model (concurrent trainings write identical bytes, so the last rename wins harmlessly).
-  fd, tmp = tempfile.mkstemp(prefix=".synthetic_tokenizer_", suffix=".tmp", dir=cache_dir)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  # A crash or a concurrent process never sees a half-written model (concurrent trainings write identical
+  # bytes, so the last rename wins harmlessly).
+  fileutil.write_file(path, _train_tokenizer_bytes())
   return SentencePieceTokenizer(path)

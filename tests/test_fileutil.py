@@ -1,0 +1,38 @@
+"""Atomic writes: a failed write leaves the previous file, whole, and no temporary behind."""
+import os
+
+import pytest
+
+from vlm_jax import fileutil
+from vlm_jax.run_log import MetricsLog
+
+
+def crash(*args):
+  raise OSError("killed")
+
+
+@pytest.mark.parametrize("data", ["text\n", b"\x89PNG bytes"])
+def test_write_file_is_whole_or_nothing(tmp_path, monkeypatch, data):
+  target = tmp_path / "eval.json"
+  fileutil.write_file(target, data)
+  assert (target.read_bytes() if isinstance(data, bytes) else target.read_text()) == data
+  monkeypatch.setattr(os, "replace", crash)
+  with pytest.raises(OSError, match="killed"):
+    fileutil.write_file(target, data * 3)
+  assert (target.read_bytes() if isinstance(data, bytes) else target.read_text()) == data
+  assert os.listdir(tmp_path) == ["eval.json"]
+
+
+def test_resumed_metrics_log_keeps_its_records_if_the_rewrite_fails(tmp_path, monkeypatch):
+  """A resumed run rewrites metrics.jsonl without the records past its checkpoint; a crash in that rewrite
+  must not lose the records before it."""
+  log = MetricsLog(str(tmp_path))
+  for step in (1, 2, 3):
+    log.write({"step": step, "loss": 1.0 / step})
+  before = (tmp_path / "metrics.jsonl").read_text()
+  monkeypatch.setattr(os, "replace", crash)
+  with pytest.raises(OSError):
+    MetricsLog(str(tmp_path), resume_step=2)
+  assert (tmp_path / "metrics.jsonl").read_text() == before
+  monkeypatch.undo()
+  assert [r["step"] for r in MetricsLog(str(tmp_path), resume_step=2).records()] == [1, 2]
