@@ -73,7 +73,9 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 def train_json_tokenizer(out_dir: str, vocab_size: int = 290, style: str = "llama3") -> str:
   """A byte-level BPE tokenizer.json (+ tokenizer_config.json) shaped like Llama 3's (regex split, BOS added by
-  a template, special tokens after the merges) or, with style "qwen2", Qwen2's (NFC, no BOS, pad = eos)."""
+  a template, special tokens after the merges, a chat template), with style "qwen2" like Qwen2's (NFC, no BOS,
+  pad = eos), with "gpt_neox" like GPT-NeoX's / OLMo's (a bos_token named, equal to the EOS, that no template
+  adds)."""
   import json
   from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
   tok = Tokenizer(models.BPE())
@@ -91,11 +93,15 @@ def train_json_tokenizer(out_dir: str, vocab_size: int = 290, style: str = "llam
   if style == "qwen2":
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     config = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+  elif style == "gpt_neox":
+    tok.add_special_tokens(["<|endoftext|>"])
+    config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
   else:
     tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
     bos = "<|begin_of_text|>"
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
-    config = {"bos_token": bos, "eos_token": {"__type": "AddedToken", "content": "<|end_of_text|>", "special": True}}
+    config = {"bos_token": bos, "eos_token": {"__type": "AddedToken", "content": "<|end_of_text|>", "special": True},
+              "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
   os.makedirs(out_dir, exist_ok=True)
   tok.save(os.path.join(out_dir, "tokenizer.json"))
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:

@@ -152,8 +152,12 @@ def test_a_llama3_tokenizer_json_is_loaded_kept_and_exported(llava_dir, pixels, 
   assert (text_config["bos_token_id"], text_config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
   hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
   assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
+  assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"  # kept whole
   for text in ("what colour is the circle", " a  red café"):
     assert hf_tok(text)["input_ids"] == [tok.bos_id] + tok.encode(text)
+  (src / "tokenizer_config.json").unlink()  # then the special ids are those config.json names
+  tok = vlm_jax.load(str(src)).tokenizer
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (3, 4, 0)
 
 
 def test_the_llava_config_with_an_image_token_id_exports_to_transformers(tmp_path):

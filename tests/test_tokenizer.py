@@ -1,6 +1,8 @@
-"""HF tokenizer.json tokenizers (Llama 3 / Qwen2 byte-level BPE) against transformers' reading of the same files."""
+"""HF tokenizer.json tokenizers (byte-level BPE as Llama 3's, Qwen2's, GPT-NeoX's) against transformers' reading of
+the same files."""
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -8,12 +10,13 @@ import pytest
 from tests.hf_models import train_json_tokenizer
 from vlm_jax import tokenizer
 from vlm_jax.data.text import tokenize_turns
+from vlm_jax.models.vlm import check_image_token_id
 from vlm_jax.train_setup import make_tokenizer
 
 TEXTS = ["what colour is the circle", " a  red square\n", "café naïve 12345 日本", "the caption en!?"]
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "gpt_neox"])
 def json_tokenizer(request, tmp_path_factory):
   return train_json_tokenizer(str(tmp_path_factory.mktemp(request.param)), style=request.param), request.param
 
@@ -23,16 +26,22 @@ def test_encodes_and_decodes_as_transformers(json_tokenizer):
   path, style = json_tokenizer
   ours, theirs = tokenizer.load(path), AutoTokenizer.from_pretrained(os.path.dirname(path))
   assert isinstance(ours, tokenizer.JSONTokenizer) and ours.vocab_size == len(theirs)
-  assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id if style == "llama3" else -1, theirs.eos_token_id)
-  assert ours.pad_id == (-1 if theirs.pad_token_id is None else theirs.pad_token_id)
+  for name in ("bos", "eos", "pad"):
+    assert getattr(ours, f"{name}_id") == {None: -1}.get(getattr(theirs, f"{name}_token_id"),
+                                                         getattr(theirs, f"{name}_token_id")), name
+  assert ours.add_bos == (style == "llama3")  # GPT-NeoX names a BOS (its EOS) that its tokenizer never adds
+  assert ours.reserved_ids == {i for i, t in theirs.added_tokens_decoder.items() if t.special}
   for text in TEXTS:
     ids = ours.encode(text)
     assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
     assert ours.decode(ids) == theirs.decode(ids) == text
-    # Llama 3's template adds the BOS, as encode_prefix does; Qwen2's prompts start without one.
+    # A prompt starts as transformers starts it: with the BOS where the tokenizer.json's template adds one.
     assert ours.encode_prefix(text) == theirs(text)["input_ids"] + ours.encode("\n")
-  eos = ours.eos_id
+  eos, special = ours.eos_id, max(ours.reserved_ids - {ours.bos_id, ours.eos_id, ours.pad_id}, default=None)
   assert ours.decode(ours.encode("a red") + [eos] + ours.encode("square")) == "a red"  # stops at EOS
+  if special is not None:  # Qwen2's <|im_start|>: kept, as transformers and SentencePiece's user pieces keep them
+    ids = ours.encode("a") + [special] + ours.encode("red")
+    assert ours.decode(ids) == theirs.decode(ids) and theirs.convert_ids_to_tokens(special) in ours.decode(ids)
 
 
 def test_training_data_from_a_tokenizer_json(json_tokenizer):
@@ -48,13 +57,24 @@ def test_training_data_from_a_tokenizer_json(json_tokenizer):
 
 
 def test_files_reproduce_the_tokenizer(json_tokenizer, tmp_path):
+  """The original tokenizer_config.json travels whole (a chat template too), or one naming the special tokens."""
   path, _ = json_tokenizer
-  tok = tokenizer.load(path)
-  for name, data in tok.files().items():
-    (tmp_path / name).write_bytes(data)
-  again = tokenizer.from_dir(str(tmp_path))
-  assert (again.bos_id, again.eos_id, again.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
-  assert all(again.encode(t) == tok.encode(t) for t in TEXTS)
+  original = json.loads(open(os.path.join(os.path.dirname(path), "tokenizer_config.json")).read())
+  (tmp_path / "alone").mkdir()
+  (tmp_path / "alone" / "tokenizer.json").write_bytes(open(path, "rb").read())
+  for default in (None, {"bos": -1, "eos": 5, "pad": 7}):
+    tok = tokenizer.load(path if default is None else str(tmp_path / "alone" / "tokenizer.json"), default)
+    out = tmp_path / ("copy" if default is None else "copy_alone")
+    out.mkdir()
+    for name, data in tok.files().items():
+      (out / name).write_bytes(data)
+    again = tokenizer.load(str(out))
+    assert (again.bos_id, again.eos_id, again.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert again.add_bos == tok.add_bos and all(again.encode(t) == tok.encode(t) for t in TEXTS)
+    if default is None:
+      assert json.loads((out / "tokenizer_config.json").read_text()) == original
+    else:  # no tokenizer_config.json beside it: the ids given, e.g. kept from the model's config.json
+      assert (tok.bos_id, tok.eos_id, tok.pad_id) == (-1, 5, 7)
 
 
 def test_from_dir_prefers_sentencepiece(json_tokenizer, tmp_path):
@@ -75,7 +95,8 @@ def test_from_dir_prefers_sentencepiece(json_tokenizer, tmp_path):
     ("config_json", r"tokenizer_config.json: malformed JSON"),
     ("unknown_token", r"eos_token '<\|eot\|>' is not a token of .*tokenizer.json"),
     ("no_eos", r"no eos_token named in .*tokenizer_config.json"),
-    ("missing", r"No tokenizer.json at .*missing.json")])
+    ("missing", r"No tokenizer.json at .*missing.json"),
+    ("empty_dir", r"No tokenizer.model or tokenizer.json in .*empty")])
 def test_bad_tokenizer_files_are_named(json_tokenizer, tmp_path, bad, match):
   path, style = json_tokenizer
   (tmp_path / "tokenizer.json").write_bytes(open(path, "rb").read())
@@ -86,7 +107,8 @@ def test_bad_tokenizer_files_are_named(json_tokenizer, tmp_path, bad, match):
                            {"bos_token": None} if bad == "no_eos" else config)
   (tmp_path / "tokenizer_config.json").write_text("{" if bad == "config_json" else config_text)
   with pytest.raises((ValueError, FileNotFoundError), match=match):
-    tokenizer.load(str(tmp_path / ("missing.json" if bad == "missing" else "tokenizer.json")))
+    (tmp_path / "empty").mkdir()
+    tokenizer.load(str(tmp_path / {"missing": "missing.json", "empty_dir": "empty"}.get(bad, "tokenizer.json")))
 
 
 def test_bad_sentencepiece_files_are_named(tmp_path):
@@ -95,3 +117,16 @@ def test_bad_sentencepiece_files_are_named(tmp_path):
     tokenizer.load(str(tmp_path / "tokenizer.model"))
   with pytest.raises(FileNotFoundError, match=r"No tokenizer model at .*gone.model"):
     make_tokenizer({"tokenizer": str(tmp_path / "gone.model")})
+
+
+def test_image_token_may_be_a_special_added_token(json_tokenizer):
+  """llava-hf's Qwen2 tokenizer.json holds its <image> as a special added token: a valid image id, as is one past
+  the tokenizer; an ordinary text token is not."""
+  path, _ = json_tokenizer
+  tok = tokenizer.load(path)
+  cfg = lambda i: types.SimpleNamespace(image_token_id=i, llm=types.SimpleNamespace(vocab_size=tok.vocab_size + 8))
+  for ok in (min(tok.reserved_ids), tok.vocab_size):
+    check_image_token_id(cfg(ok), tok)
+  for bad in (tok.encode("a")[0], tok.vocab_size + 8, -1):
+    with pytest.raises(ValueError, match=f"config.image_token_id {bad}: it must lie in"):
+      check_image_token_id(cfg(bad), tok)

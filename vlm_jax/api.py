@@ -138,7 +138,7 @@ class Model:
     """int32 [B, max_new_tokens] continuations of the text prefixes, pad after EOS (with return_scores, also
     float32 [B] scores: summed log-probs / length ** length_penalty).
 
-    prefix_tokens: int32 [B,T] (BOS, prompt, separator), right-padded; prefix_mask marks the real tokens
+    prefix_tokens: int32 [B,T] ([BOS], prompt, separator), right-padded; prefix_mask marks the real tokens
     (default: tokens != pad). sampler "greedy" | "sample" (temperature, top_k, top_p, best_of, seed) | "beam"
     (beam_size, length_penalty); see `vlm_jax.decode.Sampling`. Row r samples with fold_in(key(seed), first_row + r),
     so a long list decoded in batches (first_row: the batch's start) samples as if decoded in one.
@@ -196,7 +196,8 @@ class Model:
 
   def _require_tokenizer(self):
     if self.tokenizer is None:
-      raise ValueError("This model has no tokenizer: load one with a tokenizer.model or tokenizer.json, or use generate_ids.")
+      raise ValueError("This model has no tokenizer: load one (a tokenizer.model or tokenizer.json), or use "
+                       "generate_ids.")
     return self.tokenizer
 
   def save(self, out_dir: str):

@@ -90,8 +90,8 @@ def load_model(path: str, config=None, mesh=None):
   """(config, params, tokenizer-or-None) from a `save_model` directory, each array in its stored dtype,
   whatever mesh they were saved from: on this process's first device, or read straight into their shards on
   `mesh` (by `sharding.param_shardings`), so that no device ever holds all of them."""
-  from vlm_jax.models.vlm import init_params
   from vlm_jax import tokenizer
+  from vlm_jax.models.vlm import init_params, special_ids
   path = str(path) if is_remote(path) else os.path.abspath(path)
   config = config or load_config(path)
   expected = jax.eval_shape(lambda: init_params(config))
@@ -107,7 +107,7 @@ def load_model(path: str, config=None, mesh=None):
     target = jax.tree.map(lambda x, d, sh: jax.ShapeDtypeStruct(x.shape, d, sharding=sh), expected, stored,
                           where)
     params = ckptr.restore(os.path.join(path, "params"), target)
-  return config, params, tokenizer.from_dir(path)
+  return config, params, tokenizer.from_dir(path, special_ids(config))
 
 
 class TrainCheckpoints:

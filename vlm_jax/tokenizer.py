@@ -18,7 +18,9 @@ SENTENCEPIECE_FILE, JSON_FILE, JSON_CONFIG_FILE = "tokenizer.model", "tokenizer.
 class _Base:
   pad_id: int  # -1 where the tokenizer has none, as SentencePiece says
   eos_id: int
-  bos_id: int  # -1: prompts start without one (Qwen2)
+  bos_id: int
+  add_bos: bool  # whether a prompt starts with the BOS (not Qwen2's: its tokenizer.json adds none)
+  reserved_ids: frozenset = frozenset()  # special tokens that text never encodes to (e.g. an added <image>)
 
   def decode(self, ids) -> str:
     """Decodes up to the first EOS; pads, the BOS and ids past the vocabulary (models often pad their
@@ -32,9 +34,9 @@ class _Base:
     return self._decode(out)
 
   def encode_prefix(self, prompt: str) -> list[int]:
-    """BOS (if the tokenizer has one) + prompt + separator "\\n", each part tokenised on its own as big_vision
-    does."""
-    return [self.bos_id] * (self.bos_id >= 0) + self.encode(prompt) + self.encode("\n")
+    """BOS (where the tokenizer starts prompts with one) + prompt + separator "\\n", each part tokenised on its own
+    as big_vision does."""
+    return [self.bos_id] * self.add_bos + self.encode(prompt) + self.encode("\n")
 
 
 class SentencePieceTokenizer(_Base):
@@ -48,6 +50,7 @@ class SentencePieceTokenizer(_Base):
     except (OSError, RuntimeError) as e:
       raise ValueError(f"{model_path} is not a valid SentencePiece model: {e}") from e
     self.pad_id, self.eos_id, self.bos_id = self.sp.pad_id(), self.sp.eos_id(), self.sp.bos_id()
+    self.add_bos = self.bos_id >= 0
 
   @property
   def vocab_size(self) -> int:
@@ -59,19 +62,26 @@ class SentencePieceTokenizer(_Base):
   def _decode(self, ids) -> str:
     return self.sp.DecodeIds(ids)
 
-  def piece(self, i: int) -> str:
-    return self.sp.IdToPiece(i)
-
   def files(self) -> dict[str, bytes]:
     return {SENTENCEPIECE_FILE: self._model_bytes}
 
+  def hf_files(self, sentencepiece_class: str) -> dict[str, bytes]:
+    """The files of a HF export: the model, declared as the model family's SentencePiece class (GemmaTokenizer,
+    LlamaTokenizer), with its special tokens."""
+    special = {k: i for k, i in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)) if i >= 0}
+    config = {"tokenizer_class": sentencepiece_class, "add_bos_token": self.add_bos, "add_eos_token": False,
+              **{f"{k}_token": self.sp.IdToPiece(v) for k, v in special.items()}}
+    return {**self.files(), JSON_CONFIG_FILE: json.dumps(config, indent=2).encode()}
+
 
 class JSONTokenizer(_Base):
-  """A HuggingFace `tokenizer.json` (run by the `tokenizers` library that defines the format), with its special
-  tokens named by the `tokenizer_config.json` beside it, as transformers reads them. encode adds no special
-  tokens: the BOS comes from encode_prefix, as for SentencePiece."""
+  """A HuggingFace `tokenizer.json`, run by the `tokenizers` library that defines the format. Its special tokens
+  are those the `tokenizer_config.json` beside it names, as transformers reads them; without that file,
+  `default_special`'s ({"bos" / "eos" / "pad": id}, e.g. kept from a model's config.json). encode adds no special
+  tokens: the BOS comes from encode_prefix, where the file's post-processor puts one (Llama 3's does, Qwen2's
+  does not)."""
 
-  def __init__(self, json_path: str):
+  def __init__(self, json_path: str, default_special: dict | None = None):
     import tokenizers
     self.path = str(json_path)
     self._json = _read(json_path, "tokenizer.json")
@@ -80,17 +90,26 @@ class JSONTokenizer(_Base):
     except Exception as e:  # tokenizers raises its own Exception type for every parse error
       raise ValueError(f"{json_path} is not a valid tokenizer.json: {e}") from e
     config_path = epath.Path(json_path).parent / JSON_CONFIG_FILE
-    config = fileutil.read_json(config_path) if config_path.is_file() else {}
-    ids = {}
-    for name in ("bos", "eos", "pad"):
-      token = config.get(f"{name}_token")
-      token = token.get("content") if isinstance(token, dict) else token
-      ids[name] = -1 if token is None else self.tok.token_to_id(token)
-      if ids[name] is None:
-        raise ValueError(f"{config_path}: {name}_token {token!r} is not a token of {json_path}.")
-    if ids["eos"] < 0:
-      raise ValueError(f"{json_path}: no eos_token named in {config_path}; training and decoding need one.")
-    self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
+    self._config = fileutil.read_json(config_path) if config_path.is_file() else None
+    if self._config is None:
+      ids = {k: v for k, v in (default_special or {}).items() if v is not None}
+    else:
+      ids = {name: self._named_id(name, config_path) for name in ("bos", "eos", "pad")}
+    self.bos_id, self.eos_id, self.pad_id = (ids.get(k, -1) for k in ("bos", "eos", "pad"))
+    if self.eos_id < 0:
+      raise ValueError(f"{json_path}: no eos_token named in {config_path} (nor in the model's config); training "
+                       "and decoding need one.")
+    self.add_bos = self.bos_id >= 0 and self.tok.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
+    self.reserved_ids = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
+
+  def _named_id(self, name: str, config_path) -> int:
+    token = self._config.get(f"{name}_token")  # a string, an AddedToken dict or null
+    token = token.get("content") if isinstance(token, dict) else token
+    if token is None:
+      return -1
+    if (i := self.tok.token_to_id(token)) is None:
+      raise ValueError(f"{config_path}: {name}_token {token!r} is not a token of {self.path}.")
+    return i
 
   @property
   def vocab_size(self) -> int:
@@ -100,31 +119,41 @@ class JSONTokenizer(_Base):
     return self.tok.encode(text, add_special_tokens=False).ids
 
   def _decode(self, ids) -> str:
-    return self.tok.decode(ids, skip_special_tokens=True)
-
-  def piece(self, i: int) -> str:
-    return self.tok.id_to_token(i)
+    # Added special tokens stay in (e.g. <locNNNN> or <|box_start|> answers), as SentencePiece's user-defined
+    # pieces do; BOS, EOS and pad never reach here.
+    return self.tok.decode(ids, skip_special_tokens=False)
 
   def files(self) -> dict[str, bytes]:
-    special = {f"{k}_token": self.piece(i) for k, i in (("bos", self.bos_id), ("eos", self.eos_id),
-                                                         ("pad", self.pad_id)) if i >= 0}
-    return {JSON_FILE: self._json, JSON_CONFIG_FILE: json.dumps(special, indent=2).encode()}
+    """tokenizer.json and a tokenizer_config.json: the original (chat template and all), else the special tokens."""
+    config = self._config or {f"{k}_token": self.tok.id_to_token(i) for k, i in
+                              (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)) if i >= 0}
+    return {JSON_FILE: self._json, JSON_CONFIG_FILE: json.dumps(config, indent=2).encode()}
+
+  def hf_files(self, sentencepiece_class: str) -> dict[str, bytes]:
+    """`files()`, the config's class defaulting to transformers' generic fast tokenizer."""
+    del sentencepiece_class  # a family's SentencePiece class does not read a tokenizer.json
+    files = self.files()
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **json.loads(files[JSON_CONFIG_FILE])}
+    return {**files, JSON_CONFIG_FILE: json.dumps(config, indent=2).encode()}
 
 
-Tokenizer = SentencePieceTokenizer | JSONTokenizer
+def load(path: str, default_special: dict | None = None) -> "SentencePieceTokenizer | JSONTokenizer":
+  """A SentencePiece model file, a `tokenizer.json` (any name ending in .json), or a directory holding either."""
+  if epath.Path(path).is_dir():
+    if (tok := from_dir(path, default_special)) is None:
+      raise FileNotFoundError(f"No {SENTENCEPIECE_FILE} or {JSON_FILE} in {path}.")
+    return tok
+  if str(path).endswith(".json"):
+    return JSONTokenizer(path, default_special)
+  return SentencePieceTokenizer(path)
 
 
-def load(path: str) -> Tokenizer:
-  """A SentencePiece model file, or a `tokenizer.json` (any name ending in .json)."""
-  return JSONTokenizer(path) if str(path).endswith(".json") else SentencePieceTokenizer(path)
-
-
-def from_dir(path) -> Tokenizer | None:
+def from_dir(path, default_special: dict | None = None) -> "SentencePieceTokenizer | JSONTokenizer | None":
   """The tokenizer a model directory holds (SentencePiece first, as HF PaliGemma / Llama 2 repos hold both), or
-  None."""
+  None. `default_special`: special ids for a tokenizer.json without a tokenizer_config.json naming them."""
   for name in (SENTENCEPIECE_FILE, JSON_FILE):
     if (epath.Path(path) / name).is_file():
-      return load(str(epath.Path(path) / name))
+      return load(str(epath.Path(path) / name), default_special)
   return None
 
 

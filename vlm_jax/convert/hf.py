@@ -18,7 +18,6 @@ from vlm_jax.convert import safetensors_io
 from vlm_jax.models.gemma import GemmaConfig
 from vlm_jax.models.vit import ViTConfig
 from vlm_jax.models.vlm import VLMConfig, special_ids
-from vlm_jax.tokenizer import JSONTokenizer
 
 V = "vision_tower."
 T = "language_model."
@@ -306,7 +305,7 @@ def load(path: str, config: VLMConfig | None = None):
   treeutil.check_shapes(expected_hf, sd, f"HF checkpoint {path}")
   flat = params_from_hf(sd, config)
   params = {k: np.asarray(v, template[k].dtype) for k, v in flat.items()}
-  return config, {"params": treeutil.unflatten(params)}, tokenizer.from_dir(path)
+  return config, {"params": treeutil.unflatten(params)}, tokenizer.from_dir(path, special_ids(config))
 
 
 def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | None = None,
@@ -376,14 +375,6 @@ def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer, special
     json.dump(hf_config, f, indent=2)
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
     json.dump({f"{k}_token_id": v for k, v in special.items()}, f, indent=2)
-  if tokenizer is None:
-    return
-  for name, data in tokenizer.files().items():
-    with open(os.path.join(out_dir, name), "wb") as f:  # its source may be remote
+  for name, data in (tokenizer.hf_files(tokenizer_class) if tokenizer is not None else {}).items():
+    with open(os.path.join(out_dir, name), "wb") as f:
       f.write(data)
-  if isinstance(tokenizer, JSONTokenizer):  # BOS / EOS insertion is the tokenizer.json's post-processor's
-    declared = {"tokenizer_class": "PreTrainedTokenizerFast"}
-  else:
-    declared = {"tokenizer_class": tokenizer_class, "add_bos_token": True, "add_eos_token": False}
-  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-    json.dump({**declared, **{f"{k}_token": tokenizer.piece(v) for k, v in special.items()}}, f, indent=2)

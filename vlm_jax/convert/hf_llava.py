@@ -106,7 +106,7 @@ def load(path: str, config: VLMConfig | None = None):
                         f"HF checkpoint {path}")
   flat = params_from_hf(sd, config, f"HF checkpoint {path}")
   params = {k: np.asarray(v, template[k].dtype) for k, v in flat.items()}
-  return config, {"params": treeutil.unflatten(params)}, tokenizer.from_dir(path)
+  return config, {"params": treeutil.unflatten(params)}, tokenizer.from_dir(path, special_ids(config))
 
 
 def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | None = None,

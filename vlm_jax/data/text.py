@@ -1,7 +1,7 @@
 """Conversations to fixed-length `tokens / mask_ar / mask_loss / mask_input` arrays.
 
 An example's text is a list of turns [(prompt, answer), ...]. The first prompt is the bidirectional prefix
-(BOS + prompt + "\\n", mask_ar 0); everything after it is causal (mask_ar 1), padding included. Only answers
+([BOS] + prompt + "\\n", mask_ar 0); everything after it is causal (mask_ar 1), padding included. Only answers
 (each followed by EOS) are supervised. Each piece is tokenised on its own, never by re-splitting a joined
 string, so the loss mask is exact.
 """
@@ -45,7 +45,7 @@ def tokenize_turns(tokenizer, turns, length: int) -> Tokenized:
 
 
 def tokenize_prefix(tokenizer, prompt: str, length: int):
-  """(tokens, mask) int32 [length]: BOS + prompt + "\\n", right-padded, for decoding."""
+  """(tokens, mask) int32 [length]: [BOS] + prompt + "\\n" (`encode_prefix`), right-padded, for decoding."""
   ids = tokenizer.encode_prefix(prompt)[:length]
   tokens = np.full(length, tokenizer.pad_id, np.int32)
   mask = np.zeros(length, np.int32)

@@ -64,14 +64,16 @@ def special_ids(cfg: VLMConfig, tokenizer=None) -> dict:
 
 
 def check_image_token_id(cfg: VLMConfig, tokenizer=None, where: str = "config.image_token_id", hint: str = ""):
-  """transformers' LLaVA finds image positions by this id, so it must be one the tokenizer never produces
-  (>= its vocabulary size) inside the model's vocabulary."""
+  """transformers' LLaVA finds image positions by this id, so it must lie in the model's vocabulary and be no
+  token of the text: >= the tokenizer's vocabulary size, or one of its special added tokens (llava-hf's Qwen2
+  tokenizer.json holds `<image>`)."""
   low = tokenizer.vocab_size if tokenizer is not None else 0
-  if cfg.image_token_id is None or not low <= cfg.image_token_id < cfg.llm.vocab_size:
-    got = "is not set" if cfg.image_token_id is None else cfg.image_token_id
-    raise ValueError(f"{where} {got}: it must lie in [{low}, {cfg.llm.vocab_size}): an id the tokenizer "
-                     "never produces (>= its vocabulary size) below the model's vocab_size, which transformers' "
-                     f"LLaVA marks image positions with.{hint}")
+  reserved = tokenizer.reserved_ids if tokenizer is not None else ()
+  i = cfg.image_token_id
+  if i is None or not 0 <= i < cfg.llm.vocab_size or not (i >= low or i in reserved):
+    raise ValueError(f"{where} {'is not set' if i is None else i}: it must lie in [{low}, {cfg.llm.vocab_size}) "
+                     "(or be a special added token of the tokenizer): an id the text never uses, inside the "
+                     f"model's vocab_size, which transformers' LLaVA marks image positions with.{hint}")
 
 
 def prefix_lm_mask(mask_ar_BT, valid_BT):
