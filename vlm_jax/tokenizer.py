@@ -20,7 +20,11 @@ class _Base:
   eos_id: int
   bos_id: int
   add_bos: bool  # whether a prompt starts with the BOS (not Qwen2's: its tokenizer.json adds none)
-  reserved_ids: frozenset = frozenset()  # special tokens that text never encodes to (e.g. an added <image>)
+  reserved_ids: frozenset = frozenset()  # added special tokens (llava-hf's Qwen2 <image>): none is text
+
+  def special(self) -> dict[str, int]:
+    """{"bos" / "eos" / "pad": id} of the special tokens the tokenizer has."""
+    return {k: i for k, i in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)) if i >= 0}
 
   def decode(self, ids) -> str:
     """Decodes up to the first EOS; pads, the BOS and ids past the vocabulary (models often pad their
@@ -68,9 +72,8 @@ class SentencePieceTokenizer(_Base):
   def hf_files(self, sentencepiece_class: str) -> dict[str, bytes]:
     """The files of a HF export: the model, declared as the model family's SentencePiece class (GemmaTokenizer,
     LlamaTokenizer), with its special tokens."""
-    special = {k: i for k, i in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)) if i >= 0}
     config = {"tokenizer_class": sentencepiece_class, "add_bos_token": self.add_bos, "add_eos_token": False,
-              **{f"{k}_token": self.sp.IdToPiece(v) for k, v in special.items()}}
+              **{f"{k}_token": self.sp.IdToPiece(v) for k, v in self.special().items()}}
     return {**self.files(), JSON_CONFIG_FILE: json.dumps(config, indent=2).encode()}
 
 
@@ -125,8 +128,7 @@ class JSONTokenizer(_Base):
 
   def files(self) -> dict[str, bytes]:
     """tokenizer.json and a tokenizer_config.json: the original (chat template and all), else the special tokens."""
-    config = self._config or {f"{k}_token": self.tok.id_to_token(i) for k, i in
-                              (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)) if i >= 0}
+    config = self._config or {f"{k}_token": self.tok.id_to_token(i) for k, i in self.special().items()}
     return {JSON_FILE: self._json, JSON_CONFIG_FILE: json.dumps(config, indent=2).encode()}
 
   def hf_files(self, sentencepiece_class: str) -> dict[str, bytes]:
