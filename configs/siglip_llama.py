@@ -5,7 +5,7 @@
   python tools/train.py --workdir runs/llava --config \\
       configs/siglip_llama.py:tiny=False,llm=/ckpt/Llama-2-7b-hf,tokenizer=/ckpt/Llama-2-7b-hf/tokenizer.model,data=/data/llava.json,images=/data/images
   python tools/train.py --workdir runs/llava3 --config \\
-      configs/siglip_llama.py:tiny=False,llm=/ckpt/Llama-3-8B,tokenizer=/ckpt/Llama-3-8B/tokenizer.json,data=/data/llava.json,images=/data/images
+      configs/siglip_llama.py:tiny=False,llm=/ckpt/Llama-3-8B,data=/data/llava.json,images=/data/images
 
 tiny (default): the README main job's two-stage recipe on the shipped synthetic data, with a 3+3-layer
 LLaVA-shaped model trained from scratch (CPU, minutes), for 1800 + 300 steps instead of 1300 + 250: attending
@@ -13,9 +13,10 @@ causally, image tokens never see the question, and the model needs the longer sc
 accuracy (0.85 at 1300 + 250, 0.91 at 1800 + 300). Otherwise: a SigLIP So400m/14 tower (random, or the
 vision tower of the PaliGemma / LLaVA / vlm_jax checkpoint `img`), an MLP adapter and the language model of
 the local HF Llama / Qwen2 directory `llm` (its config and weights), trained on LLaVA-style JSON: stage 1 trains
-the adapter only (LLaVA's pre-training), stage 2 everything but the vision tower. For an export that
-transformers' LlavaForConditionalGeneration reads, give the model an image token the tokenizer never produces,
-growing Llama 2's vocabulary as llava-hf does (rounded up, so a tensor axis still splits it):
+the adapter only (LLaVA's pre-training), stage 2 everything but the vision tower. `tokenizer` defaults to the
+`llm` directory's own (tokenizer.model, else tokenizer.json). For an export that transformers'
+LlavaForConditionalGeneration reads, give the model an image token the tokenizer never produces, growing
+Llama 2's vocabulary as llava-hf does (rounded up, so a tensor axis still splits it):
 `--config.model.llm.vocab_size=32064 --config.model.image_token_id=32000` (Llama 3's tokenizer.json holds all
 of its 128256 ids: `--config.model.llm.vocab_size=128320 --config.model.image_token_id=128256`).
 """
@@ -39,7 +40,7 @@ def get_config(arg=None):
     return c
   c = ConfigDict()
   c.seed = 0
-  c.tokenizer = arg.tokenizer
+  c.tokenizer = arg.tokenizer or arg.llm  # by default the HF directory's own tokenizer.model or tokenizer.json
   c.model = dict(img=dict(variant="So400m/14", final_norm=False, init=arg.img), llm=dict(init=arg.llm),
                  adapter=adapter, causal=True, dtype="bfloat16", remat="full")
   c.optim = dict(name="adamw", b1=0.9, b2=0.999, clip_norm=1.0, weight_decay=0.0)

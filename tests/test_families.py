@@ -221,3 +221,19 @@ def test_resampler_locality_bias_makes_each_query_read_its_own_region():
     return per_token[0] / per_token[35]
   assert near_over_far(1.0) > 1000
   assert 0.1 < near_over_far(0.0) < 10
+
+
+def test_the_llava_config_takes_the_llm_directorys_tokenizer(hf_llama_dir, tmp_path):
+  """configs/siglip_llama.py:tiny=False reads the tokenizer of its `llm` directory (here a Llama 3-style
+  tokenizer.json) unless `tokenizer` names one; with neither, the error says what to give."""
+  import shutil
+  from tests.hf_models import train_json_tokenizer
+  from vlm_jax.tokenizer import JSONTokenizer
+  llm = tmp_path / "llama3"
+  shutil.copytree(hf_llama_dir, llm)
+  train_json_tokenizer(str(llm))
+  config = config_util.load_config(f"configs/siglip_llama.py:tiny=False,llm={llm}")
+  tok = make_tokenizer(config)
+  assert isinstance(tok, JSONTokenizer) and tok.path == str(llm / "tokenizer.json") and tok.add_bos
+  with pytest.raises(ValueError, match="config.tokenizer is empty"):
+    make_tokenizer(config_util.load_config("configs/siglip_llama.py:tiny=False"))

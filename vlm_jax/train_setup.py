@@ -62,9 +62,13 @@ def normalize(config):
 
 def make_tokenizer(config):
   """`config.tokenizer`: a SentencePiece model, a HF tokenizer.json (its tokenizer_config.json beside it names
-  the special tokens), or "synthetic" for the small SentencePiece model the package trains."""
+  the special tokens), a directory holding either, or "synthetic" for the small SentencePiece model the package
+  trains."""
   from vlm_jax import tokenizer
   spec = config.get("tokenizer", "synthetic")
+  if not spec:
+    raise ValueError("config.tokenizer is empty: give a SentencePiece model, a tokenizer.json, a directory holding "
+                     "one, or 'synthetic'.")
   if spec == "synthetic":
     from vlm_jax.data.synthetic import synthetic_tokenizer
     return synthetic_tokenizer()
