@@ -74,8 +74,8 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 def train_json_tokenizer(out_dir: str, vocab_size: int = 290, style: str = "llama3") -> str:
   """A byte-level BPE tokenizer.json (+ tokenizer_config.json) shaped like Llama 3's (regex split, BOS added by
   a template, special tokens after the merges, a chat template), with style "qwen2" like Qwen2's (NFC, no BOS,
-  pad = eos), with "gpt_neox" like GPT-NeoX's / OLMo's (a bos_token named, equal to the EOS, that no template
-  adds)."""
+  pad = eos, llava-hf's <image>), with "gpt_neox" like GPT-NeoX's / OLMo's (a bos_token named, equal to the EOS,
+  that no template adds)."""
   import json
   from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
   tok = Tokenizer(models.BPE())
@@ -91,7 +91,7 @@ def train_json_tokenizer(out_dir: str, vocab_size: int = 290, style: str = "llam
   tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   if style == "qwen2":
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"])  # llava-hf's <image>
     config = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
   elif style == "gpt_neox":
     tok.add_special_tokens(["<|endoftext|>"])

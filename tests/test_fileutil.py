@@ -16,6 +16,9 @@ def test_write_file_is_whole_or_nothing(tmp_path, monkeypatch, data):
   target = tmp_path / "eval.json"
   fileutil.write_file(target, data)
   assert (target.read_bytes() if isinstance(data, bytes) else target.read_text()) == data
+  (tmp_path / "plain").write_text("")
+  assert os.stat(target).st_mode == os.stat(tmp_path / "plain").st_mode  # not a temporary file's 0600
+  os.remove(tmp_path / "plain")
   monkeypatch.setattr(os, "replace", crash)
   with pytest.raises(OSError, match="killed"):
     fileutil.write_file(target, data * 3)

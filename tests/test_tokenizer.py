@@ -30,7 +30,8 @@ def test_encodes_and_decodes_as_transformers(json_tokenizer):
     assert getattr(ours, f"{name}_id") == {None: -1}.get(getattr(theirs, f"{name}_token_id"),
                                                          getattr(theirs, f"{name}_token_id")), name
   assert ours.add_bos == (style == "llama3")  # GPT-NeoX names a BOS (its EOS) that its tokenizer never adds
-  assert ours.reserved_ids == {i for i, t in theirs.added_tokens_decoder.items() if t.special}
+  assert ours.reserved_ids == {i for i, t in theirs.added_tokens_decoder.items() if t.special} - {
+      theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id}
   for text in TEXTS:
     ids = ours.encode(text)
     assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
@@ -94,7 +95,8 @@ def test_from_dir_prefers_sentencepiece(json_tokenizer, tmp_path):
     ("json", r"tokenizer.json is not a valid tokenizer.json"),
     ("config_json", r"tokenizer_config.json: malformed JSON"),
     ("unknown_token", r"eos_token '<\|eot\|>' is not a token of .*tokenizer.json"),
-    ("no_eos", r"no eos_token named in .*tokenizer_config.json"),
+    ("no_eos", r"no eos_token named by .*tokenizer_config.json"),
+    ("eos_list", r"eos_token must be a token string, got \['<\|eot\|>'\]"),
     ("missing", r"No tokenizer.json at .*missing.json"),
     ("empty_dir", r"No tokenizer.model or tokenizer.json in .*empty")])
 def test_bad_tokenizer_files_are_named(json_tokenizer, tmp_path, bad, match):
@@ -104,6 +106,7 @@ def test_bad_tokenizer_files_are_named(json_tokenizer, tmp_path, bad, match):
   if bad == "json":
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": [1, 2]}}')
   config_text = json.dumps({**config, "eos_token": "<|eot|>"} if bad == "unknown_token" else
+                           {**config, "eos_token": ["<|eot|>"]} if bad == "eos_list" else
                            {"bos_token": None} if bad == "no_eos" else config)
   (tmp_path / "tokenizer_config.json").write_text("{" if bad == "config_json" else config_text)
   with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -121,12 +124,30 @@ def test_bad_sentencepiece_files_are_named(tmp_path):
 
 def test_image_token_may_be_a_special_added_token(json_tokenizer):
   """llava-hf's Qwen2 tokenizer.json holds its <image> as a special added token: a valid image id, as is one past
-  the tokenizer; an ordinary text token is not."""
-  path, _ = json_tokenizer
+  the tokenizer; an ordinary text token, BOS, EOS or pad (special tokens too, but in every sequence) are not."""
+  path, style = json_tokenizer
   tok = tokenizer.load(path)
   cfg = lambda i: types.SimpleNamespace(image_token_id=i, llm=types.SimpleNamespace(vocab_size=tok.vocab_size + 8))
-  for ok in (min(tok.reserved_ids), tok.vocab_size):
+  image = tok.tok.token_to_id("<image>")
+  assert (image is not None) == (style == "qwen2") and tok.reserved_ids >= {image} - {None}
+  for ok in ([image] if image is not None else []) + [tok.vocab_size]:
     check_image_token_id(cfg(ok), tok)
-  for bad in (tok.encode("a")[0], tok.vocab_size + 8, -1):
+  for bad in (tok.encode("a")[0], tok.vocab_size + 8, -1, *tok.special().values()):
     with pytest.raises(ValueError, match=f"config.image_token_id {bad}: it must lie in"):
       check_image_token_id(cfg(bad), tok)
+
+
+def test_truncation_and_padding_in_the_file_do_not_apply(json_tokenizer, tmp_path):
+  """Some published tokenizer.json files carry truncation / padding settings, which transformers overrides per
+  call: encode returns every token, and the BOS test (add_bos) is not fooled by padding."""
+  from tokenizers import Tokenizer
+  path, _ = json_tokenizer
+  raw = Tokenizer.from_file(path)
+  raw.enable_truncation(3)
+  raw.enable_padding(length=64)
+  raw.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_bytes(open(os.path.join(os.path.dirname(path), "tokenizer_config.json"),
+                                                        "rb").read())
+  tok, reference = tokenizer.load(str(tmp_path / "tokenizer.json")), tokenizer.load(path)
+  assert all(tok.encode(t) == reference.encode(t) and len(tok.encode(t)) > 3 for t in TEXTS)
+  assert tok.encode_prefix(TEXTS[0]) == reference.encode_prefix(TEXTS[0])

@@ -52,8 +52,8 @@ def select_evals(config, names: str | None):
 
 def default_out(path: str) -> str:
   """Inside a training workdir, else beside the checkpoint (either may be remote: gs://...)."""
-  from vlm_jax import checkpoint
-  path = path.rstrip("/") if checkpoint.is_remote(path) else os.path.abspath(path.rstrip("/"))
+  from vlm_jax import checkpoint, fileutil
+  path = path.rstrip("/") if fileutil.is_remote(path) else os.path.abspath(path.rstrip("/"))
   return os.path.join(path if checkpoint.is_workdir(path) else os.path.dirname(path), "eval_results.json")
 
 

@@ -7,6 +7,9 @@ import tempfile
 
 from etils import epath
 
+_UMASK = os.umask(0)  # read by setting it, so put back at once: new files get 0o666 & ~umask, as open() gives
+os.umask(_UMASK)
+
 
 def is_remote(path) -> bool:
   """An object-store path (gs://..., read and written through etils.epath)."""
@@ -16,12 +19,16 @@ def is_remote(path) -> bool:
 def write_file(path, data: str | bytes):
   """Writes `data` whole or not at all: a local file goes to a sibling that is renamed over `path` once synced (a
   crash leaves the previous contents, or nothing); an object store only ever shows whole objects."""
+  data = data.encode() if isinstance(data, str) else data
   if is_remote(path):
-    (epath.Path(path).write_bytes if isinstance(data, bytes) else epath.Path(path).write_text)(data)
+    epath.Path(path).write_bytes(data)
     return
-  tmp = f"{path}.tmp-{os.getpid()}"
+  path = os.path.abspath(path)
+  # A unique sibling: processes on hosts sharing the directory (NFS) may have the same pid.
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
   try:
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+    os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it, not mkstemp's 0600
+    with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())

@@ -20,7 +20,9 @@ class _Base:
   eos_id: int
   bos_id: int
   add_bos: bool  # whether a prompt starts with the BOS (not Qwen2's: its tokenizer.json adds none)
-  reserved_ids: frozenset = frozenset()  # added special tokens (llava-hf's Qwen2 <image>): none is text
+  # Added special tokens besides BOS / EOS / pad (llava-hf's Qwen2 <image>): no text the data holds becomes one
+  # (only their literal spelling would), so a LLaVA image token may be one.
+  reserved_ids: frozenset = frozenset()
 
   def special(self) -> dict[str, int]:
     """{"bos" / "eos" / "pad": id} of the special tokens the tokenizer has."""
@@ -92,6 +94,9 @@ class JSONTokenizer(_Base):
       self.tok = tokenizers.Tokenizer.from_str(self._json.decode())
     except Exception as e:  # tokenizers raises its own Exception type for every parse error
       raise ValueError(f"{json_path} is not a valid tokenizer.json: {e}") from e
+    # A file may carry truncation / padding settings; transformers overrides them per call, as encode must.
+    self.tok.no_truncation()
+    self.tok.no_padding()
     config_path = epath.Path(json_path).parent / JSON_CONFIG_FILE
     self._config = fileutil.read_json(config_path) if config_path.is_file() else None
     if self._config is None:
@@ -100,16 +105,19 @@ class JSONTokenizer(_Base):
       ids = {name: self._named_id(name, config_path) for name in ("bos", "eos", "pad")}
     self.bos_id, self.eos_id, self.pad_id = (ids.get(k, -1) for k in ("bos", "eos", "pad"))
     if self.eos_id < 0:
-      raise ValueError(f"{json_path}: no eos_token named in {config_path} (nor in the model's config); training "
-                       "and decoding need one.")
+      raise ValueError(f"{json_path}: no eos_token named by {config_path} (or, without that file, by the model's "
+                       "config where one was read); training and decoding need one.")
     self.add_bos = self.bos_id >= 0 and self.tok.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
-    self.reserved_ids = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
+    self.reserved_ids = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items()
+                                  if t.special) - set(self.special().values())
 
   def _named_id(self, name: str, config_path) -> int:
     token = self._config.get(f"{name}_token")  # a string, an AddedToken dict or null
     token = token.get("content") if isinstance(token, dict) else token
     if token is None:
       return -1
+    if not isinstance(token, str):
+      raise ValueError(f"{config_path}: {name}_token must be a token string, got {token!r}.")
     if (i := self.tok.token_to_id(token)) is None:
       raise ValueError(f"{config_path}: {name}_token {token!r} is not a token of {self.path}.")
     return i

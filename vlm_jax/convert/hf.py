@@ -369,7 +369,7 @@ def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer, special
                                tokenizer_class: str = "GemmaTokenizer"):
   """config.json (the `special` {"pad" / "eos" / "bos": id} in its text_config), generation_config.json and the
   tokenizer's files: a SentencePiece model declared as the model family's `tokenizer_class`, a tokenizer.json
-  as transformers' generic fast tokenizer."""
+  with its own tokenizer_config.json (`JSONTokenizer.hf_files`)."""
   hf_config["text_config"].update({f"{k}_token_id": v for k, v in special.items()})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)

@@ -65,8 +65,8 @@ def special_ids(cfg: VLMConfig, tokenizer=None) -> dict:
 
 def check_image_token_id(cfg: VLMConfig, tokenizer=None, where: str = "config.image_token_id", hint: str = ""):
   """transformers' LLaVA finds image positions by this id, so it must lie in the model's vocabulary and be no
-  token of the text: >= the tokenizer's vocabulary size, or one of its special added tokens (llava-hf's Qwen2
-  tokenizer.json holds `<image>`)."""
+  token of the text: >= the tokenizer's vocabulary size, or one of its `reserved_ids` (special added tokens
+  besides BOS / EOS / pad: llava-hf's Qwen2 tokenizer.json holds `<image>`)."""
   low = tokenizer.vocab_size if tokenizer is not None else 0
   reserved = tokenizer.reserved_ids if tokenizer is not None else ()
   i = cfg.image_token_id
