@@ -80,8 +80,8 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
   variant or explicit sizes; `vocab_size` defaults to the tokenizer's), or read from the checkpoint that
   `model.init` points at (a HF or vlm_jax directory). Without a tokenizer (memory planning) its vocabulary
   is not checked against the model's. `model.image_token_id` sets the id a LLaVA export marks image positions
-  with (see `vlm.check_image_token_id`). Keys the chosen
-  route would ignore (img / llm beside a name, one of img / llm alone) are refused."""
+  with (see `vlm.check_image_token_id`). Keys the chosen route would ignore (img / llm beside a name, one of
+  img / llm alone) are refused."""
   overrides = {k: model_cfg[k] for k in ("dtype", "remat", "scan_unroll") if model_cfg.get(k)}
   spelled = [k for k in ("img", "llm", "adapter", "causal") if model_cfg.get(k) is not None]
   if model_cfg.get("name") and spelled:
