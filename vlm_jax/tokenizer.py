@@ -25,8 +25,8 @@ class _Base:
   reserved_ids: frozenset = frozenset()
 
   def special(self) -> dict[str, int]:
-    """{"bos" / "eos" / "pad": id} of the special tokens the tokenizer has."""
-    return {k: i for k, i in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)) if i >= 0}
+    """{"pad" / "eos" / "bos": id} of the special tokens the tokenizer has."""
+    return {k: i for k, i in (("pad", self.pad_id), ("eos", self.eos_id), ("bos", self.bos_id)) if i >= 0}
 
   def decode(self, ids) -> str:
     """Decodes up to the first EOS; pads, the BOS and ids past the vocabulary (models often pad their

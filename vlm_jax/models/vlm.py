@@ -58,8 +58,9 @@ class VLMConfig:
 def special_ids(cfg: VLMConfig, tokenizer=None) -> dict:
   """{"pad" / "eos" / "bos": id} of the tokenizer, else those the config kept; one a tokenizer lacks (id -1,
   Llama's pad) or the config did not keep is left out."""
-  source = tokenizer if tokenizer is not None else cfg
-  ids = {k: getattr(source, f"{k}_id") for k in ("pad", "eos", "bos")}
+  if tokenizer is not None:
+    return tokenizer.special()
+  ids = {k: getattr(cfg, f"{k}_id") for k in ("pad", "eos", "bos")}
   return {k: v for k, v in ids.items() if v is not None and v >= 0}
 
 
