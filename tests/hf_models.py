@@ -75,7 +75,8 @@ def train_json_tokenizer(out_dir: str, vocab_size: int = 290, style: str = "llam
   """A byte-level BPE tokenizer.json (+ tokenizer_config.json) shaped like Llama 3's (regex split, BOS added by
   a template, special tokens after the merges, a chat template), with style "qwen2" like Qwen2's (NFC, no BOS,
   pad = eos, llava-hf's <image>), with "gpt_neox" like GPT-NeoX's / OLMo's (a bos_token named, equal to the EOS,
-  that no template adds)."""
+  that no template adds), with "template_bos" like Llama 3's but no bos_token named for the token its template
+  adds."""
   import json
   from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
   tok = Tokenizer(models.BPE())
@@ -100,7 +101,8 @@ def train_json_tokenizer(out_dir: str, vocab_size: int = 290, style: str = "llam
     tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
     bos = "<|begin_of_text|>"
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
-    config = {"bos_token": bos, "eos_token": {"__type": "AddedToken", "content": "<|end_of_text|>", "special": True},
+    config = {"bos_token": None if style == "template_bos" else bos,
+              "eos_token": {"__type": "AddedToken", "content": "<|end_of_text|>", "special": True},
               "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
   os.makedirs(out_dir, exist_ok=True)
   tok.save(os.path.join(out_dir, "tokenizer.json"))

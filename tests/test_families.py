@@ -234,6 +234,7 @@ def test_the_llava_config_takes_the_llm_directorys_tokenizer(hf_llama_dir, tmp_p
   train_json_tokenizer(str(llm))
   config = config_util.load_config(f"configs/siglip_llama.py:tiny=False,llm={llm}")
   tok = make_tokenizer(config)
-  assert isinstance(tok, JSONTokenizer) and tok.path == str(llm / "tokenizer.json") and tok.add_bos
+  assert isinstance(tok, JSONTokenizer) and tok.path == str(llm / "tokenizer.json")
+  assert tok.prompt_start == (tok.bos_id,)
   with pytest.raises(ValueError, match="config.tokenizer is empty"):
     make_tokenizer(config_util.load_config("configs/siglip_llama.py:tiny=False"))

@@ -16,7 +16,7 @@ from vlm_jax.train_setup import make_tokenizer
 TEXTS = ["what colour is the circle", " a  red square\n", "café naïve 12345 日本", "the caption en!?"]
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2", "gpt_neox"])
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "gpt_neox", "template_bos"])
 def json_tokenizer(request, tmp_path_factory):
   return train_json_tokenizer(str(tmp_path_factory.mktemp(request.param)), style=request.param), request.param
 
@@ -29,9 +29,11 @@ def test_encodes_and_decodes_as_transformers(json_tokenizer):
   for name in ("bos", "eos", "pad"):
     assert getattr(ours, f"{name}_id") == {None: -1}.get(getattr(theirs, f"{name}_token_id"),
                                                          getattr(theirs, f"{name}_token_id")), name
-  assert ours.add_bos == (style == "llama3")  # GPT-NeoX names a BOS (its EOS) that its tokenizer never adds
+  # GPT-NeoX names a BOS (its EOS) that its tokenizer never adds; "template_bos" adds one it does not name.
+  begin = ours.tok.token_to_id("<|begin_of_text|>")
+  assert ours.prompt_start == ((begin,) if style in ("llama3", "template_bos") else ())
   assert ours.reserved_ids == {i for i, t in theirs.added_tokens_decoder.items() if t.special} - {
-      theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id}
+      theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id, *ours.prompt_start}
   for text in TEXTS:
     ids = ours.encode(text)
     assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
@@ -71,11 +73,27 @@ def test_files_reproduce_the_tokenizer(json_tokenizer, tmp_path):
       (out / name).write_bytes(data)
     again = tokenizer.load(str(out))
     assert (again.bos_id, again.eos_id, again.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
-    assert again.add_bos == tok.add_bos and all(again.encode(t) == tok.encode(t) for t in TEXTS)
+    assert again.prompt_start == tok.prompt_start and all(again.encode(t) == tok.encode(t) for t in TEXTS)
     if default is None:
       assert json.loads((out / "tokenizer_config.json").read_text()) == original
     else:  # no tokenizer_config.json beside it: the ids given, e.g. kept from the model's config.json
       assert (tok.bos_id, tok.eos_id, tok.pad_id) == (-1, 5, 7)
+
+
+def test_special_ids_from_the_model_config_beside_it(json_tokenizer, tmp_path):
+  """A model directory with a tokenizer.json but no tokenizer_config.json (config.tokenizer may name the LLM's HF
+  directory): the special ids come from its config.json, as a HF import takes them (Llama 3 lists several EOS
+  ids: the first counts); ids a caller read from the model's config come first."""
+  path, _ = json_tokenizer
+  reference = tokenizer.load(path)
+  (tmp_path / "tokenizer.json").write_bytes(open(path, "rb").read())
+  with pytest.raises(ValueError, match=r"no eos_token named by .*tokenizer_config.json .* else .*config.json"):
+    make_tokenizer({"tokenizer": str(tmp_path)})
+  ids = {f"{k}_token_id": v for k, v in reference.special().items()}
+  (tmp_path / "config.json").write_text(json.dumps({**ids, "eos_token_id": [ids["eos_token_id"], 1]}))
+  tok = make_tokenizer({"tokenizer": str(tmp_path)})
+  assert tok.special() == reference.special() and tok.encode_prefix(TEXTS[0]) == reference.encode_prefix(TEXTS[0])
+  assert tokenizer.load(str(tmp_path / "tokenizer.json"), {"eos": 1}).special() == {"eos": 1}
 
 
 def test_from_dir_prefers_sentencepiece(json_tokenizer, tmp_path):
@@ -132,14 +150,14 @@ def test_image_token_may_be_a_special_added_token(json_tokenizer):
   assert (image is not None) == (style == "qwen2") and tok.reserved_ids >= {image} - {None}
   for ok in ([image] if image is not None else []) + [tok.vocab_size]:
     check_image_token_id(cfg(ok), tok)
-  for bad in (tok.encode("a")[0], tok.vocab_size + 8, -1, *tok.special().values()):
+  for bad in (tok.encode("a")[0], tok.vocab_size + 8, -1, *tok.special().values(), *tok.prompt_start):
     with pytest.raises(ValueError, match=f"config.image_token_id {bad}: it must lie in"):
       check_image_token_id(cfg(bad), tok)
 
 
 def test_truncation_and_padding_in_the_file_do_not_apply(json_tokenizer, tmp_path):
   """Some published tokenizer.json files carry truncation / padding settings, which transformers overrides per
-  call: encode returns every token, and the BOS test (add_bos) is not fooled by padding."""
+  call: encode returns every token, and the prompt_start test is not fooled by padding."""
   from tokenizers import Tokenizer
   path, _ = json_tokenizer
   raw = Tokenizer.from_file(path)

@@ -19,9 +19,9 @@ class _Base:
   pad_id: int  # -1 where the tokenizer has none, as SentencePiece says
   eos_id: int
   bos_id: int
-  add_bos: bool  # whether a prompt starts with the BOS (not Qwen2's: its tokenizer.json adds none)
-  # Added special tokens besides BOS / EOS / pad (llava-hf's Qwen2 <image>): no text the data holds becomes one
-  # (only their literal spelling would), so a LLaVA image token may be one.
+  prompt_start: tuple[int, ...]  # what a prompt starts with: the BOS, where the tokenizer adds one (Qwen2's: none)
+  # Added special tokens besides BOS / EOS / pad / prompt_start (llava-hf's Qwen2 <image>): no text the data holds
+  # becomes one (only their literal spelling would), so a LLaVA image token may be one.
   reserved_ids: frozenset = frozenset()
 
   def special(self) -> dict[str, int]:
@@ -40,9 +40,9 @@ class _Base:
     return self._decode(out)
 
   def encode_prefix(self, prompt: str) -> list[int]:
-    """BOS (where the tokenizer starts prompts with one) + prompt + separator "\\n", each part tokenised on its own
-    as big_vision does."""
-    return [self.bos_id] * self.add_bos + self.encode(prompt) + self.encode("\n")
+    """prompt_start (the BOS, where the tokenizer adds one) + prompt + separator "\\n", each part tokenised on its
+    own as big_vision does."""
+    return [*self.prompt_start, *self.encode(prompt), *self.encode("\n")]
 
 
 class SentencePieceTokenizer(_Base):
@@ -56,7 +56,7 @@ class SentencePieceTokenizer(_Base):
     except (OSError, RuntimeError) as e:
       raise ValueError(f"{model_path} is not a valid SentencePiece model: {e}") from e
     self.pad_id, self.eos_id, self.bos_id = self.sp.pad_id(), self.sp.eos_id(), self.sp.bos_id()
-    self.add_bos = self.bos_id >= 0
+    self.prompt_start = (self.bos_id,) if self.bos_id >= 0 else ()
 
   @property
   def vocab_size(self) -> int:
@@ -74,17 +74,30 @@ class SentencePieceTokenizer(_Base):
   def hf_files(self, sentencepiece_class: str) -> dict[str, bytes]:
     """The files of a HF export: the model, declared as the model family's SentencePiece class (GemmaTokenizer,
     LlamaTokenizer), with its special tokens."""
-    config = {"tokenizer_class": sentencepiece_class, "add_bos_token": self.add_bos, "add_eos_token": False,
+    config = {"tokenizer_class": sentencepiece_class, "add_bos_token": bool(self.prompt_start),
+              "add_eos_token": False,
               **{f"{k}_token": self.sp.IdToPiece(v) for k, v in self.special().items()}}
     return {**self.files(), JSON_CONFIG_FILE: json.dumps(config, indent=2).encode()}
+
+
+def special_from_hf_config(hf_config: dict) -> dict[str, int]:
+  """{"bos" / "eos" / "pad": id} a HF model config.json names (in text_config, else at the top; the first of a
+  list, as Llama 3 lists several EOS ids)."""
+  out = {}
+  for name in ("bos", "eos", "pad"):
+    value = hf_config.get("text_config", {}).get(f"{name}_token_id", hf_config.get(f"{name}_token_id"))
+    value = value[0] if isinstance(value, list) and value else value
+    if isinstance(value, int):
+      out[name] = value
+  return out
 
 
 class JSONTokenizer(_Base):
   """A HuggingFace `tokenizer.json`, run by the `tokenizers` library that defines the format. Its special tokens
   are those the `tokenizer_config.json` beside it names, as transformers reads them; without that file,
-  `default_special`'s ({"bos" / "eos" / "pad": id}, e.g. kept from a model's config.json). encode adds no special
-  tokens: the BOS comes from encode_prefix, where the file's post-processor puts one (Llama 3's does, Qwen2's
-  does not)."""
+  `default_special`'s ({"bos" / "eos" / "pad": id}, e.g. kept from a model's config.json), else those of the
+  model config.json beside it. encode adds no special tokens: the BOS comes from encode_prefix, where the file's
+  post-processor puts one (Llama 3's does, Qwen2's does not)."""
 
   def __init__(self, json_path: str, default_special: dict | None = None):
     import tokenizers
@@ -98,18 +111,25 @@ class JSONTokenizer(_Base):
     self.tok.no_truncation()
     self.tok.no_padding()
     config_path = epath.Path(json_path).parent / JSON_CONFIG_FILE
+    model_config_path = epath.Path(json_path).parent / "config.json"
     self._config = fileutil.read_json(config_path) if config_path.is_file() else None
-    if self._config is None:
-      ids = {k: v for k, v in (default_special or {}).items() if v is not None}
-    else:
+    if self._config is not None:
       ids = {name: self._named_id(name, config_path) for name in ("bos", "eos", "pad")}
+    elif default_special:
+      ids = {k: v for k, v in default_special.items() if v is not None}
+    else:
+      ids = special_from_hf_config(fileutil.read_json(model_config_path)) if model_config_path.is_file() else {}
     self.bos_id, self.eos_id, self.pad_id = (ids.get(k, -1) for k in ("bos", "eos", "pad"))
     if self.eos_id < 0:
       raise ValueError(f"{json_path}: no eos_token named by {config_path} (or, without that file, by the model's "
-                       "config where one was read); training and decoding need one.")
-    self.add_bos = self.bos_id >= 0 and self.tok.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
+                       f"config: the one read, else {model_config_path}); training and decoding need one.")
+    # As transformers does, a prompt starts with what the file's post-processor puts before a text, whether or not
+    # tokenizer_config.json names it the bos_token.
+    full, plain = (self.tok.encode("a", add_special_tokens=add).ids for add in (True, False))
+    starts = [k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain]
+    self.prompt_start = tuple(full[:starts[0]]) if starts else ()
     self.reserved_ids = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items()
-                                  if t.special) - set(self.special().values())
+                                  if t.special) - set(self.special().values()) - set(self.prompt_start)
 
   def _named_id(self, name: str, config_path) -> int:
     token = self._config.get(f"{name}_token")  # a string, an AddedToken dict or null

@@ -18,6 +18,7 @@ from vlm_jax.convert import safetensors_io
 from vlm_jax.models.gemma import GemmaConfig
 from vlm_jax.models.vit import ViTConfig
 from vlm_jax.models.vlm import VLMConfig, special_ids
+from vlm_jax.tokenizer import special_from_hf_config
 
 V = "vision_tower."
 T = "language_model."
@@ -355,14 +356,8 @@ GEMMA_SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2}  # the defaults `generate_ids
 
 
 def special_ids_from_hf(hf_config: dict) -> dict:
-  """{"bos_id", "eos_id", "pad_id"} a HF config names (in text_config, else at the top; the first of a list)."""
-  out = {}
-  for name in ("bos", "eos", "pad"):
-    value = hf_config.get("text_config", {}).get(f"{name}_token_id", hf_config.get(f"{name}_token_id"))
-    value = value[0] if isinstance(value, list) and value else value
-    if isinstance(value, int):
-      out[f"{name}_id"] = value
-  return out
+  """{"bos_id", "eos_id", "pad_id"}: VLMConfig's fields for the ids a HF config names."""
+  return {f"{k}_id": v for k, v in special_from_hf_config(hf_config).items()}
 
 
 def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer, special: dict,
