@@ -83,17 +83,42 @@ def test_files_reproduce_the_tokenizer(json_tokenizer, tmp_path):
 def test_special_ids_from_the_model_config_beside_it(json_tokenizer, tmp_path):
   """A model directory with a tokenizer.json but no tokenizer_config.json (config.tokenizer may name the LLM's HF
   directory): the special ids come from its config.json, as a HF import takes them (Llama 3 lists several EOS
-  ids: the first counts); ids a caller read from the model's config come first."""
+  ids: the first counts); ids a caller read from the model's config come first, a tokenizer_config.json before
+  both."""
   path, _ = json_tokenizer
   reference = tokenizer.load(path)
   (tmp_path / "tokenizer.json").write_bytes(open(path, "rb").read())
-  with pytest.raises(ValueError, match=r"no eos_token named by .*tokenizer_config.json .* else .*config.json"):
+  with pytest.raises(ValueError, match=r"no eos token named by .*tokenizer_config.json or .*config.json \(neither"):
+    make_tokenizer({"tokenizer": str(tmp_path)})
+  (tmp_path / "config.json").write_text(json.dumps({"text_config": None, "bos_token_id": 1}))
+  with pytest.raises(ValueError, match=r"no eos token named by .*config.json;"):
     make_tokenizer({"tokenizer": str(tmp_path)})
   ids = {f"{k}_token_id": v for k, v in reference.special().items()}
   (tmp_path / "config.json").write_text(json.dumps({**ids, "eos_token_id": [ids["eos_token_id"], 1]}))
   tok = make_tokenizer({"tokenizer": str(tmp_path)})
   assert tok.special() == reference.special() and tok.encode_prefix(TEXTS[0]) == reference.encode_prefix(TEXTS[0])
   assert tokenizer.load(str(tmp_path / "tokenizer.json"), {"eos": 1}).special() == {"eos": 1}
+  (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1, "pad_token_id": 2}))
+  (tmp_path / "tokenizer_config.json").write_bytes(open(os.path.join(os.path.dirname(path), "tokenizer_config.json"),
+                                                        "rb").read())
+  assert tokenizer.load(str(tmp_path), {"eos": 1}).special() == reference.special()
+
+
+def test_prompt_start_is_the_template_s_whatever_the_vocabulary(tmp_path):
+  """The tokens a template puts before a text are found with a probe text the vocabulary holds: here a word-level
+  vocabulary without "a" and without an unknown token (encoding "a" fails), and BERT's [CLS] ... [SEP]."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  from transformers import AutoTokenizer
+  vocab = {"[CLS]": 0, "[SEP]": 1, "0": 2, "red": 3, "circle": 4}
+  tok = Tokenizer(models.WordLevel(vocab))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 0),
+                                                                                              ("[SEP]", 1)])
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "eos_token": "[SEP]"}))
+  ours, theirs = tokenizer.load(str(tmp_path)), AutoTokenizer.from_pretrained(str(tmp_path))
+  assert ours.prompt_start == (0,) and ours.encode_prefix("red circle")[:3] == theirs("red circle")["input_ids"][:3]
 
 
 def test_from_dir_prefers_sentencepiece(json_tokenizer, tmp_path):
@@ -113,7 +138,7 @@ def test_from_dir_prefers_sentencepiece(json_tokenizer, tmp_path):
     ("json", r"tokenizer.json is not a valid tokenizer.json"),
     ("config_json", r"tokenizer_config.json: malformed JSON"),
     ("unknown_token", r"eos_token '<\|eot\|>' is not a token of .*tokenizer.json"),
-    ("no_eos", r"no eos_token named by .*tokenizer_config.json"),
+    ("no_eos", r"no eos token named by .*tokenizer_config.json;"),
     ("eos_list", r"eos_token must be a token string, got \['<\|eot\|>'\]"),
     ("missing", r"No tokenizer.json at .*missing.json"),
     ("empty_dir", r"No tokenizer.model or tokenizer.json in .*empty")])

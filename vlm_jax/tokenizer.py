@@ -74,9 +74,8 @@ class SentencePieceTokenizer(_Base):
   def hf_files(self, sentencepiece_class: str) -> dict[str, bytes]:
     """The files of a HF export: the model, declared as the model family's SentencePiece class (GemmaTokenizer,
     LlamaTokenizer), with its special tokens."""
-    config = {"tokenizer_class": sentencepiece_class, "add_bos_token": bool(self.prompt_start),
-              "add_eos_token": False,
-              **{f"{k}_token": self.sp.IdToPiece(v) for k, v in self.special().items()}}
+    config = {"tokenizer_class": sentencepiece_class, "add_bos_token": bool(self.prompt_start), "add_eos_token":
+              False, **{f"{k}_token": self.sp.IdToPiece(v) for k, v in self.special().items()}}
     return {**self.files(), JSON_CONFIG_FILE: json.dumps(config, indent=2).encode()}
 
 
@@ -85,7 +84,7 @@ def special_from_hf_config(hf_config: dict) -> dict[str, int]:
   list, as Llama 3 lists several EOS ids)."""
   out = {}
   for name in ("bos", "eos", "pad"):
-    value = hf_config.get("text_config", {}).get(f"{name}_token_id", hf_config.get(f"{name}_token_id"))
+    value = (hf_config.get("text_config") or {}).get(f"{name}_token_id", hf_config.get(f"{name}_token_id"))
     value = value[0] if isinstance(value, list) and value else value
     if isinstance(value, int):
       out[name] = value
@@ -114,22 +113,35 @@ class JSONTokenizer(_Base):
     model_config_path = epath.Path(json_path).parent / "config.json"
     self._config = fileutil.read_json(config_path) if config_path.is_file() else None
     if self._config is not None:
-      ids = {name: self._named_id(name, config_path) for name in ("bos", "eos", "pad")}
+      ids, source = {name: self._named_id(name, config_path) for name in ("bos", "eos", "pad")}, config_path
     elif default_special:
-      ids = {k: v for k, v in default_special.items() if v is not None}
+      ids, source = {k: v for k, v in default_special.items() if v is not None}, "the model's config"
+    elif model_config_path.is_file():
+      model_config = fileutil.read_json(model_config_path)
+      if not isinstance(model_config, dict):
+        raise ValueError(f"{model_config_path}: expected a JSON object (a model config), got {model_config!r:.80}.")
+      ids, source = special_from_hf_config(model_config), model_config_path
     else:
-      ids = special_from_hf_config(fileutil.read_json(model_config_path)) if model_config_path.is_file() else {}
+      ids, source = {}, f"{config_path} or {model_config_path} (neither exists)"
     self.bos_id, self.eos_id, self.pad_id = (ids.get(k, -1) for k in ("bos", "eos", "pad"))
     if self.eos_id < 0:
-      raise ValueError(f"{json_path}: no eos_token named by {config_path} (or, without that file, by the model's "
-                       f"config: the one read, else {model_config_path}); training and decoding need one.")
-    # As transformers does, a prompt starts with what the file's post-processor puts before a text, whether or not
-    # tokenizer_config.json names it the bos_token.
-    full, plain = (self.tok.encode("a", add_special_tokens=add).ids for add in (True, False))
-    starts = [k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain]
-    self.prompt_start = tuple(full[:starts[0]]) if starts else ()
+      raise ValueError(f"{json_path}: no eos token named by {source}; training and decoding need one.")
+    self.prompt_start = self._template_start()
     self.reserved_ids = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items()
                                   if t.special) - set(self.special().values()) - set(self.prompt_start)
+
+  def _template_start(self) -> tuple[int, ...]:
+    """What the file's post-processor puts before a text (Llama 3's BOS, BERT's [CLS]), whether or not
+    tokenizer_config.json names it the bos_token: transformers starts a prompt with it all the same."""
+    for probe in ("a", "0", "the", " "):
+      try:
+        full, plain = (self.tok.encode(probe, add_special_tokens=add).ids for add in (True, False))
+      except Exception:  # the tokenizers library raises plain Exceptions (e.g. a vocabulary without [UNK])
+        continue
+      if plain:
+        start = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), 0)
+        return tuple(full[:start])
+    raise ValueError(f"{self.path}: tokenizes none of the plain texts 'a', '0', 'the', ' '.")
 
   def _named_id(self, name: str, config_path) -> int:
     token = self._config.get(f"{name}_token")  # a string, an AddedToken dict or null
