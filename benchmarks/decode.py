@@ -115,15 +115,10 @@ def our_decode(model, inputs, n: int, sampling=None):
 
 
 def prefill_fn(cfg, max_new_tokens: int):
-  """The decode loop's prefill alone (image tower + decoder over image + prefix, filling a cache of room for
-  `max_new_tokens`, logits of each row's last prefix token), on the per-layer weights as `decode` runs it:
-  (logits, cache)."""
-  from vlm_jax.models.vlm import DecoderVLM, per_layer
-
-  def prefill(params, images, prefix, mask):
-    step_cfg, params = per_layer(cfg, params)
-    return DecoderVLM(step_cfg).apply(params, images, prefix, mask, max_new_tokens, method=DecoderVLM.start)
-  return prefill
+  """The decode loop's prefill alone (`decode.prefill`: image tower + decoder over image + prefix, filling a
+  cache of room for `max_new_tokens`, logits of each row's last prefix token): (logits, cache)."""
+  from vlm_jax import decode as decode_lib
+  return lambda params, *inputs: decode_lib.prefill(cfg, params, *inputs, max_new_tokens)[:2]
 
 
 def xla_prefill_flops(cfg, max_new_tokens: int, *args):

@@ -104,9 +104,32 @@ BEAM = dict(eos_id=-1, sampler="beam", beam_size=3, length_penalty=0.0, return_s
 
 
 def test_beam_size_1_equals_greedy(tiny_model, images):
-  greedy = tiny_model.generate_ids(images, PREFIX, N_NEW, eos_id=-1)
-  beam1 = tiny_model.generate_ids(images, PREFIX, N_NEW, eos_id=-1, sampler="beam", beam_size=1, length_penalty=0.0)
+  """`decode` runs beam_size 1 as greedy; beam search itself with one beam, on the model, agrees."""
+  m = tiny_model
+  greedy, greedy_score = m.generate_ids(images, PREFIX, N_NEW, eos_id=-1, length_penalty=0.0, return_scores=True)
+  logits, cache, extend = decode_lib.prefill(m.config, m.params, images, PREFIX, PREFIX > 0, N_NEW)
+  beam1, beam1_score = decode_lib.beam_loop(extend, logits, cache, beam_size=1, max_new_tokens=N_NEW,
+                                            length_penalty=0.0, eos_id=-1, pad_id=0)
   np.testing.assert_array_equal(greedy, beam1)
+  np.testing.assert_allclose(beam1_score, greedy_score, rtol=1e-5)
+
+
+def test_the_loop_stops_once_every_row_has_ended():
+  """No step runs after the last row's EOS (finished rows emit pads, so only counting steps shows this)."""
+  table, first = toy_case()
+  tokens = []
+
+  def extend(token_B, cache):
+    jax.debug.callback(lambda t: tokens.append(int(t[0])), token_B)
+    return table[token_B], cache
+  cache = {"steps": jnp.zeros((1,), jnp.int32)}
+  for eos, steps in ((EOS, [2]), (-1, [2, 1, 1])):  # greedy: 2 then EOS; without an EOS, to the length limit
+    tokens.clear()
+    out, _, _ = decode_lib.sample_loop(extend, first, cache, jax.random.key(0), max_new_tokens=4,
+                                       sampling=decode_lib.Sampling(), eos_id=eos, pad_id=0)
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    assert tokens == steps, eos
 
 
 def test_cached_decode_and_scores_equal_full_passes(model, images):

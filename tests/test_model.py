@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlm_jax import decode as decode_lib
 from vlm_jax.api import Model
 from vlm_jax.models.registry import get_model_config
 from vlm_jax.models.vit import ViT, resample_posemb, vit_config
@@ -119,13 +120,23 @@ def test_sampling_seeds_reproduce_and_top_k_1_is_greedy(model, images):
   greedy = model.generate_ids(images, prefix, 6, eos_id=-1)
   top1 = model.generate_ids(images, prefix, 6, sampler="sample", top_k=1, seed=5, eos_id=-1)
   np.testing.assert_array_equal(greedy, top1)
+  # generate_ids decodes top_k=1 as greedy (Sampling.stochastic); the sampling path itself, run with it, agrees.
+  class Sampled(decode_lib.Sampling):
+    stochastic = True
+  sampled = decode_lib.decode(model.config, model.params, images, prefix, prefix > 0, jax.random.key(5),
+                              max_new_tokens=6, sampling=Sampled(temperature=1.0, top_k=1), eos_id=-1)
+  np.testing.assert_array_equal(greedy, sampled)
 
 
-def test_logits_mask_restricts_output(model, images):
+@pytest.mark.parametrize("sampler", [dict(), dict(sampler="sample", temperature=2.0, seed=1),
+                                     dict(sampler="beam", beam_size=2)])
+def test_logits_mask_restricts_output(model, images, sampler):
   allowed = np.zeros(model.config.llm.vocab_size, bool)
   allowed[[30, 31]] = True
-  out = np.asarray(model.generate_ids(images, TOKENS[:, :4], 5, eos_id=-1, logits_mask=allowed))
+  out = np.asarray(model.generate_ids(images, TOKENS[:, :4], 5, eos_id=-1, logits_mask=allowed, **sampler))
   assert set(out.ravel()) <= {30, 31}
+  if sampler.get("sampler") == "sample":  # a draw, not the same token throughout
+    assert len(set(out.ravel())) == 2
 
 
 def test_resample_posemb_matches_scipy_zoom():

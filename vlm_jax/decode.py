@@ -295,6 +295,22 @@ def beam_loop(extend, logits_BV, cache, *, beam_size: int, max_new_tokens: int, 
   return best_BN, jnp.take_along_axis(all_score, best_B[:, None], axis=1)[:, 0]
 
 
+def prefill(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens: int):
+  """The loop's start: image and prefix in one pass, filling a KV cache with room for `max_new_tokens`. Returns
+  (logits of each row's first new token [B, V], the cache, extend), extend(token_B, cache) -> (logits_BV, cache)
+  running one step."""
+  # Each layer's weights and KV cache live in arrays of their own, split off once here: slicing them out of
+  # stacked [depth, ...] arrays inside the loop would copy every weight and the whole cache at every step.
+  cfg, params = per_layer(cfg, params)
+  model = model_for(cfg)
+  logits_BV, cache = model.apply(params, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens, method="start")
+
+  def extend(token_B, cache):
+    logits_B1V, cache = model.apply(params, token_B[:, None], cache, method="extend")
+    return logits_B1V[:, 0], cache
+  return logits_BV, cache, extend
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id", "pad_id",
                                              "return_scores"))
 def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, *, max_new_tokens: int,
@@ -310,16 +326,7 @@ def decode(cfg: VLMConfig, params, images_BHWC, prefix_BT, prefix_mask_BT, rng, 
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-  # Each layer's weights and KV cache live in arrays of their own, split off once here: slicing them out of
-  # stacked [depth, ...] arrays inside the loop would copy every weight and the whole cache at every step.
-  cfg, params = per_layer(cfg, params)
-  model = model_for(cfg)
-  logits_BV, cache = model.apply(params, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens, method="start")
-
-  def extend(token_B, cache):
-    logits_B1V, cache = model.apply(params, token_B[:, None], cache, method="extend")
-    return logits_B1V[:, 0], cache
-
+  logits_BV, cache, extend = prefill(cfg, params, images_BHWC, prefix_BT, prefix_mask_BT, max_new_tokens)
   common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, logits_mask_V=logits_mask_V)
   if sampling.beam_size > 1:
     out_BN, score_B = beam_loop(extend, logits_BV, cache, beam_size=sampling.beam_size,
