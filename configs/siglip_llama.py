@@ -28,16 +28,21 @@ from vlm_jax import config_util
 
 
 def get_config(arg=None):
+  given = config_util.arg_keys(arg)
   arg = config_util.parse_arg(arg, tiny=True, adapter="mlp", steps1=1800, steps2=300, llm="", img="",
                               tokenizer="", data="", images="", batch=256)
   adapter = dict(kind=arg.adapter, num_queries=16, num_heads=4)
   if arg.tiny:
+    config_util.refuse_args(given, ("llm", "img", "tokenizer", "data", "images", "batch"),
+                            "only with tiny=False (tiny trains a small model from scratch on the synthetic data).")
     c = config_util.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py") +
                                 f":steps1={arg.steps1},steps2={arg.steps2}")
     c.model = dict(img=dict(variant="Ti/8", depth=3, num_heads=4, width=128, mlp_dim=512, final_norm=False),
                    llm=dict(type="llama", width=128, depth=3, mlp_dim=512, num_heads=4, num_kv_heads=2, head_dim=32),
                    adapter=adapter, causal=True)
     return c
+  config_util.refuse_args(given, ("steps1", "steps2"), "only with tiny=True; set tiny=False's stage steps with "
+                          "--config.stages[0].steps=N.")
   c = ConfigDict()
   c.seed = 0
   c.tokenizer = arg.tokenizer or arg.llm  # by default the HF directory's own tokenizer.model or tokenizer.json

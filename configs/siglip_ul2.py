@@ -20,9 +20,12 @@ from vlm_jax import config_util
 
 
 def get_config(arg=None):
+  given = config_util.arg_keys(arg)
   arg = config_util.parse_arg(arg, tiny=True, steps1=1800, steps2=300, llm="", img="", tokenizer="", data="",
                               images="", batch=128, posemb="sincos2d", q_lr=32 ** -0.5)
   if arg.tiny:
+    config_util.refuse_args(given, ("llm", "img", "tokenizer", "data", "images", "batch"),
+                            "only with tiny=False (tiny trains a small model from scratch on the synthetic data).")
     c = config_util.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py") +
                                 f":steps1={arg.steps1},steps2={arg.steps2}")
     # The ViT head's image tokens get a fixed 2D sin-cos position embedding (adapters.py, posemb): T5's only
@@ -40,6 +43,8 @@ def get_config(arg=None):
     for stage in c.stages:
       stage["lr_mults"] = [("llm/.*q_einsum", arg.q_lr)]
     return c
+  config_util.refuse_args(given, ("steps1", "steps2", "posemb", "q_lr"), "only with tiny=True; set tiny=False's "
+                          "stage steps with --config.stages[0].steps=N.")
   c = ConfigDict()
   c.seed = 0
   c.tokenizer = arg.tokenizer

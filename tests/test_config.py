@@ -23,6 +23,21 @@ def test_unknown_config_argument():
     config_util.load_config(f"{TINY}:stepz=4")
 
 
+@pytest.mark.parametrize("name, arg, bad", [
+    ("siglip_llama", "llm=/ckpt/llama,steps1=3", "llm"),
+    ("siglip_llama", "tiny=False,llm=/ckpt/llama,steps1=3,steps2=2", "steps1, steps2"),
+    ("siglip_ul2", "data=/d.json,images=/img", "data, images"),
+    ("siglip_ul2", "tiny=False,llm=/ckpt/ul2,q_lr=0.1", "q_lr")])
+def test_a_config_refuses_arguments_its_variant_ignores(name, arg, bad):
+  """The LLaVA- and PaLI-3-style configs are a tiny synthetic recipe or a real one; an argument of the other is
+  refused rather than dropped (a tiny run with llm= used to train on the synthetic data without a word)."""
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  with pytest.raises(ValueError, match=rf"config arguments? {bad}: only with tiny="):
+    config_util.load_config(f"{path}:{arg}")
+  used = ",".join(item for item in arg.split(",") if item.partition("=")[0] not in bad.split(", "))
+  assert config_util.load_config(f"{path}:{used}").stages
+
+
 def test_overrides_are_typed_and_reach_nested_fields():
   c = config_util.load_config(TINY)
   config_util.apply_override(c, "seed", "7")

@@ -24,6 +24,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def arg_keys(arg: str | None) -> set[str]:
+  """The keys a `file.py:arg` text sets: "a=1,b" -> {"a", "b"}."""
+  return {item.partition("=")[0].strip() for item in filter(None, (arg or "").split(","))}
+
+
+def refuse_args(given: set[str], ignored, why: str):
+  """For a config whose variants use different arguments: the ones the chosen variant would ignore, if given
+  (`arg_keys`), are an error saying `why`, not a silent no-op."""
+  if bad := sorted(given & set(ignored)):
+    raise ValueError(f"config argument{'s' * (len(bad) > 1)} {', '.join(bad)}: {why}")
+
+
 def _parse_value(text: str, like, key: str):
   if isinstance(like, bool):
     if text.lower() not in ("true", "false", "1", "0"):
