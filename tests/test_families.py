@@ -236,5 +236,9 @@ def test_the_llava_config_takes_the_llm_directorys_tokenizer(hf_llama_dir, tmp_p
   tok = make_tokenizer(config)
   assert isinstance(tok, JSONTokenizer) and tok.path == str(llm / "tokenizer.json")
   assert tok.prompt_start == (tok.bos_id,)
+  # The model config keeps the tokenizer's special ids (not the HF config's): a model loaded later without its
+  # tokenizer files still stops at the EOS it was trained with.
+  cfg = build_model_config(normalize(config).model, tok)
+  assert (cfg.bos_id, cfg.eos_id, cfg.pad_id) == (tok.bos_id, tok.eos_id, None) and tok.pad_id < 0
   with pytest.raises(ValueError, match="config.tokenizer is empty"):
     make_tokenizer(config_util.load_config("configs/siglip_llama.py:tiny=False"))

@@ -108,6 +108,9 @@ def build_model_config(model_cfg, tokenizer=None) -> VLMConfig:
     raise ValueError("config.model needs a name, img + llm, or an init checkpoint to take the config from.")
   if tokenizer is not None and cfg.llm.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model vocab_size {cfg.llm.vocab_size} < tokenizer vocab size {tokenizer.vocab_size}.")
+  if tokenizer is not None:  # kept for the model loaded later without its tokenizer files (generate_ids, exports)
+    special = tokenizer.special()
+    cfg = dataclasses.replace(cfg, **{f"{k}_id": special.get(k) for k in ("bos", "eos", "pad")})
   if (image_token := model_cfg.get("image_token_id")) is not None:
     cfg = dataclasses.replace(cfg, image_token_id=int(image_token))
     check_image_token_id(cfg, tokenizer, "config.model.image_token_id",
