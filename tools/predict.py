@@ -51,8 +51,9 @@ def sampling_kwargs(args) -> dict:
 def add_load_flags(parser):
   parser.add_argument("--checkpoint", required=True, help="model directory, HF directory, .npz or training workdir")
   parser.add_argument("--model_config", help="model config name for a big_vision .npz (e.g. paligemma_3b_224)")
-  parser.add_argument("--tokenizer", help="SentencePiece model or HF tokenizer.json, if the checkpoint has none "
-                      "('synthetic' for the tokenizer of the shipped synthetic data)")
+  parser.add_argument("--tokenizer", help="SentencePiece model, HF tokenizer.json or a directory holding one, in "
+                      "place of the checkpoint's own ('synthetic': the shipped synthetic data's); default: the "
+                      "checkpoint's")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
 
 
@@ -63,6 +64,8 @@ def load_model(args, default_tokenizer=None, mesh=None):
   model = vlm_jax.load(args.checkpoint, dtype=args.dtype, config=args.model_config, mesh=mesh)
   if args.tokenizer:
     from vlm_jax.train_setup import make_tokenizer
+    if model.tokenizer is not None:
+      print(f"--tokenizer {args.tokenizer} replaces {args.checkpoint}'s own tokenizer.", file=sys.stderr)
     model.tokenizer = make_tokenizer({"tokenizer": args.tokenizer})
   if model.tokenizer is None and default_tokenizer is not None:
     model.tokenizer = default_tokenizer()
