@@ -88,7 +88,8 @@ def test_special_ids_from_the_model_config_beside_it(json_tokenizer, tmp_path):
   path, _ = json_tokenizer
   reference = tokenizer.load(path)
   (tmp_path / "tokenizer.json").write_bytes(open(path, "rb").read())
-  with pytest.raises(ValueError, match=r"no eos token named by .*tokenizer_config.json or .*config.json \(neither"):
+  with pytest.raises(ValueError, match=r"no eos token named by .*tokenizer_config.json, special_tokens_map.json or "
+                                      r".*config.json \(none exists"):
     make_tokenizer({"tokenizer": str(tmp_path)})
   (tmp_path / "config.json").write_text(json.dumps({"text_config": None, "bos_token_id": 1}))
   with pytest.raises(ValueError, match=r"no eos token named by .*config.json;"):
@@ -102,6 +103,33 @@ def test_special_ids_from_the_model_config_beside_it(json_tokenizer, tmp_path):
   (tmp_path / "tokenizer_config.json").write_bytes(open(os.path.join(os.path.dirname(path), "tokenizer_config.json"),
                                                         "rb").read())
   assert tokenizer.load(str(tmp_path), {"eos": 1}).special() == reference.special()
+
+
+@pytest.mark.parametrize("config, token_map", [
+    ({}, {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>", "special": True}}),
+    ({"bos_token": None, "eos_token": "<|end_of_text|>"}, {"bos_token": "<|begin_of_text|>"}),
+    ({"eos_token": "<|end_of_text|>"}, {"eos_token": "<|begin_of_text|>"}),
+    (None, {"eos_token": "<|end_of_text|>", "pad_token": "<|end_of_text|>"})])
+def test_special_tokens_map_names_special_tokens_as_in_transformers(tmp_path, config, token_map):
+  """Older HF repos name their special tokens in special_tokens_map.json, which transformers reads over
+  tokenizer_config.json; an export writes one tokenizer_config.json that transformers reads the same way."""
+  from transformers import AutoTokenizer
+  path = train_json_tokenizer(str(tmp_path / "src"))
+  os.makedirs(tmp_path / "tok")
+  (tmp_path / "tok" / "tokenizer.json").write_bytes(open(path, "rb").read())
+  if config is not None:
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                        **config}))
+  (tmp_path / "tok" / "special_tokens_map.json").write_text(json.dumps(token_map))
+  ours = tokenizer.load(str(tmp_path / "tok"))
+  expected = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+  expected = {k: v for k in ("bos", "eos", "pad") if (v := getattr(expected, f"{k}_token_id")) is not None}
+  assert ours.special() == expected
+  os.makedirs(tmp_path / "out")
+  for name, data in ours.hf_files("LlamaTokenizer").items():
+    (tmp_path / "out" / name).write_bytes(data)
+  exported = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+  assert {k: getattr(exported, f"{k}_token_id") for k in expected} == expected
 
 
 def test_prompt_start_is_the_template_s_whatever_the_vocabulary(tmp_path):

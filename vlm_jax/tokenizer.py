@@ -13,6 +13,7 @@ from etils import epath
 from vlm_jax import fileutil
 
 SENTENCEPIECE_FILE, JSON_FILE, JSON_CONFIG_FILE = "tokenizer.model", "tokenizer.json", "tokenizer_config.json"
+SPECIAL_MAP_FILE = "special_tokens_map.json"
 
 
 class _Base:
@@ -93,10 +94,10 @@ def special_from_hf_config(hf_config: dict) -> dict[str, int]:
 
 class JSONTokenizer(_Base):
   """A HuggingFace `tokenizer.json`, run by the `tokenizers` library that defines the format. Its special tokens
-  are those the `tokenizer_config.json` beside it names, as transformers reads them; without that file,
-  `default_special`'s ({"bos" / "eos" / "pad": id}, e.g. kept from a model's config.json), else those of the
-  model config.json beside it. encode adds no special tokens: the BOS comes from encode_prefix, where the file's
-  post-processor puts one (Llama 3's does, Qwen2's does not)."""
+  are those the `tokenizer_config.json` and `special_tokens_map.json` beside it name (the latter winning), as
+  transformers reads them; without either file, `default_special`'s ({"bos" / "eos" / "pad": id}, e.g. kept from
+  a model's config.json), else those of the model config.json beside it. encode adds no special tokens: the BOS
+  comes from encode_prefix, where the file's post-processor puts one (Llama 3's does, Qwen2's does not)."""
 
   def __init__(self, json_path: str, default_special: dict | None = None):
     import tokenizers
@@ -111,18 +112,20 @@ class JSONTokenizer(_Base):
     self.tok.no_padding()
     config_path = epath.Path(json_path).parent / JSON_CONFIG_FILE
     model_config_path = epath.Path(json_path).parent / "config.json"
-    self._config = fileutil.read_json(config_path) if config_path.is_file() else None
+    named = [(path, _read_object(path)) for path in (config_path, config_path.parent / SPECIAL_MAP_FILE)
+             if path.is_file()]
+    # One tokenizer_config.json holding what both files say (exports write it alone), where a token written as a
+    # dict needs the type tag special_tokens_map.json leaves out.
+    self._config = {k: _tag_added_tokens(v) for _, d in named for k, v in d.items()} if named else None
     if self._config is not None:
-      ids, source = {name: self._named_id(name, config_path) for name in ("bos", "eos", "pad")}, config_path
+      source = " + ".join(str(path) for path, _ in named)
+      ids = {name: self._named_id(name, source) for name in ("bos", "eos", "pad")}
     elif default_special:
       ids, source = {k: v for k, v in default_special.items() if v is not None}, "the model's config"
     elif model_config_path.is_file():
-      model_config = fileutil.read_json(model_config_path)
-      if not isinstance(model_config, dict):
-        raise ValueError(f"{model_config_path}: expected a JSON object (a model config), got {model_config!r:.80}.")
-      ids, source = special_from_hf_config(model_config), model_config_path
+      ids, source = special_from_hf_config(_read_object(model_config_path)), model_config_path
     else:
-      ids, source = {}, f"{config_path} or {model_config_path} (neither exists)"
+      ids, source = {}, f"{config_path}, {SPECIAL_MAP_FILE} or {model_config_path} (none exists)"
     self.bos_id, self.eos_id, self.pad_id = (ids.get(k, -1) for k in ("bos", "eos", "pad"))
     if self.eos_id < 0:
       raise ValueError(f"{json_path}: no eos token named by {source}; training and decoding need one.")
@@ -143,15 +146,15 @@ class JSONTokenizer(_Base):
         return tuple(full[:start])
     raise ValueError(f"{self.path}: tokenizes none of the plain texts 'a', '0', 'the', ' '.")
 
-  def _named_id(self, name: str, config_path) -> int:
+  def _named_id(self, name: str, source: str) -> int:
     token = self._config.get(f"{name}_token")  # a string, an AddedToken dict or null
     token = token.get("content") if isinstance(token, dict) else token
     if token is None:
       return -1
     if not isinstance(token, str):
-      raise ValueError(f"{config_path}: {name}_token must be a token string, got {token!r}.")
+      raise ValueError(f"{source}: {name}_token must be a token string, got {token!r}.")
     if (i := self.tok.token_to_id(token)) is None:
-      raise ValueError(f"{config_path}: {name}_token {token!r} is not a token of {self.path}.")
+      raise ValueError(f"{source}: {name}_token {token!r} is not a token of {self.path}.")
     return i
 
   @property
@@ -167,7 +170,8 @@ class JSONTokenizer(_Base):
     return self.tok.decode(ids, skip_special_tokens=False)
 
   def files(self) -> dict[str, bytes]:
-    """tokenizer.json and a tokenizer_config.json: the original (chat template and all), else the special tokens."""
+    """tokenizer.json and a tokenizer_config.json: the original (chat template and all, with what a
+    special_tokens_map.json beside it said), else one naming the special tokens."""
     config = self._config or {f"{k}_token": self.tok.id_to_token(i) for k, i in self.special().items()}
     return {JSON_FILE: self._json, JSON_CONFIG_FILE: json.dumps(config, indent=2).encode()}
 
@@ -197,6 +201,20 @@ def from_dir(path, default_special: dict | None = None) -> "SentencePieceTokeniz
     if (epath.Path(path) / name).is_file():
       return load(str(epath.Path(path) / name), default_special)
   return None
+
+
+def _tag_added_tokens(value):
+  if isinstance(value, list):
+    return [_tag_added_tokens(v) for v in value]
+  if isinstance(value, dict) and "content" in value:
+    return {"__type": "AddedToken", **value}
+  return value
+
+
+def _read_object(path) -> dict:
+  if not isinstance(value := fileutil.read_json(path), dict):
+    raise ValueError(f"{path}: expected a JSON object, got {value!r:.80}.")
+  return value
 
 
 def _read(path, what: str) -> bytes:
