@@ -113,7 +113,8 @@ def test_every_entry_point_takes_a_training_workdir_as_its_exported_model(model,
   model.save(str(workdir / "model"))
   assert vlm_jax.load(str(workdir)).config == model.config
   model_cfg = ml_collections.ConfigDict({"init": str(workdir)})
-  assert train_setup.build_model_config(model_cfg, model.tokenizer) == model.config
+  special = {f"{k}_id": v for k, v in model.tokenizer.special().items()}  # kept from the tokenizer
+  assert train_setup.build_model_config(model_cfg, model.tokenizer) == dataclasses.replace(model.config, **special)
   config = ml_collections.ConfigDict({"model": {"init": str(workdir)}, "seed": 0})
   params = train_setup.initial_params(config, model.config, log=lambda *_: None)
   np.testing.assert_array_equal(params["llm"]["final_norm"]["scale"],
