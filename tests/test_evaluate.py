@@ -54,6 +54,21 @@ def test_decoded_metrics_match_generate_and_the_metric_functions(model):
   assert res["cider"] == pytest.approx(np.mean(metrics.cider(expected, answers)))
   tasks = {src[i]["task"] for i in range(7)}
   assert {f"exact_match/{t}" for t in tasks} <= set(res)
+  assert "truncated" not in res and "WARNING" not in evaluate.summary(res)
+
+
+def test_cut_prompts_and_texts_are_counted_and_reported(model):
+  """An evaluator's prompts longer than prefix_len lose their end (the separator too), texts longer than
+  text_len part of their answers: the results count them and the summary says which limit to raise."""
+  res = evaluate.evaluate(model.config, model.params, model.tokenizer,
+                          eval_cfg(metrics=["exact_match", "loss"], prefix_len=4, text_len=8))
+  src = SyntheticSource(**{k: v for k, v in DATA.items() if k != "kind"})
+  prompts = sum(len(model.tokenizer.encode_prefix(src[i]["turns"][0][0])) > 4 for i in range(7))
+  texts = sum(tokenize_turns(model.tokenizer, src[i]["turns"], 8).truncated for i in range(7))
+  assert 0 < prompts <= 7 and 0 < texts <= 7
+  assert res["truncated"] == {"prompts": prompts, "texts": texts, "prefix_len": 4, "text_len": 8}
+  assert (f"WARNING: {prompts} of 7 prompts longer than prefix_len 4, cut" in evaluate.summary(res)
+          and f"{texts} of 7 texts longer than text_len 8" in evaluate.summary(res))
 
 
 def test_perplexity_is_the_teacher_forced_answer_loss(model):

@@ -105,6 +105,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
                                                  lambda index: np.asarray(x)[index])
     fetch = lambda x: np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
   records = []
+  truncated = collections.Counter()  # prompts cut to prefix_len, texts cut to text_len
   passes = int(bool(decoded)) + int(len(decoded) < len(metric_names))
   done = 0
 
@@ -119,6 +120,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
     prefix_len, max_new = int(eval_cfg.get("prefix_len", 32)), int(eval_cfg.get("max_new_tokens", 16))
     for examples, real in _batches(source, n, batch_size):
       prefix = [tokenize_prefix(tokenizer, ex["turns"][0][0], prefix_len) for ex in examples]
+      truncated["prompts"] += sum(p[2] for p in prefix[:real])
       # Example i samples with fold_in(key(seed), i): the same predictions whatever the batch size or mesh.
       rows = np.asarray(jax.random.key_data(decode_lib.fold_rows(jax.random.key(seed),
                                                                  len(records) + jnp.arange(batch_size))))
@@ -146,6 +148,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
     text_len, i = int(eval_cfg.get("text_len", 64)), 0
     for examples, real in _batches(source, n, batch_size):
       tok = [tokenize_turns(tokenizer, ex["turns"], text_len) for ex in examples]
+      truncated["texts"] += sum(t.truncated for t in tok[:real])
       arrays = [put(np.stack([getattr(t, f) for t in tok])) for f in ("tokens", "mask_ar", "mask_loss", "mask_input")]
       nll, count = map(fetch, answer_nll(model_cfg, params, put(_images(examples, size)), *arrays))
       for r, s, c in zip(records[i:i + real], nll[:real], count[:real]):
@@ -154,6 +157,9 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
       tick(real)
 
   out = {"name": eval_cfg.get("name", "eval"), "num_examples": n}
+  if cut := {k: v for k, v in truncated.items() if v}:  # prompts lost their ends ("\n" too), answers went unscored
+    out["truncated"] = {**cut, "prefix_len": prefix_len if decoded else None,
+                        "text_len": text_len if len(decoded) < len(metric_names) else None}
   out.update(summarize(records, metric_names))
   out["predictions"] = records
   return out
@@ -179,5 +185,11 @@ def summarize(records, metric_names) -> dict:
 
 
 def summary(result: dict) -> str:
-  keys = [k for k in result if k not in ("predictions", "name", "num_examples") and "/" not in k]
-  return ", ".join(f"{k} {result[k]:.4f}" for k in keys if not math.isnan(result[k]))
+  keys = [k for k in result if k not in ("predictions", "name", "num_examples", "truncated") and "/" not in k]
+  text = ", ".join(f"{k} {result[k]:.4f}" for k in keys if not math.isnan(result[k]))
+  cut = result.get("truncated", {})
+  for what, limit in (("prompts", "prefix_len"), ("texts", "text_len")):
+    if cut.get(what):
+      text += (f"; WARNING: {cut[what]} of {result['num_examples']} {what} longer than {limit} {cut[limit]}, cut"
+               f" (raise the evaluator's {limit})")
+  return text

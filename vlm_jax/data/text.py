@@ -45,9 +45,11 @@ def tokenize_turns(tokenizer, turns, length: int) -> Tokenized:
 
 
 def tokenize_prefix(tokenizer, prompt: str, length: int):
-  """(tokens, mask) int32 [length]: [BOS] + prompt + "\\n" (`encode_prefix`), right-padded, for decoding."""
-  ids = tokenizer.encode_prefix(prompt)[:length]
+  """(tokens, mask, truncated): int32 [length] [BOS] + prompt + "\\n" (`encode_prefix`), right-padded, for
+  decoding; whether it was cut to fit."""
+  ids = tokenizer.encode_prefix(prompt)
+  truncated, ids = len(ids) > length, ids[:length]
   tokens = np.full(length, tokenizer.pad_id, np.int32)
   mask = np.zeros(length, np.int32)
   tokens[:len(ids)], mask[:len(ids)] = ids, 1
-  return tokens, mask
+  return tokens, mask, truncated
