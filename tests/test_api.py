@@ -7,6 +7,7 @@ from PIL import Image
 
 import vlm_jax
 from vlm_jax.api import Model
+from vlm_jax.data.image import to_model_input
 from vlm_jax.models.registry import get_model_config
 from vlm_jax.models.vlm import init_params
 from vlm_jax.tokenizer import SentencePieceTokenizer
@@ -86,6 +87,33 @@ def test_hf_export_carries_a_tokenizer_transformers_reads(model, tmp_path):
   assert hf_tok(text)["input_ids"] == [model.tokenizer.bos_id] + model.tokenizer.encode(text)
   reloaded = vlm_jax.load(str(tmp_path / "hf"))
   assert reloaded.tokenizer is not None and reloaded.tokenizer.encode(text) == model.tokenizer.encode(text)
+
+
+def test_hf_export_runs_in_transformers_with_its_processor(tmp_path):
+  """AutoProcessor reads the export: its PaliGemmaProcessor makes our input ids (image tokens, BOS, prompt, newline)
+  and pixels (from an image of another size and mode), and greedy generation in transformers gives our text. (With
+  the main job's tokenizer: the small test one has no newline piece, which transformers' conversion of it adds.)"""
+  import torch
+  from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+  from vlm_jax.data.synthetic import synthetic_tokenizer
+  tok, cfg = synthetic_tokenizer(), get_model_config("tiny")
+  cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=tok.vocab_size + 64))
+  model = Model(cfg, randomize(init_params(cfg), seed=4), tok)
+  model.save_hf(str(tmp_path / "hf"))
+  processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
+  image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (45, 31), np.uint8))  # grey, not square
+  prompt = "caption en"
+  inputs = processor(text="<image>" + prompt, images=image, return_tensors="pt")
+  n_image = model.config.img.num_patches
+  assert inputs["input_ids"][0].tolist() == [processor.image_token_id] * n_image + model.tokenizer.encode_prefix(
+      prompt)
+  ours = to_model_input([image], model.image_size)[0]
+  np.testing.assert_allclose(inputs["pixel_values"][0].permute(1, 2, 0).numpy(), ours, atol=1e-6)
+  hf_model = PaliGemmaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+  with torch.inference_mode():
+    out = hf_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+  theirs = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+  assert theirs == model.generate([image], [prompt], max_new_tokens=6)[0] and theirs
 
 
 def test_generate_without_tokenizer_is_a_clear_error():

@@ -18,7 +18,7 @@ from vlm_jax.convert import safetensors_io
 from vlm_jax.models.gemma import GemmaConfig
 from vlm_jax.models.vit import ViTConfig
 from vlm_jax.models.vlm import VLMConfig, special_ids
-from vlm_jax.tokenizer import special_from_hf_config
+from vlm_jax.tokenizer import JSON_CONFIG_FILE, special_from_hf_config
 
 V = "vision_tower."
 T = "language_model."
@@ -324,7 +324,12 @@ def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | N
 def _write_hf_files(out_dir, hf_config, config, params, tokenizer, dtype, max_shard_bytes):
   flat = {k: np.asarray(jax.device_get(v)) for k, v in treeutil.flatten(params["params"]).items()}
   write_weights(out_dir, params_to_hf(flat, config), dtype, max_shard_bytes)
-  write_config_and_tokenizer(out_dir, hf_config, tokenizer, special_ids(config, tokenizer) or GEMMA_SPECIAL_IDS)
+  if tokenizer is not None and tokenizer.vocab_size <= config.llm.vocab_size:
+    # transformers' PaliGemmaProcessor appends its <image> token to the tokenizer: mark image positions with that
+    # id (as HF's own PaliGemma checkpoints do), and write the processor files that make it.
+    hf_config["image_token_index"] = tokenizer.vocab_size
+  write_config_and_tokenizer(out_dir, hf_config, tokenizer, special_ids(config, tokenizer) or GEMMA_SPECIAL_IDS,
+                             processor="PaliGemmaProcessor" if tokenizer is not None else None)
 
 
 def write_weights(out_dir: str, tensors: dict, dtype: str, max_shard_bytes: int):
@@ -361,15 +366,41 @@ def special_ids_from_hf(hf_config: dict) -> dict:
 
 
 def write_config_and_tokenizer(out_dir: str, hf_config: dict, tokenizer, special: dict,
-                               tokenizer_class: str = "GemmaTokenizer"):
+                               tokenizer_class: str = "GemmaTokenizer", processor: str | None = None):
   """config.json (the `special` {"pad" / "eos" / "bos": id} in its text_config), generation_config.json and the
   tokenizer's files: a SentencePiece model declared as the model family's `tokenizer_class`, a tokenizer.json
-  with its own tokenizer_config.json (`JSONTokenizer.hf_files`)."""
+  with its own tokenizer_config.json (`JSONTokenizer.hf_files`); with a `processor` class, what transformers'
+  AutoProcessor reads too (`processor_files`)."""
   hf_config["text_config"].update({f"{k}_token_id": v for k, v in special.items()})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
     json.dump({f"{k}_token_id": v for k, v in special.items()}, f, indent=2)
-  for name, data in (tokenizer.hf_files(tokenizer_class) if tokenizer is not None else {}).items():
+  files = tokenizer.hf_files(tokenizer_class) if tokenizer is not None else {}
+  if processor and tokenizer is not None:
+    files.update(processor_files(hf_config, tokenizer, files, processor))
+  for name, data in files.items():
     with open(os.path.join(out_dir, name), "wb") as f:
       f.write(data)
+
+
+def processor_files(hf_config: dict, tokenizer, files: dict, processor: str) -> dict[str, bytes]:
+  """preprocessor_config.json (a SigLIP image processor making the pixels `data.image.to_rgb_array` makes: a
+  bilinear resize, then x / 127.5 - 1) and the tokenizer_config.json of `files` with an `<image>` token at the
+  config's image_token_index, which must be the id right after the tokenizer's vocabulary: transformers appends
+  added tokens there, whatever id a file asks for. Nothing where it is not."""
+  image_token, size = hf_config["image_token_index"], hf_config["vision_config"]["image_size"]
+  if image_token != tokenizer.vocab_size:
+    return {}
+  config = json.loads(files[JSON_CONFIG_FILE])
+  config["added_tokens_decoder"] = {**config.get("added_tokens_decoder", {}), str(image_token): {
+      "content": "<image>", "special": True, "normalized": False, "lstrip": False, "rstrip": False,
+      "single_word": False}}
+  config["extra_special_tokens"] = {**config.get("extra_special_tokens", {}), "image_token": "<image>"}
+  image_processor = {"image_processor_type": "SiglipImageProcessor", "processor_class": processor,
+                     "image_seq_length": hf_config["vision_config"]["num_image_tokens"], "do_convert_rgb": True,
+                     "do_resize": True, "size": {"height": size, "width": size}, "resample": 2,  # PIL bilinear
+                     "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+                     "image_std": [0.5] * 3}
+  return {JSON_CONFIG_FILE: json.dumps(config, indent=2).encode(),
+          "preprocessor_config.json": json.dumps(image_processor, indent=2).encode()}
