@@ -26,8 +26,9 @@ def test_stage_transition_freezing_and_resampling(tmp_path):
   c = th.small_config(steps=(3, 2))
   c.stages[0]["frozen"] = ["img"]
   c.stages[1]["frozen"] = ["img/pos_embedding"]
-  workdir = str(tmp_path)
-  train_lib.train(c, workdir, log=QUIET)
+  workdir, lines = str(tmp_path), []
+  train_lib.train(c, workdir, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+  assert [x for x in lines if "resampling" in x] == ["stage 1: resampling position embeddings from 2x2 to 4x4"]
 
   cfg = normalize(c)
   model0 = model_for_stage(build_model_config(cfg.model, make_tokenizer(cfg)), cfg.stages[0])

@@ -169,7 +169,7 @@ def train(config, workdir: str, log=print) -> dict:
   if resume:
     log(f"resuming from step {global_step} (stage {resume['stage']}, step {resume['stage_step']} in the stage)")
   preempted = _Preempted()
-  params = None
+  params, grid = None, None
   results = {}
   try:
     for index, stage_cfg in enumerate(config.stages):
@@ -188,8 +188,8 @@ def train(config, workdir: str, log=print) -> dict:
       else:
         if params is None:
           params = initial_params(config, stage.model_cfg, log)
-        else:
-          log(f"stage {index}: resampling position embeddings to {stage.model_cfg.img.grid}x"
+        elif grid != stage.model_cfg.img.grid:
+          log(f"stage {index}: resampling position embeddings from {grid}x{grid} to {stage.model_cfg.img.grid}x"
               f"{stage.model_cfg.img.grid}")
         params = _place(params, stage, mesh)
         trainable, _ = split_params(params, stage.frozen)
@@ -199,6 +199,7 @@ def train(config, workdir: str, log=print) -> dict:
           f"{n_params - len(stage.frozen)} trainable param tensors")
       params, global_step, stopped = _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts,
                                                 metrics_log, preempted, tokenizer, log)
+      grid = stage.model_cfg.img.grid  # the position embeddings' grid in params
       if stopped:
         raise Preempted(f"stopped by SIGTERM at step {global_step}; re-run to resume")
     ckpts.wait()
