@@ -75,8 +75,9 @@ class SentencePieceTokenizer(_Base):
   def hf_files(self, sentencepiece_class: str) -> dict[str, bytes]:
     """The files of a HF export: the model, declared as the model family's SentencePiece class (GemmaTokenizer,
     LlamaTokenizer), with its special tokens."""
-    config = {"tokenizer_class": sentencepiece_class, "add_bos_token": bool(self.prompt_start), "add_eos_token":
-              False, **{f"{k}_token": self.sp.IdToPiece(v) for k, v in self.special().items()}}
+    special = {f"{k}_token": self.sp.IdToPiece(v) for k, v in self.special().items()}
+    config = {"tokenizer_class": sentencepiece_class, "add_bos_token": bool(self.prompt_start),
+              "add_eos_token": False, **special}
     return {**self.files(), JSON_CONFIG_FILE: json.dumps(config, indent=2).encode()}
 
 
