@@ -14,6 +14,7 @@ may resume on another mesh or number of processes.
 import dataclasses
 import io
 import json
+import math
 import signal
 import time
 
@@ -169,7 +170,7 @@ def train(config, workdir: str, log=print) -> dict:
   if resume:
     log(f"resuming from step {global_step} (stage {resume['stage']}, step {resume['stage_step']} in the stage)")
   preempted = _Preempted()
-  params, grid = None, None
+  params = None
   results = {}
   try:
     for index, stage_cfg in enumerate(config.stages):
@@ -188,7 +189,8 @@ def train(config, workdir: str, log=print) -> dict:
       else:
         if params is None:
           params = initial_params(config, stage.model_cfg, log)
-        elif grid != stage.model_cfg.img.grid:
+        elif (patches := params["img"]["pos_embedding"].shape[1]) != stage.model_cfg.img.num_patches:
+          grid = math.isqrt(patches)  # resample_for (in _place) resamples exactly then
           log(f"stage {index}: resampling position embeddings from {grid}x{grid} to {stage.model_cfg.img.grid}x"
               f"{stage.model_cfg.img.grid}")
         params = _place(params, stage, mesh)
@@ -199,7 +201,6 @@ def train(config, workdir: str, log=print) -> dict:
           f"{n_params - len(stage.frozen)} trainable param tensors")
       params, global_step, stopped = _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts,
                                                 metrics_log, preempted, tokenizer, log)
-      grid = stage.model_cfg.img.grid  # the position embeddings' grid in params
       if stopped:
         raise Preempted(f"stopped by SIGTERM at step {global_step}; re-run to resume")
     ckpts.wait()
