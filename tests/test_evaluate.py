@@ -71,6 +71,14 @@ def test_cut_prompts_and_texts_are_counted_and_reported(model):
           and f"{texts} of 7 texts longer than text_len 8" in evaluate.summary(res))
 
 
+def test_progress_counts_each_pass_over_the_examples(model):
+  calls = []
+  evaluate.evaluate(model.config, model.params, model.tokenizer, eval_cfg(metrics=["exact_match", "loss"]),
+                    progress=lambda *a: calls.append(a))
+  assert calls == [("decode", 3, 7), ("decode", 6, 7), ("decode", 7, 7),
+                   ("teacher-forced", 3, 7), ("teacher-forced", 6, 7), ("teacher-forced", 7, 7)]
+
+
 def test_perplexity_is_the_teacher_forced_answer_loss(model):
   res = evaluate.evaluate(model.config, model.params, model.tokenizer,
                           eval_cfg(metrics=["loss", "perplexity"], text_len=20))
@@ -144,6 +152,8 @@ def test_eval_and_predict_clis(model, checkpoint, tmp_path):
   assert proc.returncode == 0, proc.stderr
   res = json.loads(out.read_text())["val"]
   assert res["num_examples"] == 5 and len(res["predictions"]) == 5 and "perplexity" in res
+  assert "eval val (decode): 100%" in proc.stderr and "5/5" in proc.stderr
+  assert "eval val (teacher-forced): 100%" in proc.stderr
   ref = evaluate.evaluate(model.config, model.params, model.tokenizer, ml_collections.ConfigDict(dict(
       name="val", data=dict(kind="synthetic", split="val", num_examples=300, seed=0, grid=2, image_size=48),
       metrics=["exact_match", "perplexity"], batch_size=100, max_new_tokens=12, prefix_len=12, num_examples=5)))

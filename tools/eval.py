@@ -87,12 +87,19 @@ def main(argv=None) -> int:
   try:
     for eval_cfg in evals:
       name = eval_cfg.get("name", "eval")
-      with tqdm(desc=f"eval {name}", unit="ex", file=sys.stderr, dynamic_ncols=True) as bar:
-        def progress(done, total):
-          bar.total = total
-          bar.update(done - bar.n)
-        res = evaluate.evaluate(model.config, model.params, model.tokenizer, eval_cfg, progress=progress,
-                                  mesh=model.mesh)
+      bars = {}
+
+      def progress(phase, done, total):  # a bar for each pass over the examples
+        if phase not in bars:
+          for bar in bars.values():
+            bar.close()
+          bars[phase] = tqdm(desc=f"eval {name} ({phase})", total=total, unit="ex", file=sys.stderr,
+                             dynamic_ncols=True)
+        bars[phase].update(done - bars[phase].n)
+      res = evaluate.evaluate(model.config, model.params, model.tokenizer, eval_cfg, progress=progress,
+                              mesh=model.mesh)
+      for bar in bars.values():
+        bar.close()
       print(f"{name}: {evaluate.summary(res)} ({res['num_examples']} examples)")
       results[name] = res
   except (ValueError, FileNotFoundError) as e:

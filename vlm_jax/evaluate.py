@@ -79,7 +79,8 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
 
   Returns {"name", "num_examples", metric: mean over examples (corpus-level for cider), f"{metric}/{task}",
   "predictions": one record per example (id, task, prompt, answers, prediction, its score under each metric)}.
-  `progress(done, total)` is called after each batch. With a `mesh`, each batch (rounded up to a multiple of
+  `progress(phase, done, n)` is called after each batch of each pass over the data: phase "decode" for the
+  decoded metrics, then "teacher-forced" for loss / perplexity. With a `mesh`, each batch (rounded up to a multiple of
   the data x fsdp size) is split over its data axes; params are placed by the caller (`Model.shard`, or the
   training loop). In a multi-process run every process calls this with the same config and gets every result.
   """
@@ -106,14 +107,6 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
     fetch = lambda x: np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
   records = []
   truncated = collections.Counter()  # prompts cut to prefix_len, texts cut to text_len
-  passes = int(bool(decoded)) + int(len(decoded) < len(metric_names))
-  done = 0
-
-  def tick(k):
-    nonlocal done
-    done += k
-    if progress:
-      progress(done, n * passes)
 
   if decoded:
     sampling, seed = sampling_of(eval_cfg)
@@ -131,7 +124,8 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
       for ex, row in zip(examples[:real], fetch(ids)[:real]):
         records.append({"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0],
                         "answers": answers_of(ex), "prediction": tokenizer.decode(row)})
-      tick(real)
+      if progress:
+        progress("decode", len(records), n)
   else:
     records = [{"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0], "answers": answers_of(ex)}
                for ex in (source[i] for i in range(n))]
@@ -154,7 +148,8 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
       for r, s, c in zip(records[i:i + real], nll[:real], count[:real]):
         r["nll"], r["answer_tokens"] = float(s), int(c)
       i += real
-      tick(real)
+      if progress:
+        progress("teacher-forced", i, n)
 
   out = {"name": eval_cfg.get("name", "eval"), "num_examples": n}
   if cut := {k: v for k, v in truncated.items() if v}:  # prompts lost their ends ("\n" too), answers went unscored
