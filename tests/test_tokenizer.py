@@ -99,6 +99,10 @@ def test_special_ids_from_the_model_config_beside_it(json_tokenizer, tmp_path):
   tok = make_tokenizer({"tokenizer": str(tmp_path)})
   assert tok.special() == reference.special() and tok.encode_prefix(TEXTS[0]) == reference.encode_prefix(TEXTS[0])
   assert tokenizer.load(str(tmp_path / "tokenizer.json"), {"eos": 1}).special() == {"eos": 1}
+  (tmp_path / "config.json").write_text(json.dumps({**ids, "pad_token_id": reference.vocab_size}))
+  with pytest.raises(ValueError, match=rf"special token ids {{'pad': {reference.vocab_size}}} from .*config.json are "
+                                       rf"outside its vocabulary of {reference.vocab_size}"):
+    make_tokenizer({"tokenizer": str(tmp_path)})
   (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1, "pad_token_id": 2}))
   (tmp_path / "tokenizer_config.json").write_bytes(open(os.path.join(os.path.dirname(path), "tokenizer_config.json"),
                                                         "rb").read())

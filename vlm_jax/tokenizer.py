@@ -128,6 +128,9 @@ class JSONTokenizer(_Base):
     else:
       ids, source = {}, f"{config_path}, {SPECIAL_MAP_FILE} or {model_config_path} (none exists)"
     self.bos_id, self.eos_id, self.pad_id = (ids.get(k, -1) for k in ("bos", "eos", "pad"))
+    if bad := {k: i for k, i in ids.items() if not -1 <= i < self.vocab_size}:
+      raise ValueError(f"{json_path}: special token ids {bad} from {source} are outside its vocabulary of "
+                       f"{self.vocab_size}: a config of another model?")
     if self.eos_id < 0:
       raise ValueError(f"{json_path}: no eos token named by {source}; training and decoding need one.")
     self.prompt_start = self._template_start()
