@@ -148,14 +148,6 @@ def test_resample_posemb_matches_scipy_zoom():
   np.testing.assert_array_equal(resample_posemb(posemb, 4), posemb)
 
 
-@pytest.mark.parametrize("pool,shape", [("none", (2, 4, 32)), ("map", (2, 32)), ("gap", (2, 32))])
-def test_vit_pooling(pool, shape):
-  vit = ViT(vit_config("mu/14", image_size=28, pool=pool))
-  x = jnp.zeros((2, 28, 28, 3))
-  params = vit.init(jax.random.key(0), x)
-  assert vit.apply(params, x).shape == shape
-
-
 def test_vit_variants_and_patch_sizes():
   cfg = vit_config("So400m/14", image_size=224)
   assert (cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.num_patches) == (1152, 27, 4304, 16, 256)

@@ -34,7 +34,6 @@ PARAM_RULES = (
     (r"img/.*/Dense_0/bias", ("mlp",)),
     (r"img/.*/Dense_1/kernel", ("mlp", "embed")),
     (r"img/.*/(bias|scale)", ("embed",)),
-    (r"img/MAPHead_0/probe", (None, None, "embed")),
     (r"img/head/kernel", ("embed", "mlp")),
     (r"img/head/bias", ("mlp",)),
     (r"llm/embedder/input_embedding", ("vocab", "embed")),

@@ -85,14 +85,12 @@ def config_from_hf(hf: dict, source: str = "config.json") -> VLMConfig:
   img = ViTConfig(width=v["hidden_size"], depth=v["num_hidden_layers"], mlp_dim=v["intermediate_size"],
                   num_heads=v["num_attention_heads"], patch_size=v["patch_size"],
                   image_size=v.get("image_size", 224), layernorm_eps=v.get("layer_norm_eps", 1e-6),
-                  pool="none", head_dim_out=width)
+                  head_dim_out=width)
   return VLMConfig(img=img, llm=llm, name=hf.get("_name_or_path", ""), **special_ids_from_hf(hf))
 
 
 def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> dict:
   img, llm = cfg.img, cfg.llm
-  if img.pool != "none":
-    raise ValueError(f"HF PaliGemma has no pooled vision tower; this model uses pool={img.pool!r}.")
   gemma2 = llm.post_norms
   text = {
       "model_type": "gemma2" if gemma2 else "gemma", "hidden_size": llm.width, "intermediate_size": llm.mlp_dim,

@@ -42,16 +42,16 @@ def config_from_hf(c: dict, source: str = "config.json") -> VLMConfig:
   llm = hf_llama.config_from_hf(c["text_config"], source=f"{source} (text_config)")
   img = ViTConfig(width=v["hidden_size"], depth=v["num_hidden_layers"], mlp_dim=v["intermediate_size"],
                   num_heads=v["num_attention_heads"], patch_size=v["patch_size"], image_size=v.get("image_size", 224),
-                  layernorm_eps=v.get("layer_norm_eps", 1e-6), pool="none", head_dim_out=None, final_norm=False)
+                  layernorm_eps=v.get("layer_norm_eps", 1e-6), head_dim_out=None, final_norm=False)
   image_token = c.get("image_token_index", c.get("image_token_id"))
   return VLMConfig(img=img, llm=llm, name=c.get("_name_or_path", ""), adapter=AdapterConfig("mlp"), causal=True,
                    image_token_id=image_token, **hf.special_ids_from_hf(c))
 
 
 def config_to_hf(cfg: VLMConfig, dtype: str = "float32", tokenizer=None) -> dict:
-  if not is_llava(cfg) or not cfg.causal or cfg.img.final_norm or cfg.img.pool != "none":
+  if not is_llava(cfg) or not cfg.causal or cfg.img.final_norm:
     raise ValueError("a LLaVA export needs a Llama-family LLM, the mlp adapter, causal=True and ViT features "
-                     "before the final norm (img.final_norm=False, pool none).")
+                     "before the final norm (img.final_norm=False).")
   check_image_token_id(cfg, tokenizer, "a LLaVA export: config.image_token_id",
                        " Train with config.model.image_token_id (and model.llm.vocab_size above the tokenizer's, "
                        "to make room), or set it on a loaded model: model.config = "

@@ -13,7 +13,7 @@ PALIGEMMA_VOCAB = 256_000 + 1024 + 128  # Gemma + <locNNNN> + <segNNN>
 
 def paligemma(llm_variant: str, res: int, name: str) -> VLMConfig:
   llm = gemma_config(llm_variant, vocab_size=PALIGEMMA_VOCAB)
-  img = vit_config("So400m/14", image_size=res, pool="none", head_dim_out=llm.width)
+  img = vit_config("So400m/14", image_size=res, head_dim_out=llm.width)
   return VLMConfig(img=img, llm=llm, name=name)
 
 

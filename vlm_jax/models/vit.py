@@ -40,7 +40,6 @@ class ViTConfig:
   num_heads: int
   patch_size: int = 14
   image_size: int = 224
-  pool: str = "none"  # none | map | gap
   head_dim_out: int | None = None  # Dense `head` (the PaliGemma projector) output width; None: no head.
   final_norm: bool = True  # False: features are the last block's output before `encoder_norm` (LLaVA's
   # vision_feature_layer=-1); the norm's params exist either way, as in HF's vision tower.
@@ -131,26 +130,22 @@ class WeightAndBias(nn.Module):
     return kernel.astype(self.dtype), bias.astype(self.dtype)
 
 
-class MultiHeadAttention(nn.Module):
+class SelfAttention(nn.Module):
   """Flax MHA's param layout (query/key/value/out DenseGeneral), float32 softmax."""
   num_heads: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, q_in_BTD, kv_in_BSD):
-    d = q_in_BTD.shape[-1]
+  def __call__(self, x_BTD):
+    d = x_BTD.shape[-1]
     n, h = self.num_heads, d // self.num_heads
     w = {name: WeightAndBias((d, n, h), (n, h), self.dtype, name=name)() for name in ("query", "key", "value")}
-    mat = lambda name: w[name][0].reshape(d, n * h)
-    if q_in_BTD is kv_in_BSD:  # self-attention: q, k and v in one GEMM on CPU (see layers.project)
-      q, k, v = project(q_in_BTD.astype(self.dtype), [mat("query"), mat("key"), mat("value")])
-    else:
-      (q,) = project(q_in_BTD.astype(self.dtype), [mat("query")])
-      k, v = project(kv_in_BSD.astype(self.dtype), [mat("key"), mat("value")])
-    q_BTNH, k_BSNH, v_BSNH = (x.reshape(*x.shape[:-1], n, h) + w[name][1]
-                              for x, name in ((q, "query"), (k, "key"), (v, "value")))
-    out_BTNH = attend(q_BTNH * jnp.asarray(h ** -0.5, self.dtype), jnp.swapaxes(k_BSNH, 1, 2),
-                      jnp.swapaxes(v_BSNH, 1, 2), None, self.dtype)
+    # q, k and v in one GEMM on CPU (see layers.project)
+    qkv = project(x_BTD.astype(self.dtype), [w[name][0].reshape(d, n * h) for name in ("query", "key", "value")])
+    q_BTNH, k_BTNH, v_BTNH = (x.reshape(*x.shape[:-1], n, h) + w[name][1]
+                              for x, name in zip(qkv, ("query", "key", "value")))
+    out_BTNH = attend(q_BTNH * jnp.asarray(h ** -0.5, self.dtype), jnp.swapaxes(k_BTNH, 1, 2),
+                      jnp.swapaxes(v_BTNH, 1, 2), None, self.dtype)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, dot_general=dense_dot_general,
                            name="out")(out_BTNH)
 
@@ -163,7 +158,7 @@ class EncoderBlock(nn.Module):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     ln = lambda name: nn.LayerNorm(epsilon=cfg.layernorm_eps, dtype=dtype, name=name)
     y = ln("LayerNorm_0")(x)
-    x = x + MultiHeadAttention(cfg.num_heads, dtype, name="MultiHeadDotProductAttention_0")(y, y)
+    x = x + SelfAttention(cfg.num_heads, dtype, name="MultiHeadDotProductAttention_0")(y)
     y = ln("LayerNorm_1")(x)
     x = x + MlpBlock(cfg.mlp_dim, dtype, name="MlpBlock_0")(y)
     return x, None
@@ -180,23 +175,8 @@ class Encoder(nn.Module):
     return normed_BPD if self.cfg.final_norm else x_BPD
 
 
-class MAPHead(nn.Module):
-  """Multihead attention pooling: one learned probe attends to all tokens."""
-  cfg: ViTConfig
-
-  @nn.compact
-  def __call__(self, x_BPD):
-    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x_BPD.shape[-1]))
-    probe_B1D = jnp.tile(probe, (x_BPD.shape[0], 1, 1)).astype(dtype)
-    x = MultiHeadAttention(cfg.num_heads, dtype, name="MultiHeadDotProductAttention_0")(probe_B1D, x_BPD)
-    y = nn.LayerNorm(epsilon=cfg.layernorm_eps, dtype=dtype, name="LayerNorm_0")(x)
-    x = x + MlpBlock(cfg.mlp_dim, dtype, name="MlpBlock_0")(y)
-    return x[:, 0]
-
-
 class ViT(nn.Module):
-  """images [B,H,W,3] in [-1, 1] -> tokens [B,P,D'] (pool none) or [B,D'] (map / gap)."""
+  """images [B,H,W,3] in [-1, 1] -> tokens [B,P,D']: one per patch, as a VLM takes them (no pooling head)."""
   cfg: ViTConfig
 
   @nn.compact
@@ -219,12 +199,6 @@ class ViT(nn.Module):
                        f"the model expects {cfg.image_size}x{cfg.image_size} ({cfg.grid}x{cfg.grid} patches).")
     x_BPD = x_BPD + posemb.astype(dtype)
     x_BPD = Encoder(cfg, name="Transformer")(x_BPD)
-    if cfg.pool == "map":
-      x_BPD = MAPHead(cfg, name="MAPHead_0")(x_BPD)
-    elif cfg.pool == "gap":
-      x_BPD = jnp.mean(x_BPD, axis=1)
-    elif cfg.pool != "none":
-      raise ValueError(f"Unknown pool {cfg.pool!r}; use none | map | gap.")
     if cfg.head_dim_out:
       x_BPD = nn.Dense(cfg.head_dim_out, dtype=dtype, dot_general=dense_dot_general, name="head")(x_BPD)
     return x_BPD
