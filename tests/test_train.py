@@ -28,7 +28,7 @@ def test_stage_transition_freezing_and_resampling(tmp_path):
   c.stages[1]["frozen"] = ["img/pos_embedding"]
   workdir, lines = str(tmp_path), []
   train_lib.train(c, workdir, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
-  assert [x for x in lines if "resampling" in x] == ["stage 1: resampling position embeddings from 2x2 to 4x4"]
+  assert [x for x in lines if "resampling" in x] == ["stage 1 (high_res): resampling position embeddings from 2x2 to 4x4"]
 
   cfg = normalize(c)
   model0 = model_for_stage(build_model_config(cfg.model, make_tokenizer(cfg)), cfg.stages[0])
@@ -125,6 +125,7 @@ def test_log_names_the_records_a_skip_bad_source_dropped(tmp_path):
   (tmp_path / "d.jsonl").write_text("\n".join([json.dumps(good), "{oops", json.dumps(dict(good, image="gone.png"))]))
   c = th.small_config(steps=(1,))
   c.stages = c.stages[:1]
+  c.stages[0]["name"] = ""  # unnamed: the logs say "stage 0"
   c.stages[0]["data"] = dict(kind="llava_json", json_path=str(tmp_path / "d.jsonl"), image_dir=str(tmp_path),
                              skip_bad=True)
   lines = []

@@ -141,6 +141,10 @@ class StageState:
   preprocess: object
   rows: tuple  # (first row, number of rows) of each global batch this process reads
 
+  @property
+  def label(self) -> str:  # "stage 1 (instruct)" in logs and the progress bar
+    return f"stage {self.index}" + (f" ({self.cfg.name})" if self.cfg.get("name") else "")
+
 
 def train(config, workdir: str, log=print) -> dict:
   """Runs (or resumes) all stages. Returns the final evaluation results (also in workdir/eval.json).
@@ -179,7 +183,7 @@ def train(config, workdir: str, log=print) -> dict:
         continue
       stage = _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh)
       for report in stage.preprocess.skip_reports():  # records dropped while reading the files: say which
-        log(f"stage {index} data: {report}")
+        log(f"{stage.label} data: {report}")
       n_params = len(treeutil.flatten(stage.abstract))
       start = 0
       if resume and index == resume["stage"]:
@@ -191,12 +195,12 @@ def train(config, workdir: str, log=print) -> dict:
           params = initial_params(config, stage.model_cfg, log)
         elif (patches := params["img"]["pos_embedding"].shape[1]) != stage.model_cfg.img.num_patches:
           grid = math.isqrt(patches)  # resample_for (in _place) resamples exactly then
-          log(f"stage {index}: resampling position embeddings from {grid}x{grid} to {stage.model_cfg.img.grid}x"
+          log(f"{stage.label}: resampling position embeddings from {grid}x{grid} to {stage.model_cfg.img.grid}x"
               f"{stage.model_cfg.img.grid}")
         params = _place(params, stage, mesh)
         trainable, _ = split_params(params, stage.frozen)
         opt_state = jax.jit(stage.optimizer.init, out_shardings=stage.opt_sh)(trainable)
-      log(f"stage {index}: {stage_steps} steps at {stage.model_cfg.img.image_size}px, text_len "
+      log(f"{stage.label}: {stage_steps} steps at {stage.model_cfg.img.image_size}px, text_len "
           f"{stage_cfg.text_len}, batch {stage_cfg.batch_size}, {len(stage.frozen)} frozen / "
           f"{n_params - len(stage.frozen)} trainable param tensors")
       params, global_step, stopped = _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts,
@@ -298,7 +302,7 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
   log_every, ckpt_every = int(config.get("log_every", 10)), int(config.get("checkpoint_every", 0) or 0)
   eval_every = int(config.get("eval_every", 0) or 0)
   batch_size = int(stage.cfg.batch_size)
-  bar = tqdm(total=steps, initial=start, desc=f"stage {stage.index}", disable=jax.process_index() != 0,
+  bar = tqdm(total=steps, initial=start, desc=stage.label, disable=jax.process_index() != 0,
              dynamic_ncols=True)
   pending, t_last, n_last = None, time.time(), start
   last_good = ckpts.latest_step()
@@ -316,7 +320,7 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
   def check_finite(record):
     if not np.isfinite(record["loss"]):
       ckpts.wait()
-      raise TrainingError(f"loss is {record['loss']} at step {record['step']} (stage {stage.index}); stopping. "
+      raise TrainingError(f"loss is {record['loss']} at step {record['step']} ({stage.label}); stopping. "
                           f"The last good checkpoint (step {last_good}) is kept in {ckpts.directory}.")
 
   for stage_step in range(start, steps):
@@ -354,7 +358,7 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
       metrics_log.write(record)
   bar.close()
   if stats := stage.preprocess.stats():
-    log(f"stage {stage.index} data (this process): {stats}")
+    log(f"{stage.label} data (this process): {stats}")
   return merge_params(trainable, frozen), global_step, False
 
 
