@@ -115,7 +115,7 @@ def test_images_of_wrong_rank(tmp_path):
 def test_unknown_path_and_unknown_config(tmp_path):
   with pytest.raises(FileNotFoundError):
     vlm_jax.load(str(tmp_path / "nope"))
-  with pytest.raises(ValueError, match="neither a HF PaliGemma directory"):
+  with pytest.raises(ValueError, match="neither a HF PaliGemma / LLaVA directory"):
     vlm_jax.load(str(tmp_path))
   with pytest.raises(ValueError, match="Unknown model config 'paligemma_99b'"):
     get_model_config("paligemma_99b")

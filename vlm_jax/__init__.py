@@ -37,8 +37,8 @@ def load(path: str, dtype: str | None = None, config=None, mesh=None) -> Model:
   elif not os.path.exists(path):
     raise FileNotFoundError(f"No such file or directory: {path}")
   else:
-    raise ValueError(f"{path} is neither a HF PaliGemma directory (config.json + *.safetensors), a vlm_jax "
-                     "checkpoint (vlm_config.json + params/) nor a big_vision .npz file.")
+    raise ValueError(f"{path} is neither a HF PaliGemma / LLaVA directory (config.json + *.safetensors), a "
+                     "vlm_jax checkpoint (vlm_config.json + params/) nor a big_vision .npz file.")
   model = Model(cfg, params, tok)
   if mesh is not None:  # host arrays (HF, .npz) are placed shard by shard; a checkpoint's already are
     model = model.shard(mesh)

@@ -9,7 +9,7 @@ import numpy as np
 from vlm_jax import decode as decode_lib
 from vlm_jax.data.image import to_model_input
 from vlm_jax.models.registry import with_overrides
-from vlm_jax.models.vlm import VLMConfig, model_for
+from vlm_jax.models.vlm import GEMMA_SPECIAL_IDS, VLMConfig, model_for
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -147,8 +147,8 @@ class Model:
     program.
     """
     prefix_tokens = _check_batch("prefix_tokens", prefix_tokens, 2)
-    pad_id = self._special("pad_id", 0) if pad_id is None else pad_id
-    eos_id = self._special("eos_id", 1) if eos_id is None else eos_id
+    pad_id = self._special("pad") if pad_id is None else pad_id
+    eos_id = self._special("eos") if eos_id is None else eos_id
     if prefix_mask is None:
       prefix_mask = prefix_tokens != pad_id
     prefix_mask = _check_batch("prefix_mask", prefix_mask, 2, prefix_tokens.shape[0])
@@ -188,11 +188,11 @@ class Model:
     texts = [tok.decode(row) for row in np.asarray(out[0] if return_scores else out)]
     return (texts, [float(s) for s in np.asarray(out[1])]) if return_scores else texts
 
-  def _special(self, name, default):
+  def _special(self, name):
     if self.tokenizer is not None:
-      return getattr(self.tokenizer, name)
-    kept = getattr(self.config, name)  # from an imported HF config
-    return default if kept is None else kept
+      return getattr(self.tokenizer, f"{name}_id")
+    kept = getattr(self.config, f"{name}_id")  # from an imported HF config
+    return GEMMA_SPECIAL_IDS[name] if kept is None else kept
 
   def _require_tokenizer(self):
     if self.tokenizer is None:

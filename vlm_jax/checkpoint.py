@@ -112,7 +112,7 @@ def load_model(path: str, config=None, mesh=None):
 
 class TrainCheckpoints:
   """Orbax CheckpointManager for training: params, optimizer state, data iterator state and a JSON meta
-  (stage, step within the stage, model config) per global step. Saves are async; Orbax finalises each step
+  (global step, stage, step within the stage, image size, process count, data rows) per global step. Saves are async; Orbax finalises each step
   directory atomically, so a kill at any moment leaves only complete checkpoints behind."""
 
   def __init__(self, directory: str, keep: int = 3):

@@ -105,7 +105,7 @@ def resample_for(params, model_cfg):
   return params
 
 
-class _Preempted:
+class _PreemptionWatch:
   """SIGTERM (preemption) stops the loop at a step boundary, where it checkpoints and exits. One process: a
   signal handler sets a flag. Several: JAX's preemption service (it catches SIGTERM on any host) names one
   step at which every process stops, so that all of them join the same checkpoint save."""
@@ -173,7 +173,7 @@ def train(config, workdir: str, log=print) -> dict:
   metrics_log = MetricsLog(workdir, resume_step=global_step, enabled=is_main)
   if resume:
     log(f"resuming from step {global_step} (stage {resume['stage']}, step {resume['stage_step']} in the stage)")
-  preempted = _Preempted()
+  preempted = _PreemptionWatch()
   params = None
   results = {}
   try:

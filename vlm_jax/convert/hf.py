@@ -17,7 +17,7 @@ from vlm_jax import fileutil, treeutil
 from vlm_jax.convert import safetensors_io
 from vlm_jax.models.gemma import GemmaConfig
 from vlm_jax.models.vit import ViTConfig
-from vlm_jax.models.vlm import VLMConfig, special_ids
+from vlm_jax.models.vlm import GEMMA_SPECIAL_IDS, VLMConfig, special_ids
 from vlm_jax.tokenizer import JSON_CONFIG_FILE, special_from_hf_config
 
 V = "vision_tower."
@@ -353,9 +353,6 @@ def write_weights(out_dir: str, tensors: dict, dtype: str, max_shard_bytes: int)
   with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
     json.dump({"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map},
               f, indent=2)
-
-
-GEMMA_SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2}  # the defaults `generate_ids` uses without a tokenizer
 
 
 def special_ids_from_hf(hf_config: dict) -> dict:

@@ -38,7 +38,8 @@ class GemmaConfig:
   dtype: str = "float32"
   remat: str = "none"
   # nn.scan's `unroll` over the layers: True unrolls the layer loop into straight-line code (no per-layer slicing
-  # of stacked params, activations and grads; ~12% faster train steps on XLA CPU, longer compiles for deep models).
+  # of stacked params, activations and grads; 12-14% faster train steps on XLA CPU (benchmarks/README.md), longer
+  # compiles for deep models).
   scan_unroll: int | bool = 1
   # False: one param subtree per layer (`layers.layer_stack`); the decode loop's layout, never a checkpoint's.
   stacked_layers: bool = True

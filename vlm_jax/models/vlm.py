@@ -55,6 +55,10 @@ class VLMConfig:
     return self.adapter.num_tokens(self.img.num_patches)
 
 
+# Gemma's ids: what a model without a tokenizer or kept ids decodes with, and what its HF export names.
+GEMMA_SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2}
+
+
 def special_ids(cfg: VLMConfig, tokenizer=None) -> dict:
   """{"pad" / "eos" / "bos": id} of the tokenizer, else those the config kept; one a tokenizer lacks (id -1,
   Llama's pad) or the config did not keep is left out."""
