@@ -62,6 +62,11 @@ class Sampling:
     raise ValueError(f"Unknown sampler {sampler!r}; use 'greedy', 'sample' or 'beam'.")
 
 
+# What an evaluator config (or generate's keyword arguments) may say about sampling: Sampling.make's arguments
+# and the seed.
+SAMPLING_KEYS = ("sampler", *(f.name for f in dataclasses.fields(Sampling)), "seed")
+
+
 def argmax(logits_BV):
   """int32 [B]: jnp.argmax over the last axis (the first index of the maximum), as two single-output reductions:
   XLA CPU vectorizes a max and a min, not argmax's (value, index) pair reduction, which costs ~8x as much over a

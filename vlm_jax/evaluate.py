@@ -26,7 +26,6 @@ from vlm_jax.data.text import tokenize_prefix, tokenize_turns
 from vlm_jax.models.vlm import model_for
 
 TEACHER_FORCED = ("loss", "perplexity")
-SAMPLING_KEYS = ("sampler", "temperature", "top_k", "top_p", "best_of", "beam_size", "length_penalty", "seed")
 KNOWN = sorted({*metrics_lib.PER_EXAMPLE, *metrics_lib.CORPUS, *TEACHER_FORCED})
 
 
@@ -59,7 +58,7 @@ def check_eval_config(eval_cfg):
 
 
 def sampling_of(eval_cfg) -> tuple[decode_lib.Sampling, int]:
-  kw = {k: eval_cfg[k] for k in SAMPLING_KEYS if k in eval_cfg and k not in ("sampler", "seed")}
+  kw = {k: eval_cfg[k] for k in decode_lib.SAMPLING_KEYS if k in eval_cfg and k not in ("sampler", "seed")}
   return decode_lib.Sampling.make(eval_cfg.get("sampler", "greedy"), **kw), int(eval_cfg.get("seed", 0))
 
 

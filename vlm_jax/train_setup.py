@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import config_util, treeutil
+from vlm_jax.decode import SAMPLING_KEYS
 from vlm_jax.models.adapters import AdapterConfig
 from vlm_jax.models.gemma import gemma_config
 from vlm_jax.models.registry import get_model_config, with_overrides
@@ -30,9 +31,7 @@ ALLOWED_KEYS = {
                "data": _DATA, "lr": None, "schedule": {"decay": None, "warmup_steps": None, "end_frac": None},
                "frozen": None, "lr_mults": None},
     "evals": {"name": None, "data": _DATA, "metrics": None, "batch_size": None, "max_new_tokens": None,
-              "prefix_len": None, "text_len": None, "num_examples": None, "sampler": None, "temperature": None,
-              "top_k": None, "top_p": None, "best_of": None, "beam_size": None, "length_penalty": None,
-              "seed": None},
+              "prefix_len": None, "text_len": None, "num_examples": None, **dict.fromkeys(SAMPLING_KEYS)},
 }
 REQUIRED_STAGE_KEYS = ("steps", "image_size", "text_len", "batch_size", "data", "lr")
 
