@@ -89,6 +89,9 @@ def test_hf_to_vlm_jax_to_hf_is_exact(hf_gemma, tmp_path):
   assert_ok(rc, err)
   assert "params" in err and "done in" in err  # the progress lines
   assert (ckpt / "vlm_config.json").is_file()
+  rc, _, err = run_cli("--from", "hf", ckpt, "--to", "hf", out)  # the wrong --from: nothing is written
+  assert_user_error(rc, err)
+  assert f"{ckpt} holds a vlm_jax checkpoint, not hf: pass --from vlm_jax." in err and not out.exists()
   rc, _, err = run_cli("--from", "vlm_jax", ckpt, "--to", "hf", out)
   assert_ok(rc, err)
   got = PaliGemmaForConditionalGeneration.from_pretrained(out).state_dict()

@@ -91,21 +91,13 @@ def check_out_dir(out: str):
 
 
 def read_model(src: str, path: str, config):
-  """A `Model` from PATH with the loader of format `src`; `config` (or None) overrides the stored one."""
+  """A `Model` from PATH, which must hold format `src`; `config` (or None) overrides the stored one."""
+  import vlm_jax
   from vlm_jax import checkpoint
-  from vlm_jax.api import Model
-  from vlm_jax import fileutil
-  from vlm_jax.convert import big_vision, hf, hf_llava
-  if src == "big_vision":
-    return Model(config, big_vision.load(path, config))
-  if src == "vlm_jax":
-    path = checkpoint.model_dir(path)
-    if not checkpoint.is_model_dir(path):
-      raise FileNotFoundError(f"{path} is not a vlm_jax checkpoint (no {checkpoint.CONFIG_FILE} + params/).")
-    return Model(*checkpoint.load_model(path, config))
-  hf_config = os.path.join(path, "config.json")
-  is_llava = os.path.isfile(hf_config) and fileutil.read_json(hf_config).get("model_type") == "llava"
-  return Model(*(hf_llava.load if is_llava else hf.load)(path, config))
+  path = checkpoint.model_dir(path)
+  if (found := vlm_jax.format_of(path)) != src:
+    raise ValueError(f"{path} holds a {found} checkpoint, not {src}: pass --from {found}.")
+  return vlm_jax.load(path, config=config)
 
 
 def output_dtype(model, dtype: str | None) -> str:

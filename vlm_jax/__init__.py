@@ -3,7 +3,22 @@ import os
 
 from vlm_jax.api import Model
 
-__all__ = ["Model", "load"]
+__all__ = ["Model", "format_of", "load"]
+
+
+def format_of(path: str) -> str:
+  """"big_vision" (an .npz), "vlm_jax" (a checkpoint directory) or "hf" (a HF PaliGemma / LLaVA directory)."""
+  from vlm_jax import checkpoint
+  if os.path.isfile(path) and path.endswith(".npz"):
+    return "big_vision"
+  if checkpoint.is_model_dir(path):
+    return "vlm_jax"
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return "hf"
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No such file or directory: {path}")
+  raise ValueError(f"{path} is neither a HF PaliGemma / LLaVA directory (config.json + *.safetensors), a "
+                   "vlm_jax checkpoint (vlm_config.json + params/) nor a big_vision .npz file.")
 
 
 def load(path: str, dtype: str | None = None, config=None, mesh=None) -> Model:
@@ -23,22 +38,18 @@ def load(path: str, dtype: str | None = None, config=None, mesh=None) -> Model:
     from vlm_jax import sharding
     mesh = sharding.make_mesh(mesh)
   path = checkpoint.model_dir(path)
-  if os.path.isfile(path) and path.endswith(".npz"):
+  kind = format_of(path)
+  if kind == "big_vision":
     if named is None:
       raise ValueError(f"{path} is a big_vision .npz: pass config=NAME (e.g. 'paligemma_3b_224').")
     cfg, params, tok = named, big_vision.load(path, named), None
-  elif checkpoint.is_model_dir(path):
+  elif kind == "vlm_jax":
     cfg, params, tok = checkpoint.load_model(path, named, mesh=mesh)
-  elif os.path.isfile(os.path.join(path, "config.json")):
+  else:
     from vlm_jax import fileutil
     from vlm_jax.convert import hf_llava
     is_llava = fileutil.read_json(os.path.join(path, "config.json")).get("model_type") == "llava"
     cfg, params, tok = (hf_llava.load if is_llava else hf.load)(path, named)
-  elif not os.path.exists(path):
-    raise FileNotFoundError(f"No such file or directory: {path}")
-  else:
-    raise ValueError(f"{path} is neither a HF PaliGemma / LLaVA directory (config.json + *.safetensors), a "
-                     "vlm_jax checkpoint (vlm_config.json + params/) nor a big_vision .npz file.")
   model = Model(cfg, params, tok)
   if mesh is not None:  # host arrays (HF, .npz) are placed shard by shard; a checkpoint's already are
     model = model.shard(mesh)
