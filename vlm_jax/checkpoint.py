@@ -130,11 +130,9 @@ class TrainCheckpoints:
     return dict(restored["meta"])
 
   def save(self, step: int, params, opt_state, data_iterator, meta: dict):
-    args = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state),
-            "meta": ocp.args.JsonSave(meta)}
-    if data_iterator is not None:
-      args["data"] = self._grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                              meta=ocp.args.JsonSave(meta), data=self._grain.checkpoint.CheckpointSave(data_iterator))
+    self.manager.save(step, args=args, force=True)
 
   def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
     """Restores onto the shardings/dtypes of the abstract trees (any mesh, any number of processes), and the

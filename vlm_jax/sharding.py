@@ -115,7 +115,7 @@ def _spell(sizes: dict) -> str:
   return ",".join(f"{a}={s}" for a, s in sizes.items())
 
 
-def make_mesh(mesh_cfg, devices=None, dcn_mesh_cfg=None) -> Mesh:
+def make_mesh(mesh_cfg, dcn_mesh_cfg=None) -> Mesh:
   """The (data, fsdp, tensor) mesh.
 
   `mesh_cfg` sizes the axes within one granule (a TPU slice; on GPUs and CPUs, a process), `dcn_mesh_cfg`
@@ -125,7 +125,7 @@ def make_mesh(mesh_cfg, devices=None, dcn_mesh_cfg=None) -> Mesh:
   """
   if isinstance(mesh_cfg, Mesh):
     return mesh_cfg
-  devices = jax.devices() if devices is None else list(devices)
+  devices = jax.devices()
   from jax.experimental import mesh_utils
   dcn = dict(dcn_mesh_cfg or {})
   if all(int(v) == 1 for v in dcn.values()):  # one granule's worth of axes: a mesh over all devices

@@ -98,19 +98,16 @@ class _BatchRows(grain.MapDataset):
 
 
 def make_train_iterator(data_cfg, tokenizer, image_size: int, text_len: int, batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1, num_threads: int = 4, rows=None):
+                        num_threads: int = 4, rows=None):
   """(grain iterator of this process's host-local batches, Preprocess with its counts).
 
   Every process walks the same shuffled, mixed stream of examples, cut into global batches of `batch_size`,
-  and reads only its own rows of each: `rows` = (first row, number of rows), by default the
-  `process_index`-th of `process_count` equal contiguous parts. So the global batch of step s holds the same
+  and reads only its own rows of each: `rows` = (first row, number of rows; `sharding.process_batch_rows`),
+  by default all of them. So the global batch of step s holds the same
   examples in the same order whatever the number of processes (examples a `skip_bad` source drops are
   replaced from the process's next rows, which makes that exact only when none are dropped).
   """
-  if rows is None:
-    if batch_size % process_count:
-      raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} processes.")
-    rows = (process_index * (batch_size // process_count), batch_size // process_count)
+  rows = rows or (0, batch_size)
   parts, weights, sources = [], [], []
   skip_bad = bool(dict(data_cfg).get("skip_bad", False))
   for i, src_cfg in enumerate(source_configs(data_cfg)):
