@@ -39,3 +39,29 @@ def test_resumed_metrics_log_keeps_its_records_if_the_rewrite_fails(tmp_path, mo
   assert (tmp_path / "metrics.jsonl").read_text() == before
   monkeypatch.undo()
   assert [r["step"] for r in MetricsLog(str(tmp_path), resume_step=2).records()] == [1, 2]
+
+
+def test_atomic_dir_makes_a_readable_directory_and_replaces_only_a_complete_one(tmp_path, monkeypatch):
+  out = tmp_path / "model"
+  with fileutil.atomic_dir(out) as tmp:
+    (tmp_path / "plain").mkdir()
+    open(os.path.join(tmp, "a"), "w").write("old")
+  assert os.stat(out).st_mode == os.stat(tmp_path / "plain").st_mode  # as mkdir makes it, not mkdtemp's 0700
+  with pytest.raises(FileExistsError, match="exists and is not empty"):
+    with fileutil.atomic_dir(out):
+      pass
+  with pytest.raises(OSError, match="killed"):  # the block fails: the old directory stays
+    with fileutil.atomic_dir(out, replace=True) as tmp:
+      open(os.path.join(tmp, "a"), "w").write("new")
+      crash()
+  assert (out / "a").read_text() == "old"
+  replace = os.replace
+  monkeypatch.setattr(os, "replace", lambda a, b: crash() if b == str(out) and "tmp-" in a else replace(a, b))
+  with pytest.raises(OSError, match="killed"):  # the rename of the new one fails: the old one is put back
+    with fileutil.atomic_dir(out, replace=True) as tmp:
+      open(os.path.join(tmp, "a"), "w").write("new")
+  assert (out / "a").read_text() == "old"
+  monkeypatch.setattr(os, "replace", replace)
+  with fileutil.atomic_dir(out, replace=True) as tmp:
+    open(os.path.join(tmp, "a"), "w").write("new")
+  assert (out / "a").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["model", "plain"]

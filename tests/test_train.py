@@ -28,7 +28,8 @@ def test_stage_transition_freezing_and_resampling(tmp_path):
   c.stages[1]["frozen"] = ["img/pos_embedding"]
   workdir, lines = str(tmp_path), []
   train_lib.train(c, workdir, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
-  assert [x for x in lines if "resampling" in x] == ["stage 1 (high_res): resampling position embeddings from 2x2 to 4x4"]
+  assert [x for x in lines if "resampling" in x] == [
+      "stage 1 (high_res): resampling position embeddings from 2x2 to 4x4"]
 
   cfg = normalize(c)
   model0 = model_for_stage(build_model_config(cfg.model, make_tokenizer(cfg)), cfg.stages[0])
@@ -71,6 +72,26 @@ def test_keeps_the_last_checkpoints_and_evaluates_every_eval_every_steps(tmp_pat
   evals = [(r["step"], r["stage"]) for r in records if "eval/val/exact_match" in r]
   assert evals == [(2, 0), (4, 1), (5, 1)]
   assert os.path.exists(tmp_path / "eval.json")
+
+
+def test_extending_a_finished_run_replaces_its_exported_model(tmp_path):
+  """model/ is the final params: re-running a finished run leaves it alone, a longer config trains on and
+  exports again."""
+  from vlm_jax import checkpoint, treeutil
+
+  def exported():
+    return treeutil.flatten(checkpoint.load_model(str(tmp_path / "model"))[1]["params"])
+
+  c = th.small_config(steps=(1, 1), checkpoint_every=1)
+  train_lib.train(c, str(tmp_path), log=QUIET)
+  first, mtime = exported(), os.stat(tmp_path / "model" / "vlm_config.json").st_mtime_ns
+  train_lib.train(c, str(tmp_path), log=QUIET)  # nothing left to train
+  assert os.stat(tmp_path / "model" / "vlm_config.json").st_mtime_ns == mtime
+  c.stages[1]["steps"] = 3
+  train_lib.train(c, str(tmp_path), log=QUIET)
+  final = th.read_item(str(tmp_path), 4)
+  assert th.max_abs_diff(exported(), final) == 0 and th.max_abs_diff(first, final) > 0
+  assert not [d for d in os.listdir(tmp_path) if d.startswith(".")]  # no temporaries left behind
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):

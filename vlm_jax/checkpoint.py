@@ -47,15 +47,15 @@ def _stored_arrays(path) -> dict:
   return treeutil.flatten(ocp.StandardCheckpointHandler().metadata(epath.Path(path)))
 
 
-def save_model(out_dir: str, config, params, tokenizer=None):
-  """Writes a new model directory. A crash never leaves a directory that `is_model_dir`: one process writing
-  a local directory fills a temporary sibling and renames it; otherwise (several processes, each holding
-  shards of the global `params`, or a remote path) Orbax writes `params/` atomically and process 0 adds the
-  config last."""
+def save_model(out_dir: str, config, params, tokenizer=None, replace: bool = False):
+  """Writes a new model directory (`replace`: over an existing one). A crash never leaves a directory that
+  `is_model_dir` but is incomplete: one process writing a local directory fills a temporary sibling and renames
+  it; otherwise (several processes, each holding shards of the global `params`, or a remote path) the old
+  directory is deleted first, Orbax writes `params/` atomically and process 0 adds the config last."""
   if jax.process_count() > 1 or is_remote(out_dir):
-    return _save_model_shared(epath.Path(out_dir), config, params, tokenizer)
+    return _save_model_shared(epath.Path(out_dir), config, params, tokenizer, replace)
   params = jax.device_get(params)
-  with fileutil.atomic_dir(out_dir) as tmp:
+  with fileutil.atomic_dir(out_dir, replace) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config_to_dict(config), f, indent=2)
     for name, data in (tokenizer.files() if tokenizer is not None else {}).items():
@@ -66,9 +66,15 @@ def save_model(out_dir: str, config, params, tokenizer=None):
       ckptr.wait_until_finished()
 
 
-def _save_model_shared(path, config, params, tokenizer):
+def _save_model_shared(path, config, params, tokenizer, replace):
+  from jax.experimental import multihost_utils
   if is_model_dir(path):
-    raise FileExistsError(f"{path} is already a model directory; choose a new directory.")
+    if not replace:
+      raise FileExistsError(f"{path} is already a model directory; choose a new directory.")
+    if jax.process_index() == 0:
+      path.rmtree()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"save_model {path}: old model deleted")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "params", params, force=True)
     ckptr.wait_until_finished()
@@ -77,7 +83,6 @@ def _save_model_shared(path, config, params, tokenizer):
       (path / name).write_bytes(data)
     (path / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2))
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"save_model {path}")
 
 
@@ -112,8 +117,9 @@ def load_model(path: str, config=None, mesh=None):
 
 class TrainCheckpoints:
   """Orbax CheckpointManager for training: params, optimizer state, data iterator state and a JSON meta
-  (global step, stage, step within the stage, image size, process count, data rows) per global step. Saves are async; Orbax finalises each step
-  directory atomically, so a kill at any moment leaves only complete checkpoints behind."""
+  (global step, stage, step within the stage, image size, process count, data rows) per global step. Saves
+  are async; Orbax finalises each step directory atomically, so a kill at any moment leaves only complete
+  checkpoints behind."""
 
   def __init__(self, directory: str, keep: int = 3):
     import grain

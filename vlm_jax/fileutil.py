@@ -48,19 +48,33 @@ def read_json(file: str):
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str):
+def atomic_dir(out_dir: str, replace: bool = False):
   """Yields a temporary sibling of `out_dir` to fill; renames it to `out_dir` only if the block succeeds, so a
-  crash never leaves a half-written directory. `out_dir` must not exist or be empty: nothing is overwritten."""
+  crash never leaves a half-written directory. `out_dir` must not exist or be empty, unless `replace`: then
+  the old directory is swapped out once the new one is complete (a kill between the two renames leaves the old
+  one whole in a `.old-` sibling)."""
   out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir):
+  if not replace and os.path.exists(out_dir) and os.listdir(out_dir):
     raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory.")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir), dir=parent)
+  old = None
   try:
+    os.chmod(tmp, 0o777 & ~_UMASK)  # as os.mkdir would create it, not mkdtemp's 0700
     yield tmp
     if os.path.exists(out_dir):
-      os.rmdir(out_dir)
-    os.replace(tmp, out_dir)
+      old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(out_dir), dir=parent)
+      os.replace(out_dir, old)  # onto an empty directory: one rename
+      try:
+        os.replace(tmp, out_dir)
+      except BaseException:
+        os.replace(old, out_dir)
+        old = None
+        raise
+    else:
+      os.replace(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+    if old:
+      shutil.rmtree(old, ignore_errors=True)

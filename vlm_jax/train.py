@@ -169,7 +169,7 @@ def train(config, workdir: str, log=print) -> dict:
                                       keep=config.get("keep_checkpoints", 3))
   latest = ckpts.latest_step()
   resume = ckpts.read_meta(latest) if latest is not None else None
-  global_step = resume["step"] if resume else 0
+  global_step = first_step = resume["step"] if resume else 0
   metrics_log = MetricsLog(workdir, resume_step=global_step, enabled=is_main)
   if resume:
     log(f"resuming from step {global_step} (stage {resume['stage']}, step {resume['stage_step']} in the stage)")
@@ -214,9 +214,10 @@ def train(config, workdir: str, log=print) -> dict:
       plot(records, png)
       fileutil.write_file(workdir_path / "loss.png", png.getvalue())
     export_dir = workdir_path / checkpoint.EXPORTED_MODEL
-    if config.get("export_model", True) and not checkpoint.is_model_dir(export_dir):
+    # Steps run now (a finished run extended by a longer config, too) replace an earlier export.
+    if config.get("export_model", True) and (global_step != first_step or not checkpoint.is_model_dir(export_dir)):
       final_cfg = model_for_stage(base_cfg, config.stages[-1])
-      checkpoint.save_model(str(export_dir), final_cfg, {"params": params}, tokenizer)  # on every process
+      checkpoint.save_model(str(export_dir), final_cfg, {"params": params}, tokenizer, replace=True)  # every process
       log(f"wrote {export_dir} (vlm_jax.load it)")
   finally:
     preempted.restore()
