@@ -55,10 +55,10 @@ def test_stage_transition_freezing_and_resampling(tmp_path):
 
 def test_keeps_the_last_checkpoints_and_evaluates_every_eval_every_steps(tmp_path, monkeypatch):
   """checkpoint_every=1 with keep_checkpoints=2: only the last two survive; eval_every=2 logs the evaluator at
-  global steps 2 and 4 (stage 0 and 1), and once more at the end (step 5, also into eval.json), each time on
-  the training mesh."""
+  global steps 2 and 4 (stage 0, the latter its last step), and once at the end (step 6, the final evaluation,
+  also into eval.json), each time on the training mesh."""
   import jax
-  c = th.small_config(steps=(3, 2), checkpoint_every=1, keep_checkpoints=2, eval_every=2)
+  c = th.small_config(steps=(4, 2), checkpoint_every=1, keep_checkpoints=2, eval_every=2)
   c.evals = [dict(name="val", data=dict(kind="synthetic", split="val", num_examples=6, seed=0, image_size=32),
                   metrics=["exact_match"], batch_size=4, max_new_tokens=4, prefix_len=12)]
   meshes, evaluate = [], train_lib.evaluate.evaluate
@@ -67,10 +67,10 @@ def test_keeps_the_last_checkpoints_and_evaluates_every_eval_every_steps(tmp_pat
   train_lib.train(c, str(tmp_path), log=QUIET)
   assert len(meshes) == 3 and all(isinstance(m, jax.sharding.Mesh) and m.axis_names == ("data", "fsdp", "tensor")
                                   for m in meshes)
-  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4, 5]
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [5, 6]
   records = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
   evals = [(r["step"], r["stage"]) for r in records if "eval/val/exact_match" in r]
-  assert evals == [(2, 0), (4, 1), (5, 1)]
+  assert evals == [(2, 0), (4, 0), (6, 1)]
   assert os.path.exists(tmp_path / "eval.json")
 
 
@@ -104,6 +104,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
   for step in steps:  # no checkpoint holds the state that produced the bad loss
     params = th.read_item(str(tmp_path), step)
     assert all(np.all(np.isfinite(v)) for v in params.values())
+  c.checkpoint_every = 0
+  with pytest.raises(train_lib.TrainingError, match=r"No checkpoint was saved before it \(checkpoint_every"):
+    train_lib.train(c, str(tmp_path / "none"), log=QUIET)
 
 
 def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
@@ -119,6 +122,8 @@ def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
     train_lib.train(wider, str(tmp_path), log=lambda *a, **k: logged.append(" ".join(map(str, a))))
   assert f"the config differs from the one {tmp_path} last ran with: model.llm.width: 128 -> 96; " \
          "stages[0].steps: 2 -> 3" in logged
+  # The workdir still names the config its checkpoints come from.
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["llm"]["width"] == 128
   c.stages[0]["frozen"] = "img/.*"
   with pytest.raises(ValueError, match=r"optimizer state of the step 2 checkpoint .*\(another optim or frozen set"):
     train_lib.train(c, str(tmp_path), log=QUIET)
@@ -128,9 +133,12 @@ def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
     ("--config.evals[0].metrics=['exact_mach']", r"unknown metrics \['exact_mach'\]"),
     ("--config.evals[0].sampler=beem", "Unknown sampler 'beem'"),
     ("--config.evals[0].max_new_tokens=0", "max_new_tokens must be >= 1"),
-    ("--config.model.llm.widht=64", r"config.model.llm.widht: .*did you mean 'width'")])
+    ("--config.model.llm.widht=64", r"config.model.llm.widht: .*did you mean 'width'"),
+    ("--config.optim.name=adam", "Unknown optimizer 'adam'"),
+    ("--config.stages[1].schedule.decay=cosin", "Unknown schedule decay 'cosin'")])
 def test_train_cli_refuses_a_bad_config_before_training_or_writing(tmp_path, capsys, override, match):
-  """An evaluator or model key that cannot work fails at start-up (not after the stages), leaving no workdir."""
+  """An evaluator, optimizer or model key that cannot work fails at start-up (not after the stages), leaving no
+  workdir."""
   from tools import train as train_cli
   workdir = tmp_path / "run"
   assert train_cli.main(["--config", th.TINY, "--workdir", str(workdir), override]) != 0
@@ -155,6 +163,11 @@ def test_log_names_the_records_a_skip_bad_source_dropped(tmp_path):
   assert report.startswith(f"stage 0 data: {tmp_path / 'd.jsonl'}: skipped 2 records (1 malformed JSON, 1 missing "
                            "image); first: ")
   assert "d.jsonl:2: malformed JSON" in report and "d.jsonl:3" in report and "gone.png" in report
+  # An evaluator reading the same file without skip_bad fails at start-up, before any training or writing.
+  c.evals = [dict(name="val", data=dict(c.stages[0]["data"], skip_bad=False))]
+  with pytest.raises(ValueError, match=r"d.jsonl:2: malformed JSON"):
+    train_lib.train(c, str(tmp_path / "run2"), log=QUIET)
+  assert not (tmp_path / "run2").exists()
 
 
 RUN = textwrap.dedent("""

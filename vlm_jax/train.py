@@ -27,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vlm_jax import checkpoint, config_util, evaluate, fileutil, optim, sharding, treeutil
-from vlm_jax.data.pipeline import make_train_iterator, seek
+from vlm_jax.data.pipeline import make_source, make_train_iterator, seek
 from vlm_jax.models.vit import resample_posemb
 from vlm_jax.models.vlm import model_for
 from vlm_jax.run_log import MetricsLog, plot
@@ -157,14 +157,19 @@ def train(config, workdir: str, log=print) -> dict:
   workdir_path = epath.Path(workdir)
   mesh = sharding.make_mesh(config.get("mesh"), dcn_mesh_cfg=config.get("dcn_mesh"))
   tokenizer = make_tokenizer(config)
-  base_cfg = build_model_config(config.model, tokenizer)  # a bad model config leaves no workdir behind
+  # A bad model, optimizer or evaluator data (a missing image, a malformed record) fails now, before anything
+  # is written and not after hours of training.
+  base_cfg = build_model_config(config.model, tokenizer)
+  for stage_cfg in config.stages:
+    optim.make_optimizer(config.get("optim", {}), stage_cfg, set())
+  for eval_cfg in config.evals:
+    make_source(eval_cfg.data)
+  saved, text = workdir_path / "config.json", config.to_json_best_effort(indent=2)
   if is_main:
     workdir_path.mkdir(parents=True, exist_ok=True)
-    saved, text = workdir_path / "config.json", config.to_json_best_effort(indent=2)
     if saved.exists() and (changed := config_util.changes(json.loads(saved.read_text()), json.loads(text))):
       # A resumed run takes the new config from where it stopped (a finished stage is not re-run): say what moved.
       log(f"the config differs from the one {workdir} last ran with: {'; '.join(changed)}")
-    fileutil.write_file(saved, text)
   ckpts = checkpoint.TrainCheckpoints(str(workdir_path / checkpoint.TRAIN_CHECKPOINTS),
                                       keep=config.get("keep_checkpoints", 3))
   latest = ckpts.latest_step()
@@ -200,6 +205,8 @@ def train(config, workdir: str, log=print) -> dict:
         params = _place(params, stage, mesh)
         trainable, _ = split_params(params, stage.frozen)
         opt_state = jax.jit(stage.optimizer.init, out_shardings=stage.opt_sh)(trainable)
+      if is_main:  # the config this workdir's checkpoints come from, once they fit it (a resume checked them)
+        fileutil.write_file(saved, text)
       log(f"{stage.label}: {stage_steps} steps at {stage.model_cfg.img.image_size}px, text_len "
           f"{stage_cfg.text_len}, batch {stage_cfg.batch_size}, {len(stage.frozen)} frozen / "
           f"{n_params - len(stage.frozen)} trainable param tensors")
@@ -208,17 +215,17 @@ def train(config, workdir: str, log=print) -> dict:
       if stopped:
         raise Preempted(f"stopped by SIGTERM at step {global_step}; re-run to resume")
     ckpts.wait()
-    results = _final_eval(config, base_cfg, params, tokenizer, mesh, workdir_path, metrics_log, global_step, log)
-    if is_main and (records := metrics_log.records()):
-      png = io.BytesIO()
-      plot(records, png)
-      fileutil.write_file(workdir_path / "loss.png", png.getvalue())
     export_dir = workdir_path / checkpoint.EXPORTED_MODEL
     # Steps run now (a finished run extended by a longer config, too) replace an earlier export.
     if config.get("export_model", True) and (global_step != first_step or not checkpoint.is_model_dir(export_dir)):
       final_cfg = model_for_stage(base_cfg, config.stages[-1])
       checkpoint.save_model(str(export_dir), final_cfg, {"params": params}, tokenizer, replace=True)  # every process
       log(f"wrote {export_dir} (vlm_jax.load it)")
+    results = _final_eval(config, base_cfg, params, tokenizer, mesh, workdir_path, metrics_log, global_step, log)
+    if is_main and (records := metrics_log.records()):
+      png = io.BytesIO()
+      plot(records, png)
+      fileutil.write_file(workdir_path / "loss.png", png.getvalue())
   finally:
     preempted.restore()
     ckpts.close()
@@ -321,8 +328,10 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
   def check_finite(record):
     if not np.isfinite(record["loss"]):
       ckpts.wait()
+      kept = (f"The last good checkpoint (step {last_good}) is kept in {ckpts.directory}." if last_good is not None
+              else "No checkpoint was saved before it (checkpoint_every sets how often).")
       raise TrainingError(f"loss is {record['loss']} at step {record['step']} ({stage.label}); stopping. "
-                          f"The last good checkpoint (step {last_good}) is kept in {ckpts.directory}.")
+                          f"{kept} Lower the learning rate, or look for bad data near this step.")
 
   for stage_step in range(start, steps):
     if preempted.should_stop(global_step):
@@ -349,7 +358,7 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
     if (ckpt_every and global_step % ckpt_every == 0) or at_end:
       check_finite(_record(pending, stage, batch_size, t_last, n_last))  # never checkpoint a NaN state
       save(stage_step + 1)
-    if eval_every and global_step % eval_every == 0 and not at_end:
+    if eval_every and global_step % eval_every == 0 and not (at_end and stage.index == len(config.stages) - 1):
       _periodic_eval(config, stage.model_cfg, merge_params(trainable, frozen), tokenizer, mesh, metrics_log,
                      global_step, stage.index, log)
   if pending is not None:
