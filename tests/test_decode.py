@@ -199,8 +199,15 @@ def test_a_sampled_row_depends_on_its_key_not_on_its_batch(tiny_model, images):
 
 
 def test_sampling_options_are_validated():
-  with pytest.raises(ValueError, match="beam search is deterministic"):
-    decode_lib.Sampling.make("beam", temperature=0.7)
+  """An option the chosen sampler would ignore is an error naming it, not a silent no-op."""
+  for option in (dict(temperature=0.7), dict(top_k=2), dict(top_p=0.5), dict(best_of=2)):
+    with pytest.raises(ValueError, match="beam search is deterministic: it takes no temperature, top_k, top_p"):
+      decode_lib.Sampling.make("beam", **option)
+    with pytest.raises(ValueError, match="sampler='greedy' takes no temperature, top_k, top_p, beam_size"):
+      decode_lib.Sampling.make("greedy", **option)
+  with pytest.raises(ValueError, match="sampler='sample' takes no beam_size; use sampler='beam'"):
+    decode_lib.Sampling.make("sample", beam_size=2)
+  assert decode_lib.Sampling.make("greedy", top_k=0, top_p=1.0, length_penalty=0.5).length_penalty == 0.5
   with pytest.raises(ValueError, match="best_of needs sampling"):
     decode_lib.Sampling(best_of=2)
   with pytest.raises(ValueError, match="Unknown sampler"):

@@ -38,7 +38,7 @@ class Sampling:
     if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.best_of < 1 or self.beam_size < 1:
       raise ValueError(f"Invalid sampling options {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, "
                        "best_of >= 1, beam_size >= 1.")
-    if self.beam_size > 1 and (self.stochastic or self.best_of > 1):
+    if self.beam_size > 1 and (self.temperature or self.top_k or self.top_p < 1 or self.best_of > 1):
       raise ValueError("beam search is deterministic: it takes no temperature, top_k, top_p or best_of.")
     if self.best_of > 1 and not self.stochastic:
       raise ValueError("best_of needs sampling (a temperature > 0): greedy draws would all be the same.")
@@ -51,11 +51,15 @@ class Sampling:
   def make(cls, sampler: str = "greedy", **kw) -> "Sampling":
     """sampler: "greedy" | "sample" (temperature defaults to 1) | "beam" (beam_size defaults to 4)."""
     kw = {k: v for k, v in kw.items() if v is not None}
-    if sampler == "greedy":
-      if kw.get("temperature", 0.0) or kw.get("beam_size", 1) > 1 or kw.get("best_of", 1) > 1:
-        raise ValueError("sampler='greedy' takes no temperature, beam_size or best_of; use 'sample' or 'beam'.")
+    if sampler == "greedy":  # the options below would change nothing: an error, not a silent no-op
+      if (kw.get("temperature", 0.0) or kw.get("top_k", 0) or kw.get("top_p", 1.0) < 1 or kw.get("beam_size", 1) > 1
+          or kw.get("best_of", 1) > 1):
+        raise ValueError("sampler='greedy' takes no temperature, top_k, top_p, beam_size or best_of; use 'sample' "
+                         "or 'beam'.")
       return cls(**kw)
     if sampler == "sample":
+      if kw.get("beam_size", 1) > 1:
+        raise ValueError("sampler='sample' takes no beam_size; use sampler='beam' for beam search.")
       return cls(**{"temperature": 1.0, **kw})
     if sampler == "beam":
       return cls(**{"beam_size": 4, **kw})
