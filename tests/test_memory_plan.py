@@ -168,6 +168,9 @@ def test_cli_plans_paligemma2_28b_in_seconds():
     (["--mesh", "data"], "error: --mesh 'data': expected AXIS=SIZE"),
     (["--mesh", "data=3"], "error: config.stages[0].batch_size 64 is not divisible by data x fsdp = 3"),
     (["--mesh", "data=2", "--device_memory", "lots"], "error: cannot read 'lots' as a memory size"),
+    (["--mesh", "data=2", "--device_memory", "16"], "error: cannot read '16' as a memory size with a unit"),
+    ([], "error: config.mesh {'data': -1, 'fsdp': 1, 'tensor': 1} has a -1 axis: give --num_devices"),
+    (["--mesh", "data=2", "--config.mesh.fsdp=2"], "error: --mesh and --config.mesh.fsdp both set the mesh"),
 ])
 def test_cli_errors_are_clear(args, message, capsys):
   assert load_cli().main(["--config", th.TINY, *args]) == 2
@@ -187,6 +190,11 @@ def test_cli_overrides_work_as_in_train(capsys):
   assert ex_per_dev(accum) == [n // 4 for n in ex_per_dev(plain)]
   assert cli.main(["--config", th.TINY, "--mesh", "data=1", "--config.grad_acum=4"]) == 2
   assert "grad_acum" in capsys.readouterr().err
+  # Without --mesh, the config's mesh as train.py takes it: --config.mesh overrides included.
+  assert cli.main(["--config", th.TINY, "--mesh", "data=2,fsdp=4"]) == 0
+  explicit = capsys.readouterr().out
+  assert cli.main(["--config", th.TINY, "--num_devices", "8", "--config.mesh.fsdp=4"]) == 0
+  assert capsys.readouterr().out == explicit and "mesh data=2 fsdp=4 tensor=1" in explicit
 
 
 def test_parse_helpers():

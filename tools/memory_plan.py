@@ -7,7 +7,8 @@ even for PaliGemma 2 28B).
   python tools/memory_plan.py --config configs/tiny_synthetic.py --mesh data=-1 --num_devices 8
   python tools/memory_plan.py --config ... --mesh fsdp=8 --config.grad_accum=4 --config.model.remat=full
 
-Config arguments and --config.KEY=VALUE overrides work as in tools/train.py. Params, gradients and optimizer
+Config arguments and --config.KEY=VALUE overrides work as in tools/train.py; without --mesh the config's own
+mesh is planned. Params, gradients and optimizer
 state follow the same sharding rules as training, exactly; activations are an estimate (formula in
 vlm_jax/memory_plan.py and docs/scaling.md). The last column says whether the total fits --device_memory
 (v5e: 16G, v5p: 95G, H100: 80G); keep 10-20% headroom for XLA's temporaries.
@@ -27,8 +28,9 @@ def parse_args(argv):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, metavar="FILE.py[:ARGS]",
                       help="training config file, as for tools/train.py")
-  parser.add_argument("--mesh", required=True, metavar="data=N,fsdp=N,tensor=N",
-                      help="mesh axis sizes (missing axes are 1; one may be -1 with --num_devices)")
+  parser.add_argument("--mesh", metavar="data=N,fsdp=N,tensor=N",
+                      help="mesh axis sizes (missing axes are 1; one may be -1 with --num_devices); default: the "
+                      "config's mesh, as tools/train.py takes it (with any --config.mesh.AXIS=N)")
   parser.add_argument("--num_devices", type=int, metavar="N", help="total devices, to resolve a -1 mesh axis")
   parser.add_argument("--device_memory", metavar="SIZE", help="memory of one device (16G, 95G, 80G): adds a "
                       "column saying whether each stage fits")
@@ -43,14 +45,20 @@ def main(argv=None) -> int:
   from vlm_jax import config_util, memory_plan, sharding
   from vlm_jax.train_setup import ALLOWED_KEYS, check_config
   try:
-    sizes = memory_plan.parse_mesh(args.mesh)
-    if -1 in sizes.values() and not args.num_devices:
-      raise ValueError(f"--mesh {args.mesh} has a -1 axis: give --num_devices to resolve it.")
-    num_devices = args.num_devices or math.prod(sizes.values())
-    mesh_shape = sharding.resolve_axes(sizes, num_devices)
     device_memory = memory_plan.parse_bytes(args.device_memory) if args.device_memory else None
     config = config_util.load_with_overrides(args.config, overrides, ALLOWED_KEYS)
     check_config(config)
+    if args.mesh is None:
+      sizes = {k: int(v) for k, v in (config.get("mesh") or {"data": -1}).items()}
+      where = f"config.mesh {sizes}"
+    elif set_keys := [k for k, _ in overrides if k.split(".")[0] == "mesh"]:
+      raise ValueError(f"--mesh and --config.{set_keys[0]} both set the mesh: give one of them.")
+    else:
+      sizes, where = memory_plan.parse_mesh(args.mesh), f"--mesh {args.mesh}"
+    if -1 in sizes.values() and not args.num_devices:
+      raise ValueError(f"{where} has a -1 axis: give --num_devices to resolve it.")
+    num_devices = args.num_devices or math.prod(sizes.values())
+    mesh_shape = sharding.resolve_axes(sizes, num_devices)
     result = memory_plan.plan(config, mesh_shape)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

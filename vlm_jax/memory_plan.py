@@ -40,7 +40,7 @@ from vlm_jax.models.vlm import init_params
 from vlm_jax.train_setup import build_model_config, check_config, make_tokenizer, model_for_stage, normalize
 
 GIB = 2 ** 30
-_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": GIB, "T": 2 ** 40}
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": GIB, "T": 2 ** 40}
 
 
 @dataclasses.dataclass
@@ -73,10 +73,11 @@ def parse_mesh(spec: str) -> dict:
 
 
 def parse_bytes(text: str) -> int:
-  """"16G", "95GiB", "512M", "80GB" -> bytes (K/M/G/T are powers of 1024)."""
-  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+  """"16G", "95GiB", "512M", "80GB" -> bytes (K/M/G/T are powers of 1024; a unit is required: a bare 16 is far
+  more likely to mean 16G than 16 bytes)."""
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])(?:i?B)?\s*", text, re.IGNORECASE)
   if not m:
-    raise ValueError(f"cannot read {text!r} as a memory size (e.g. 16G, 95GiB, 80GB).")
+    raise ValueError(f"cannot read {text!r} as a memory size with a unit (e.g. 16G, 95GiB, 80GB).")
   return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
