@@ -44,6 +44,14 @@ def test_overrides_are_typed_and_reach_nested_fields():
   config_util.apply_override(c, "stages[1].lr", "1e-4")
   config_util.apply_override(c, "optim.b2", "0.95")
   assert c.seed == 7 and c.stages[1]["lr"] == 1e-4 and c.optim.b2 == 0.95
+  # A value of the wrong type names the flag as written.
+  for key, text, match in (("seed", "abc", "--config.seed: 'abc' is not an int"),
+                           ("stages[1].lr", "fast", r"--config.stages\[1\].lr: 'fast' is not a float"),
+                           ("stages[0]", "oops", r"--config.stages\[0\]: cannot parse 'oops'")):
+    with pytest.raises(ValueError, match=match):
+      config_util.apply_override(c, key, text)
+  with pytest.raises(ValueError, match="config argument res: 'big' is not an int"):
+    config_util.load_config(f"{TINY}:res=big")
 
 
 @pytest.mark.parametrize("key,match", [("sed", "Unknown config key config.sed \\(did you mean 'seed'\\?\\)"),
@@ -66,7 +74,9 @@ def test_unknown_key_in_config_file():
 @pytest.mark.parametrize("key,sizes,match", [
     ("mesh", {"fsdpp": 2}, r"Unknown config.mesh axes \['fsdpp'\]"),
     ("mesh", {"data": 0}, r"config.mesh axis sizes must be positive or -1, got \{'data': 0\}"),
-    ("dcn_mesh", {"data": -1, "fsdp": -1}, r"Only one config.dcn_mesh axis may be -1")])
+    ("dcn_mesh", {"data": -1, "fsdp": -1}, r"Only one config.dcn_mesh axis may be -1"),
+    ("dcn_mesh", "dict(data=2)", r"config.dcn_mesh must be a dict of axis sizes .*, got 'dict\(data=2\)'"),
+    ("mesh", {"data": "two"}, r"config.mesh axis sizes must be integers, got \{'data': 'two'\}")])
 def test_check_config_rejects_bad_mesh_before_devices(key, sizes, match):
   """The mesh is checked with the config, not when the devices are laid out after the data loads."""
   c = config_util.load_config(TINY)

@@ -20,7 +20,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       raise ValueError(f"Unknown config argument {key!r}; known: {', '.join(sorted(defaults)) or 'none'}.")
-    out[key] = _parse_value(value.strip(), defaults[key], key) if eq else True
+    out[key] = _parse_value(value.strip(), defaults[key], f"config argument {key}") if eq else True
   return ml_collections.ConfigDict(out)
 
 
@@ -37,21 +37,22 @@ def refuse_args(given: set[str], ignored, why: str):
 
 
 def _parse_value(text: str, like, key: str):
+  """`text` as a value of the type of `like` (the current value); errors name `key` as the user wrote it."""
   if isinstance(like, bool):
     if text.lower() not in ("true", "false", "1", "0"):
-      raise ValueError(f"config argument {key}: {text!r} is not a bool.")
+      raise ValueError(f"{key}: {text!r} is not a bool.")
     return text.lower() in ("true", "1")
   if isinstance(like, (int, float)) and not isinstance(like, bool):
     try:
       return type(like)(ast.literal_eval(text))
     except (ValueError, SyntaxError) as e:
-      raise ValueError(f"config argument {key}: {text!r} is not a {type(like).__name__}.") from e
+      raise ValueError(f"{key}: {text!r} is not {'an int' if isinstance(like, int) else 'a float'}.") from e
   if isinstance(like, str) or like is None:
     return text
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError) as e:
-    raise ValueError(f"config argument {key}: cannot parse {text!r}.") from e
+    raise ValueError(f"{key}: cannot parse {text!r}.") from e
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -100,7 +101,7 @@ def apply_override(config, dotted: str, text: str, allowed: dict | None = None):
       if not isinstance(node, (list, tuple)) or idx >= len(node):
         raise ValueError(f"config key {where}{part} does not exist.")
       if last:
-        node[idx] = _parse_value(text, node[idx], dotted)
+        node[idx] = _parse_value(text, node[idx], f"--config.{dotted}")
       node, where = node[idx], where + part
       continue
     keys = list(node.keys()) if hasattr(node, "keys") else []
@@ -109,7 +110,7 @@ def apply_override(config, dotted: str, text: str, allowed: dict | None = None):
       hint = difflib.get_close_matches(part, keys + [k for k in schema if k not in keys], n=1)
       raise ValueError(f"Unknown config key {where}.{part}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + ".")
     if last:
-      node[part] = _parse_value(text, node[part], dotted) if part in keys else _parse_new(text)
+      node[part] = _parse_value(text, node[part], f"--config.{dotted}") if part in keys else _parse_new(text)
     free = free or (part in schema and schema[part] is None)
     node, where, allowed = node[part], f"{where}.{part}", schema.get(part)
 

@@ -84,7 +84,12 @@ LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab":
 def check_axes(sizes_cfg, what: str = "mesh") -> dict:
   """{axis: size} over `MESH_AXES` (missing axes are 1), checked without devices: known names, sizes positive
   or -1, at most one -1. Raises ValueError naming `what` and the offending axes."""
-  sizes = {k: int(v) for k, v in dict(sizes_cfg or {}).items()}
+  if sizes_cfg is not None and not hasattr(sizes_cfg, "keys"):
+    raise ValueError(f"{what} must be a dict of axis sizes such as {{'data': 2, 'fsdp': -1}}, got {sizes_cfg!r}.")
+  try:
+    sizes = {k: int(v) for k, v in dict(sizes_cfg or {}).items()}
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{what} axis sizes must be integers, got {dict(sizes_cfg)}.") from e
   if unknown := sorted(set(sizes) - set(MESH_AXES)):
     raise ValueError(f"Unknown {what} axes {unknown}; use {', '.join(MESH_AXES)}.")
   sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
