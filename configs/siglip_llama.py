@@ -43,6 +43,8 @@ def get_config(arg=None):
     return c
   config_util.refuse_args(given, ("steps1", "steps2"), "only with tiny=True; set tiny=False's stage steps with "
                           "--config.stages[0].steps=N.")
+  if not arg.llm:
+    raise ValueError("configs/siglip_llama.py:tiny=False needs llm=DIR, a local HF Llama / Qwen2 directory.")
   c = ConfigDict()
   c.seed = 0
   c.tokenizer = arg.tokenizer or arg.llm  # by default the HF directory's own tokenizer.model or tokenizer.json

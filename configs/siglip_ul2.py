@@ -45,6 +45,8 @@ def get_config(arg=None):
     return c
   config_util.refuse_args(given, ("steps1", "steps2", "posemb", "q_lr"), "only with tiny=True; set tiny=False's "
                           "stage steps with --config.stages[0].steps=N.")
+  if not arg.llm:
+    raise ValueError("configs/siglip_ul2.py:tiny=False needs llm=DIR, a local HF T5 / UL2 directory.")
   c = ConfigDict()
   c.seed = 0
   c.tokenizer = arg.tokenizer

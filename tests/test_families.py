@@ -225,7 +225,7 @@ def test_resampler_locality_bias_makes_each_query_read_its_own_region():
 
 def test_the_llava_config_takes_the_llm_directorys_tokenizer(hf_llama_dir, tmp_path):
   """configs/siglip_llama.py:tiny=False reads the tokenizer of its `llm` directory (here a Llama 3-style
-  tokenizer.json) unless `tokenizer` names one; with neither, the error says what to give."""
+  tokenizer.json) unless `tokenizer` names one; without `llm` the error says what to give."""
   import shutil
   from tests.hf_models import train_json_tokenizer
   from vlm_jax.tokenizer import JSONTokenizer
@@ -240,5 +240,7 @@ def test_the_llava_config_takes_the_llm_directorys_tokenizer(hf_llama_dir, tmp_p
   # tokenizer files still stops at the EOS it was trained with.
   cfg = build_model_config(normalize(config).model, tok)
   assert (cfg.bos_id, cfg.eos_id, cfg.pad_id) == (tok.bos_id, tok.eos_id, None) and tok.pad_id < 0
-  with pytest.raises(ValueError, match="config.tokenizer is empty"):
-    make_tokenizer(config_util.load_config("configs/siglip_llama.py:tiny=False"))
+  with pytest.raises(ValueError, match=r"siglip_llama.py:tiny=False needs llm=DIR, a local HF Llama / Qwen2"):
+    config_util.load_config("configs/siglip_llama.py:tiny=False")
+  with pytest.raises(ValueError, match=r"siglip_ul2.py:tiny=False needs llm=DIR, a local HF T5 / UL2"):
+    config_util.load_config("configs/siglip_ul2.py:tiny=False")
