@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.stages = [dict(name="finetune", steps=arg.steps, image_size=arg.res, text_len=64, batch_size=arg.batch,
                    data=data, lr=arg.lr, schedule=dict(decay="cosine", warmup_steps=arg.steps // 20),
                    frozen=["img/(embedding|pos_embedding|Transformer)"], lr_mults=[])]
-  c.evals = [dict(name="val", data=dict(kind="llava_json", json_path=arg.data, image_dir=arg.images),
+  c.evals = [dict(name="val", data=data,  # records training skips (skip_bad) are skipped and counted here too
                   metrics=["exact_match"], batch_size=64, max_new_tokens=32, prefix_len=64, num_examples=500)]
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.checkpoint_every = 500

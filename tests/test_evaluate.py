@@ -71,6 +71,25 @@ def test_cut_prompts_and_texts_are_counted_and_reported(model):
           and f"{texts} of 7 texts longer than text_len 8" in evaluate.summary(res))
 
 
+def test_a_skip_bad_source_drops_unreadable_records_and_says_so(model, tmp_path):
+  """With skip_bad, a missing image is dropped when the source is read and a corrupt one when its example is
+  decoded: the evaluator scores the rest and reports both (each counted once over the two passes)."""
+  from PIL import Image
+  Image.new("RGB", (12, 12), (255, 0, 0)).save(tmp_path / "red.png")
+  (tmp_path / "bad.png").write_bytes(b"not a png" * 10)
+  record = lambda i, image: {"id": str(i), "image": image, "conversations": [
+      {"from": "human", "value": "<image>\ncolour"}, {"from": "gpt", "value": "red"}]}
+  images = ["red.png", "bad.png", "red.png", "gone.png", "red.png"]
+  (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(record(i, im)) for i, im in enumerate(images)))
+  data = dict(kind="llava_json", json_path=str(tmp_path / "d.jsonl"), image_dir=str(tmp_path), skip_bad=True)
+  res = evaluate.evaluate(model.config, model.params, model.tokenizer,
+                          eval_cfg(data=data, metrics=["exact_match", "loss"], batch_size=2))
+  assert res["num_examples"] == 3 and [r["id"] for r in res["predictions"]] == ["0", "2", "4"]
+  assert all("nll" in r for r in res["predictions"])
+  assert res["skipped"] == {"missing image": 1, "corrupt image": 1}
+  assert "WARNING: skipped 2 unreadable records (1 missing image, 1 corrupt image)" in evaluate.summary(res)
+
+
 def test_progress_counts_each_pass_over_the_examples(model):
   calls = []
   evaluate.evaluate(model.config, model.params, model.tokenizer, eval_cfg(metrics=["exact_match", "loss"]),

@@ -285,6 +285,7 @@ def test_transfer_config_fine_tunes_a_local_hf_checkpoint(tmp_path, tokenizer_fi
     Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
     records.append({"id": str(i), "image": f"{i}.png", "conversations": [
         {"from": "human", "value": "<image>\nwhat colour"}, {"from": "gpt", "value": f"shade {i}"}]})
+  records.insert(1, dict(records[0], id="gone", image="gone.png"))  # skipped (and counted) by training and eval
   (tmp_path / "train.json").write_text(json.dumps(records))
   arg = (f"init={hf_dir},tokenizer={tokenizer_file},data={tmp_path / 'train.json'},images={tmp_path / 'images'},"
          "res=28,batch=2,steps=2")
@@ -294,7 +295,7 @@ def test_transfer_config_fine_tunes_a_local_hf_checkpoint(tmp_path, tokenizer_fi
     c.evals[0]["batch_size"] = 4
     c.evals[0]["num_examples"] = 4
   results = train_lib.train(c, str(tmp_path / "run"), log=QUIET)
-  assert results["val"]["num_examples"] == 4
+  assert results["val"]["num_examples"] == 4 and results["val"]["skipped"] == {"missing image": 1}
   start = th.treeutil.flatten(__import__("vlm_jax").load(str(hf_dir)).params["params"])
   end = th.read_item(str(tmp_path / "run"), 2)
   np.testing.assert_array_equal(end["img/Transformer/encoder_norm/scale"],

@@ -67,10 +67,22 @@ def _images(examples, size):
                    for ex in examples])
 
 
+def _examples(source, n):
+  """The first n records, without those a skip_bad source could not read (None: a corrupt image)."""
+  return (ex for ex in (source[i] for i in range(n)) if ex is not None)
+
+
 def _batches(source, n, batch_size):
-  """(examples, number of real ones) per batch; the last batch is padded with repeats of the last example."""
-  for start in range(0, n, batch_size):
-    yield [source[min(i, n - 1)] for i in range(start, start + batch_size)], min(batch_size, n - start)
+  """(examples, number of real ones) per batch of `_examples`; the last batch is padded with repeats of its last
+  example."""
+  batch = []
+  for ex in _examples(source, n):
+    batch.append(ex)
+    if len(batch) == batch_size:
+      yield batch, batch_size
+      batch = []
+  if batch:
+    yield batch + batch[-1:] * (batch_size - len(batch)), len(batch)
 
 
 def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -> dict:
@@ -127,7 +139,12 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
         progress("decode", len(records), n)
   else:
     records = [{"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0], "answers": answers_of(ex)}
-               for ex in (source[i] for i in range(n))]
+               for ex in _examples(source, n)]
+  # A skip_bad source's counts after one pass (a second pass over the examples counts corrupt images again).
+  skipped = {k: v for k, v in getattr(source, "skipped", {}).items() if v}
+  if not records:
+    raise ValueError(f"evaluator {eval_cfg.get('name', 'eval')!r}: none of its {n} examples could be read "
+                     f"({skipped}).")
 
   for m in decoded:
     if m in metrics_lib.CORPUS:
@@ -150,7 +167,9 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
       if progress:
         progress("teacher-forced", i, n)
 
-  out = {"name": eval_cfg.get("name", "eval"), "num_examples": n}
+  out = {"name": eval_cfg.get("name", "eval"), "num_examples": len(records)}
+  if skipped:
+    out["skipped"] = skipped
   if cut := {k: v for k, v in truncated.items() if v}:  # prompts lost their ends ("\n" too), answers went unscored
     out["truncated"] = {**cut, "prefix_len": prefix_len if decoded else None,
                         "text_len": text_len if len(decoded) < len(metric_names) else None}
@@ -179,8 +198,12 @@ def summarize(records, metric_names) -> dict:
 
 
 def summary(result: dict) -> str:
-  keys = [k for k in result if k not in ("predictions", "name", "num_examples", "truncated") and "/" not in k]
+  keys = [k for k in result if k not in ("predictions", "name", "num_examples", "truncated", "skipped")
+          and "/" not in k]
   text = ", ".join(f"{k} {result[k]:.4f}" for k in keys if not math.isnan(result[k]))
+  if skipped := result.get("skipped"):
+    text += (f"; WARNING: skipped {sum(skipped.values())} unreadable records "
+             f"({', '.join(f'{v} {k}' for k, v in skipped.items())})")
   cut = result.get("truncated", {})
   for what, limit in (("prompts", "prefix_len"), ("texts", "text_len")):
     if cut.get(what):
