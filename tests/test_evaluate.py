@@ -225,3 +225,20 @@ def test_cli_errors_are_clear(checkpoint, tmp_path):
   for tool in ("tools/eval.py", "tools/predict.py"):
     proc = run_tool(tool, "--help")
     assert proc.returncode == 0 and "--checkpoint" in proc.stdout
+
+
+def test_eval_cli_selects_each_named_evaluator_once():
+  from tools import eval as eval_cli
+  config = ml_collections.ConfigDict(dict(evals=[dict(name="val"), dict(name="test")]))
+  assert [e["name"] for e in eval_cli.select_evals(config, "test, val,test")] == ["test", "val"]
+  with pytest.raises(ValueError, match=r"unknown evaluators \['vall'\]; the config has \['test', 'val'\]"):
+    eval_cli.select_evals(config, "vall")
+
+
+def test_a_big_vision_npz_needs_the_model_config_flag(tmp_path):
+  """The CLIs' error names their flag, --model_config, not vlm_jax.load's config= argument."""
+  import argparse
+  from tools import predict
+  args = argparse.Namespace(checkpoint=str(tmp_path / "pg.npz"), model_config=None, dtype=None, tokenizer=None)
+  with pytest.raises(ValueError, match=r"pg.npz is a big_vision .npz: pass --model_config NAME"):
+    predict.load_model(args)

@@ -182,6 +182,7 @@ def test_cli_overrides_work_as_in_train(capsys):
   cli = load_cli()
   assert cli.main(["--config", th.TINY, "--mesh", "data=1"]) == 0
   plain = capsys.readouterr().out.splitlines()
+  assert "mesh data=1 fsdp=1 tensor=1 (1 device);" in plain[0]
   assert cli.main(["--config", th.TINY, "--mesh", "data=1", "--config.grad_accum=4",
                    "--config.model.remat=full"]) == 0
   accum = capsys.readouterr().out.splitlines()

@@ -44,7 +44,7 @@ def select_evals(config, names: str | None):
   if not names:
     return evals
   by_name = {e.get("name", "eval"): e for e in evals}
-  wanted = [n.strip() for n in names.split(",") if n.strip()]
+  wanted = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))  # each once, in order
   if unknown := [n for n in wanted if n not in by_name]:
     raise ValueError(f"unknown evaluators {unknown}; the config has {sorted(by_name)}.")
   return [by_name[n] for n in wanted]

@@ -61,6 +61,8 @@ def load_model(args, default_tokenizer=None, mesh=None):
   """The Model at --checkpoint (`vlm_jax.load`: a training workdir means its exported model/), with a tokenizer:
   --tokenizer, else the checkpoint's own, else default_tokenizer(); sharded over `mesh` if given."""
   import vlm_jax
+  if args.checkpoint.endswith(".npz") and not args.model_config:  # vlm_jax.load names its own argument, config=
+    raise ValueError(f"{args.checkpoint} is a big_vision .npz: pass --model_config NAME (e.g. paligemma_3b_224).")
   model = vlm_jax.load(args.checkpoint, dtype=args.dtype, config=args.model_config, mesh=mesh)
   if args.tokenizer:
     from vlm_jax.train_setup import make_tokenizer

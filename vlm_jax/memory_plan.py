@@ -187,9 +187,10 @@ def format_table(result: Plan, mesh_shape: dict, device_memory: int | None = Non
   """The plan as a text table, sizes in GiB per device."""
   cfg = result.model_cfg
   mesh = " ".join(f"{a}={n}" for a, n in mesh_shape.items())
+  devices = math.prod(mesh_shape.values())
   size = f"{result.num_params / 1e9:.2f}B" if result.num_params >= 1e8 else f"{result.num_params / 1e6:.2f}M"
   head = (f"{cfg.name or 'model'}: {size} params, compute {cfg.llm.dtype}, "
-          f"remat {cfg.llm.remat}; mesh {mesh} ({math.prod(mesh_shape.values())} devices); GiB per device")
+          f"remat {cfg.llm.remat}; mesh {mesh} ({devices} device{'s' * (devices != 1)}); GiB per device")
   cols = ["stage", "res", "text", "batch", "ex/dev", "params", "grads", "opt state", "activations", "total"]
   if device_memory:
     cols.append(f"fits {device_memory / GIB:g} GiB")
