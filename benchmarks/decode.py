@@ -279,13 +279,13 @@ def main(argv=None):
   import vlm_jax
   from vlm_jax import treeutil
   from vlm_jax.convert import hf
-  from vlm_jax.models.vlm import init_params
+  from vlm_jax.models.vlm import abstract_params
   t_start = time.perf_counter()
   try:
     cfg = model_config(args.quick, args.vit_depth, args.kv_heads)
   except ValueError as e:
     ap.error(str(e))
-  flat = treeutil.flatten(jax.eval_shape(lambda: init_params(cfg))["params"])
+  flat = treeutil.flatten(abstract_params(cfg))
   n_params = sum(v.size for v in flat.values())
   n_llm = sum(v.size for k, v in flat.items() if k.startswith("llm/"))
   print(f"model {cfg.name}: {n_params:,} params ({n_llm:,} in the LLM; ViT {cfg.img.width}x{cfg.img.depth} at "

@@ -96,10 +96,10 @@ def load_model(path: str, config=None, mesh=None):
   whatever mesh they were saved from: on this process's first device, or read straight into their shards on
   `mesh` (by `sharding.param_shardings`), so that no device ever holds all of them."""
   from vlm_jax import tokenizer
-  from vlm_jax.models.vlm import init_params, special_ids
+  from vlm_jax.models.vlm import abstract_params, special_ids
   path = str(path) if is_remote(path) else os.path.abspath(path)
   config = config or load_config(path)
-  expected = jax.eval_shape(lambda: init_params(config))
+  expected = {"params": abstract_params(config)}
   found = _stored_arrays(os.path.join(path, "params"))
   treeutil.check_shapes(treeutil.flatten(expected), found, f"checkpoint {path}")
   with ocp.StandardCheckpointer() as ckptr:

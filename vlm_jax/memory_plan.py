@@ -36,7 +36,7 @@ import numpy as np
 
 from vlm_jax import optim, sharding, treeutil
 from vlm_jax.models.t5 import T5Config
-from vlm_jax.models.vlm import init_params
+from vlm_jax.models.vlm import abstract_params
 from vlm_jax.train_setup import build_model_config, check_config, make_tokenizer, model_for_stage, normalize
 
 GIB = 2 ** 30
@@ -159,7 +159,7 @@ def plan(config, mesh_shape: dict) -> Plan:
   plans, num_params = [], 0
   for index, stage_cfg in enumerate(config.stages):
     model_cfg = model_for_stage(base, stage_cfg)
-    flat = treeutil.flatten(jax.eval_shape(lambda: init_params(model_cfg))["params"])
+    flat = treeutil.flatten(abstract_params(model_cfg))
     num_params = sum(math.prod(v.shape) for v in flat.values())
     frozen = optim.frozen_names(list(flat), stage_cfg.get("frozen"))
     trainable = {k: v for k, v in flat.items() if k not in frozen}

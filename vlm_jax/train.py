@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from vlm_jax import checkpoint, config_util, evaluate, fileutil, optim, sharding, treeutil
 from vlm_jax.data.pipeline import make_source, make_train_iterator, seek
 from vlm_jax.models.vit import resample_posemb
-from vlm_jax.models.vlm import model_for
+from vlm_jax.models.vlm import abstract_params, model_for
 from vlm_jax.run_log import MetricsLog, plot
 from vlm_jax.train_setup import (build_model_config, check_config, initial_params, make_tokenizer,
                                  model_for_stage, normalize)
@@ -257,7 +257,7 @@ def _place(params, stage, mesh):
 
 def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh) -> StageState:
   model_cfg = model_for_stage(base_cfg, stage_cfg)
-  abstract = _abstract_params(model_cfg)
+  abstract = abstract_params(model_cfg)
   names = list(treeutil.flatten(abstract))
   frozen = optim.frozen_names(names, stage_cfg.get("frozen"))
   optimizer, schedule = optim.make_optimizer(config.get("optim", {}), stage_cfg, set(names) - frozen)
@@ -278,11 +278,6 @@ def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh) -> StageSt
                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   return StageState(index, stage_cfg, model_cfg, frozen, abstract, param_sh, opt_sh, step_fn, optimizer, data_iter,
                     preprocess, rows)
-
-
-def _abstract_params(model_cfg):
-  from vlm_jax.models.vlm import init_params
-  return jax.eval_shape(lambda: init_params(model_cfg))["params"]
 
 
 def _abstract_opt_state(stage, abstract_params):

@@ -214,7 +214,7 @@ def initial_params(config, model_cfg, log):
   """Random init (seeded), or `config.model.init`: a HF directory, big_vision .npz or vlm_jax checkpoint. With a
   random init, `model.llm.init` (a HF text model) and `model.img.init` (any checkpoint vlm_jax.load reads) supply
   the language model's or the vision tower's weights."""
-  from vlm_jax.models.vlm import init_params
+  from vlm_jax.models.vlm import abstract_params, init_params
   init = config.model.get("init")
   if not init:
     params = treeutil.flatten(init_params(model_cfg, int(config.seed))["params"])
@@ -243,6 +243,6 @@ def initial_params(config, model_cfg, log):
   src_res = loaded.config.img.image_size
   expected = dataclasses.replace(model_cfg, img=dataclasses.replace(model_cfg.img, image_size=src_res))
   found = treeutil.flatten(loaded.params["params"])
-  want = treeutil.flatten(jax.eval_shape(lambda: init_params(expected))["params"])
+  want = treeutil.flatten(abstract_params(expected))
   treeutil.check_shapes(want, found, f"config.model.init {init}")
   return jax.tree.map(lambda x: np.asarray(x, np.float32), loaded.params["params"])

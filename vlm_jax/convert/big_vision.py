@@ -6,7 +6,6 @@ back from numpy as void (itemsize 2) and are viewed as bfloat16 again, and the `
 import os
 import zipfile
 
-import jax
 import ml_dtypes
 import numpy as np
 
@@ -38,9 +37,9 @@ def read_npz(path: str) -> dict:
 
 def load(path: str, config):
   """Params {"params": {...}} for `config` from a big_vision .npz, checked key by key against the model."""
-  from vlm_jax.models.vlm import init_params
+  from vlm_jax.models.vlm import abstract_params
   flat = read_npz(path)
-  expected = treeutil.flatten(jax.eval_shape(lambda: init_params(config))["params"])
+  expected = treeutil.flatten(abstract_params(config))
   treeutil.check_shapes(expected, flat, f"big_vision checkpoint {path}")
   flat = {k: np.asarray(v, expected[k].dtype) for k, v in flat.items()}
   return {"params": treeutil.unflatten(flat)}

@@ -291,11 +291,11 @@ def read_tensors(path: str) -> dict:
 
 def load(path: str, config: VLMConfig | None = None):
   """(config, params, tokenizer-or-None) from a HF PaliGemma directory; shapes checked key by key."""
-  from vlm_jax.models.vlm import init_params
+  from vlm_jax.models.vlm import abstract_params
   from vlm_jax import tokenizer
   config = config or read_config(path)
   sd = read_tensors(path)
-  template = treeutil.flatten(jax.eval_shape(lambda: init_params(config))["params"])
+  template = treeutil.flatten(abstract_params(config))
   expected_hf = jax.eval_shape(lambda flat: params_to_hf(flat, config), template)
   expected_hf = {canonical_name(k): v for k, v in expected_hf.items()}
   lm_head = sd.pop("lm_head.weight", None)

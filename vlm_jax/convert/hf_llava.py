@@ -93,12 +93,12 @@ def params_to_hf(flat: dict, cfg: VLMConfig) -> dict:
 
 def load(path: str, config: VLMConfig | None = None):
   """(config, params, tokenizer-or-None) from a HF LLaVA directory; every tensor's shape checked by name."""
-  from vlm_jax.models.vlm import init_params
+  from vlm_jax.models.vlm import abstract_params
   from vlm_jax import tokenizer
   file = os.path.join(path, "config.json")
   config = config or config_from_hf(fileutil.read_json(file), source=file)
   sd = hf.read_tensors(path)
-  template = treeutil.flatten(jax.eval_shape(lambda: init_params(config))["params"])
+  template = treeutil.flatten(abstract_params(config))
   expected = {hf.canonical_name(k): v for k, v in jax.eval_shape(lambda f: params_to_hf(f, config), template).items()}
   if config.llm.tie_embeddings:
     sd.pop("lm_head.weight", None)

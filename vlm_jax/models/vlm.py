@@ -266,6 +266,12 @@ def per_layer(cfg: VLMConfig, params):
           {**params, "params": {**params["params"], "llm": llm}})
 
 
+def abstract_params(cfg: VLMConfig) -> dict:
+  """The params' shapes and dtypes (jax.ShapeDtypeStruct leaves, nested as init_params' "params"), traced
+  without computing or allocating anything."""
+  return jax.eval_shape(lambda: init_params(cfg))["params"]
+
+
 def init_params(cfg: VLMConfig, seed: int = 0):
   """Random params {"params": {"img", ["adapter",] "llm"}}; under `jax.eval_shape` the abstract template."""
   s = cfg.img.image_size
