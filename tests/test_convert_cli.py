@@ -114,6 +114,9 @@ def test_hf_to_hf_bfloat16(hf_gemma, tmp_path):
   got = PaliGemmaForConditionalGeneration.from_pretrained(out, dtype=torch.bfloat16).state_dict()
   for k, v in want.items():  # both sides round float32 to nearest-even bfloat16
     assert torch.equal(got[k], v.to(torch.bfloat16)), k
+  rc, _, err = run_cli("--from", "hf", src, "--to", "hf", out)  # refused before reading anything
+  assert_user_error(rc, err)
+  assert f"{out} exists and is not an empty directory" in err and "reading" not in err
 
 
 def test_big_vision_with_config(bv_npz, tmp_path):

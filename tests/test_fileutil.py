@@ -47,7 +47,7 @@ def test_atomic_dir_makes_a_readable_directory_and_replaces_only_a_complete_one(
     (tmp_path / "plain").mkdir()
     open(os.path.join(tmp, "a"), "w").write("old")
   assert os.stat(out).st_mode == os.stat(tmp_path / "plain").st_mode  # as mkdir makes it, not mkdtemp's 0700
-  with pytest.raises(FileExistsError, match="exists and is not empty"):
+  with pytest.raises(FileExistsError, match="exists and is not an empty directory"):
     with fileutil.atomic_dir(out):
       pass
   with pytest.raises(OSError, match="killed"):  # the block fails: the old directory stays

@@ -84,12 +84,6 @@ def log(msg: str):
   print(msg, file=sys.stderr, flush=True)
 
 
-def check_out_dir(out: str):
-  """Fails before the (slow) load if OUT is occupied: stale shards next to new ones would corrupt it."""
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise FileExistsError(f"{out} exists and is not an empty directory; choose a new output directory.")
-
-
 def read_model(src: str, path: str, config):
   """A `Model` from PATH, which must hold format `src`; `config` (or None) overrides the stored one."""
   import vlm_jax
@@ -127,7 +121,8 @@ def describe(model) -> str:
 
 def convert(args):
   start = time.time()
-  check_out_dir(args.out)
+  from vlm_jax import fileutil
+  fileutil.check_new_dir(args.out)  # before the (slow) load: stale shards next to new ones would corrupt it
   from vlm_jax.models.registry import get_model_config
   config = get_model_config(args.config) if args.config else None
   log(f"reading {args.src} checkpoint {args.path}" + (f" as config {args.config}" if config else ""))

@@ -28,8 +28,11 @@ def main(argv=None) -> int:
   from vlm_jax.models.registry import CONFIGS, get_model_config
   if args.config not in CONFIGS:
     parser.error(f"--config {args.config!r} is not a model config; known: {', '.join(sorted(CONFIGS))}")
-  if os.path.exists(args.workdir) and (not os.path.isdir(args.workdir) or os.listdir(args.workdir)):
-    parser.error(f"--workdir {args.workdir} exists and is not an empty directory; choose a new one")
+  from vlm_jax import fileutil
+  try:
+    fileutil.check_new_dir(args.workdir, "--workdir ")
+  except FileExistsError as e:
+    parser.error(str(e))
 
   import numpy as np
   import vlm_jax

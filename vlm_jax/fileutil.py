@@ -47,6 +47,12 @@ def read_json(file: str):
     raise ValueError(f"{file}: malformed JSON ({e}).") from e
 
 
+def check_new_dir(path: str, what: str = ""):
+  """A directory to create must not exist, or be empty: checked before slow work (a load, a training run)."""
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise FileExistsError(f"{what}{path} exists and is not an empty directory; choose a new one.")
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str, replace: bool = False):
   """Yields a temporary sibling of `out_dir` to fill; renames it to `out_dir` only if the block succeeds, so a
@@ -54,8 +60,8 @@ def atomic_dir(out_dir: str, replace: bool = False):
   the old directory is swapped out once the new one is complete (a kill between the two renames leaves the old
   one whole in a `.old-` sibling)."""
   out_dir = os.path.abspath(out_dir)
-  if not replace and os.path.exists(out_dir) and os.listdir(out_dir):
-    raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory.")
+  if not replace:
+    check_new_dir(out_dir)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir), dir=parent)
