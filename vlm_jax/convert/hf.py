@@ -291,19 +291,23 @@ def read_tensors(path: str) -> dict:
 
 def load(path: str, config: VLMConfig | None = None):
   """(config, params, tokenizer-or-None) from a HF PaliGemma directory; shapes checked key by key."""
-  from vlm_jax.models.vlm import abstract_params
-  from vlm_jax import tokenizer
   config = config or read_config(path)
   sd = read_tensors(path)
-  template = treeutil.flatten(abstract_params(config))
-  expected_hf = jax.eval_shape(lambda flat: params_to_hf(flat, config), template)
-  expected_hf = {canonical_name(k): v for k, v in expected_hf.items()}
   lm_head = sd.pop("lm_head.weight", None)
   if lm_head is not None and not np.array_equal(lm_head, sd.get(T + "embed_tokens.weight")):
     raise ValueError(f"{path}: lm_head.weight differs from the input embedding; only tied heads are supported.")
-  treeutil.check_shapes(expected_hf, sd, f"HF checkpoint {path}")
-  flat = params_from_hf(sd, config)
-  params = {k: np.asarray(v, template[k].dtype) for k, v in flat.items()}
+  return convert_checked(path, config, sd, params_to_hf, params_from_hf)
+
+
+def convert_checked(path: str, config: VLMConfig, sd: dict, to_hf, from_hf):
+  """(config, params, tokenizer-or-None) from the canonical-named tensors `sd` of HF directory `path`: every
+  tensor's shape checked by name against what `to_hf` makes of the model's params, then `from_hf` converts."""
+  from vlm_jax.models.vlm import abstract_params
+  from vlm_jax import tokenizer
+  template = treeutil.flatten(abstract_params(config))
+  expected = {canonical_name(k): v for k, v in jax.eval_shape(lambda flat: to_hf(flat, config), template).items()}
+  treeutil.check_shapes(expected, sd, f"HF checkpoint {path}")
+  params = {k: np.asarray(v, template[k].dtype) for k, v in from_hf(sd, config).items()}
   return config, {"params": treeutil.unflatten(params)}, tokenizer.from_dir(path, special_ids(config))
 
 

@@ -93,20 +93,13 @@ def params_to_hf(flat: dict, cfg: VLMConfig) -> dict:
 
 def load(path: str, config: VLMConfig | None = None):
   """(config, params, tokenizer-or-None) from a HF LLaVA directory; every tensor's shape checked by name."""
-  from vlm_jax.models.vlm import abstract_params
-  from vlm_jax import tokenizer
   file = os.path.join(path, "config.json")
   config = config or config_from_hf(fileutil.read_json(file), source=file)
-  sd = hf.read_tensors(path)
-  template = treeutil.flatten(abstract_params(config))
-  expected = {hf.canonical_name(k): v for k, v in jax.eval_shape(lambda f: params_to_hf(f, config), template).items()}
+  sd = {k: v for k, v in hf.read_tensors(path).items() if not k.endswith("inv_freq")}  # old files' RoPE buffers
   if config.llm.tie_embeddings:
     sd.pop("lm_head.weight", None)
-  treeutil.check_shapes(expected, {k: v for k, v in sd.items() if k in expected or not k.endswith("inv_freq")},
-                        f"HF checkpoint {path}")
-  flat = params_from_hf(sd, config, f"HF checkpoint {path}")
-  params = {k: np.asarray(v, template[k].dtype) for k, v in flat.items()}
-  return config, {"params": treeutil.unflatten(params)}, tokenizer.from_dir(path, special_ids(config))
+  return hf.convert_checked(path, config, sd, params_to_hf,
+                            lambda sd, cfg: params_from_hf(sd, cfg, f"HF checkpoint {path}"))
 
 
 def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | None = None,
