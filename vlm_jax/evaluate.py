@@ -10,7 +10,6 @@ padded to `prefix_len`, so an evaluator compiles once. An evaluator config:
 An example is scored against all its reference answers (`example["answers"]`, else the first turn's answer).
 """
 import collections
-import functools
 import math
 
 import jax
@@ -23,20 +22,13 @@ from vlm_jax import metrics as metrics_lib
 from vlm_jax.data.image import to_rgb_array
 from vlm_jax.data.pipeline import make_source
 from vlm_jax.data.text import tokenize_prefix, tokenize_turns
-from vlm_jax.models.vlm import model_for
+from vlm_jax.models.vlm import teacher_forced_nll
 
 TEACHER_FORCED = ("loss", "perplexity")
 KNOWN = sorted({*metrics_lib.PER_EXAMPLE, *metrics_lib.CORPUS, *TEACHER_FORCED})
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def answer_nll(cfg, params, images, tokens, mask_ar, mask_loss, mask_input):
-  """Per-example (summed NLL of the supervised tokens, their count), teacher-forced."""
-  logits_BTV = model_for(cfg).apply(params, images, tokens[:, :-1], mask_ar[:, :-1], mask_input[:, :-1])
-  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  nll_BT = -jnp.take_along_axis(logp_BTV, tokens[:, 1:, None], axis=-1)[..., 0]
-  weights_BT = mask_loss[:, 1:].astype(jnp.float32)
-  return jnp.sum(nll_BT * weights_BT, axis=-1), jnp.sum(weights_BT, axis=-1)
+answer_nll = jax.jit(teacher_forced_nll, static_argnames="cfg")
 
 
 def answers_of(example) -> list[str]:

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from vlm_jax import checkpoint, config_util, evaluate, fileutil, optim, sharding, treeutil
 from vlm_jax.data.pipeline import make_source, make_train_iterator, seek
 from vlm_jax.models.vit import resample_posemb
-from vlm_jax.models.vlm import abstract_params, model_for
+from vlm_jax.models.vlm import abstract_params, teacher_forced_nll
 from vlm_jax.run_log import MetricsLog, plot
 from vlm_jax.train_setup import (build_model_config, check_config, initial_params, make_tokenizer,
                                  model_for_stage, normalize)
@@ -45,18 +45,9 @@ class Preempted(Exception):
 
 def loss_fn(model_cfg, params, batch):
   """Per-example mean NLL over supervised tokens, then the batch mean (big_vision's convention)."""
-  tokens, mask_loss = batch["tokens"], batch["mask_loss"]
-  logits_BTV = model_for(model_cfg).apply(params, batch["image"], tokens[:, :-1], batch["mask_ar"][:, :-1],
-                                          batch["mask_input"][:, :-1])
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  # -log_softmax at the target = logsumexp - target logit. The target logit is picked with an iota compare, not
-  # a gather: the gradient is then one fused pass (softmax - one-hot) over [B,T,V], with no scatter into a zero
-  # [B,T,V] buffer and no full-vocab log-probabilities materialised.
-  target_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, 2) == tokens[:, 1:, None]
-  nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.sum(jnp.where(target_BTV, logits_BTV, 0.0), axis=-1)
-  weights_BT = mask_loss[:, 1:].astype(jnp.float32)
-  per_example_B = jnp.sum(nll_BT * weights_BT, axis=-1) / jnp.maximum(jnp.sum(weights_BT, axis=-1), 1.0)
-  return jnp.mean(per_example_B)
+  nll_B, count_B = teacher_forced_nll(model_cfg, params, batch["image"], batch["tokens"], batch["mask_ar"],
+                                      batch["mask_loss"], batch["mask_input"])
+  return jnp.mean(nll_B / jnp.maximum(count_B, 1.0))
 
 
 def split_params(params, frozen: set):

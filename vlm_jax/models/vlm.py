@@ -266,6 +266,20 @@ def per_layer(cfg: VLMConfig, params):
           {**params, "params": {**params["params"], "llm": llm}})
 
 
+def teacher_forced_nll(cfg: VLMConfig, params, images, tokens, mask_ar, mask_loss, mask_input):
+  """Per-example (summed NLL of the tokens `mask_loss` supervises, their count), each token predicted from the
+  ones before it: the training loss and the evaluators' loss / perplexity."""
+  logits_BTV = model_for(cfg).apply(params, images, tokens[:, :-1], mask_ar[:, :-1], mask_input[:, :-1])
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  # -log_softmax at the target = logsumexp - target logit. The target logit is picked with an iota compare, not
+  # a gather: the gradient is then one fused pass (softmax - one-hot) over [B,T,V], with no scatter into a zero
+  # [B,T,V] buffer and no full-vocab log-probabilities materialised.
+  target_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, 2) == tokens[:, 1:, None]
+  nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.sum(jnp.where(target_BTV, logits_BTV, 0.0), axis=-1)
+  weights_BT = mask_loss[:, 1:].astype(jnp.float32)
+  return jnp.sum(nll_BT * weights_BT, axis=-1), jnp.sum(weights_BT, axis=-1)
+
+
 def abstract_params(cfg: VLMConfig) -> dict:
   """The params' shapes and dtypes (jax.ShapeDtypeStruct leaves, nested as init_params' "params"), traced
   without computing or allocating anything."""
