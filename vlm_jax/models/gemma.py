@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import (attend, dense, heads_matrix, layer_stack, project, run_layers, softcap,
+from vlm_jax.models.layers import (apply_rope, attend, dense, heads_matrix, layer_stack, project, run_layers, softcap,
                                    update_cache)
 
 
@@ -79,16 +79,6 @@ class RMSNorm(nn.Module):
     return (normed * (1 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def apply_rope(x_BTNH, positions_BT, base):
-  """Rotary embedding, split-half convention (first half of H pairs with the second)."""
-  h = x_BTNH.shape[-1]
-  freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-  angle_BTh = positions_BT[..., None].astype(jnp.float32) * freq
-  sin, cos = jnp.sin(angle_BTh)[:, :, None], jnp.cos(angle_BTh)[:, :, None]
-  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
-
-
 class Attention(nn.Module):
   cfg: GemmaConfig
 
@@ -107,8 +97,9 @@ class Attention(nn.Module):
       w_DXs = [heads_matrix(wq), heads_matrix(wkv[0]), heads_matrix(wkv[1])]
     b, t = x_BTD.shape[:2]
     q_BTNH, k_BTKH, v_BTKH = project(x_BTD, w_DXs, cfg.fuse_projections)
-    q_BTNH = apply_rope(q_BTNH.reshape(b, t, n, h), positions_BT, cfg.rope_base) * jnp.asarray(cfg.query_scale, dtype)
-    k_BTKH = apply_rope(k_BTKH.reshape(b, t, k, h), positions_BT, cfg.rope_base)
+    inv_freq_h = cfg.rope_base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    q_BTNH = apply_rope(q_BTNH.reshape(b, t, n, h), positions_BT, inv_freq_h) * jnp.asarray(cfg.query_scale, dtype)
+    k_BTKH = apply_rope(k_BTKH.reshape(b, t, k, h), positions_BT, inv_freq_h)
     new_cache, k_BKSH, v_BKSH = update_cache(cache, k_BTKH, v_BTKH.reshape(b, t, k, h), cache_index, dtype)
     out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, dtype, cfg.attn_logits_softcap)
     w_out = self.param("attn_vec_einsum", lambda *a: {"w": init(*a)}, (n, h, d))["w"].astype(dtype)

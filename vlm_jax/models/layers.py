@@ -195,3 +195,12 @@ def update_cache(cache, k_BTKH, v_BTKH, cache_index, dtype):
          for name, x in (("k", k_BKTH), ("v", v_BKTH))}
   heads_major = (lambda c: c[:, None]) if mqa else (lambda c: c)
   return new, heads_major(new["k"]).astype(dtype), heads_major(new["v"]).astype(dtype)
+
+
+def apply_rope(x_BTNH, positions_BT, inv_freq_h):
+  """Rotary embedding, split-half convention (HF's rotate_half: the first half of H pairs with the second), at the
+  inverse frequencies the model family defines (Gemma's from its base, Llama's rope_scaling too)."""
+  angle_BTh = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_h, jnp.float32)
+  sin, cos = jnp.sin(angle_BTh)[:, :, None], jnp.cos(angle_BTh)[:, :, None]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)

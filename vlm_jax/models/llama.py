@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.layers import attend, dense, heads_matrix, layer_stack, project, run_layers, update_cache
+from vlm_jax.models.layers import (apply_rope, attend, dense, heads_matrix, layer_stack, project, run_layers,
+                                   update_cache)
 
 # Keys each rope scaling type needs (besides "rope_type"); all values are numbers.
 ROPE_SCALING_KEYS = {
@@ -123,14 +124,6 @@ class RMSNorm(nn.Module):
     var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
     normed = (x.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
     return scale.astype(x.dtype) * normed
-
-
-def apply_rope(x_BTNH, positions_BT, inv_freq_h):
-  """Rotary embedding, split-half convention (HF's rotate_half), with precomputed inverse frequencies."""
-  angle_BTh = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_h, jnp.float32)
-  sin, cos = jnp.sin(angle_BTh)[:, :, None], jnp.cos(angle_BTh)[:, :, None]
-  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
 
 
 def _proj(module, name, shape, bias_shape, init):
