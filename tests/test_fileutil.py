@@ -65,3 +65,16 @@ def test_atomic_dir_makes_a_readable_directory_and_replaces_only_a_complete_one(
   with fileutil.atomic_dir(out, replace=True) as tmp:
     open(os.path.join(tmp, "a"), "w").write("new")
   assert (out / "a").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["model", "plain"]
+
+
+def test_metrics_log_replaces_a_repeated_last_record(tmp_path):
+  """A finished run started again evaluates its last step once more: the record replaces the one it repeats,
+  also across a restart (resume_step); a record with other keys at the same step is appended."""
+  log = MetricsLog(str(tmp_path))
+  log.write({"step": 1, "loss": 2.0})
+  log.write({"step": 2, "loss": 1.0})
+  log.write({"step": 2, "eval/val/exact_match": 0.5})
+  log = MetricsLog(str(tmp_path), resume_step=2)
+  log.write({"step": 2, "eval/val/exact_match": 0.75})
+  assert log.records() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0},
+                           {"step": 2, "eval/val/exact_match": 0.75}]

@@ -15,17 +15,24 @@ class MetricsLog:
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.enabled = enabled
     self._local = not fileutil.is_remote(workdir)
+    self._last = None  # the last record written: its step and keys
     if enabled and self.path.exists():
       kept = [line + "\n" for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
       fileutil.write_file(self.path, "".join(kept))  # a crash here must not lose the kept records
+      self._last = json.loads(kept[-1]) if kept else None
 
   def write(self, record: dict):
+    """Appends `record`; one with the same step and keys as the last record replaces it (the same evaluation run
+    again: a finished run started once more re-evaluates its last step)."""
     if not self.enabled:
       return
     line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                        for k, v in record.items()}) + "\n"
-    if self._local:
+    last, self._last = self._last, record
+    if last is not None and last.get("step") == record.get("step") and set(last) == set(record):
+      fileutil.write_file(self.path, "".join(self.path.read_text().splitlines(keepends=True)[:-1]) + line)
+    elif self._local:
       with self.path.open("a") as f:
         f.write(line)
     else:
