@@ -14,6 +14,7 @@ import pytest
 from vlm_jax import evaluate
 from vlm_jax.api import Model
 from vlm_jax.data.image import to_rgb_array
+from vlm_jax.data.pipeline import make_source
 from vlm_jax.data.synthetic import SyntheticSource, synthetic_tokenizer
 from vlm_jax.data.text import tokenize_turns
 from vlm_jax.models.registry import get_model_config
@@ -88,6 +89,12 @@ def test_a_skip_bad_source_drops_unreadable_records_and_says_so(model, tmp_path)
   assert all("nll" in r for r in res["predictions"])
   assert res["skipped"] == {"missing image": 1, "corrupt image": 1}
   assert "WARNING: skipped 2 unreadable records (1 missing image, 1 corrupt image)" in evaluate.summary(res)
+  # Training builds the source once and evaluates with it again and again: the same counts every time.
+  source = make_source(data)
+  for _ in range(2):
+    again = evaluate.evaluate(model.config, model.params, model.tokenizer,
+                              eval_cfg(data=data, metrics=["exact_match", "loss"], batch_size=2), source=source)
+    assert again["skipped"] == res["skipped"] and again["predictions"] == res["predictions"]
 
 
 def test_progress_counts_each_pass_over_the_examples(model):

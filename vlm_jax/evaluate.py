@@ -20,6 +20,7 @@ import numpy as np
 from vlm_jax import decode as decode_lib
 from vlm_jax import metrics as metrics_lib
 from vlm_jax.data.image import to_rgb_array
+from vlm_jax.data.llava_json import CORRUPT_IMAGE
 from vlm_jax.data.pipeline import make_source
 from vlm_jax.data.text import tokenize_prefix, tokenize_turns
 from vlm_jax.models.vlm import teacher_forced_nll
@@ -77,7 +78,7 @@ def _batches(source, n, batch_size):
     yield batch + batch[-1:] * (batch_size - len(batch)), len(batch)
 
 
-def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -> dict:
+def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None, source=None) -> dict:
   """Runs one evaluator config over its data.
 
   Returns {"name", "num_examples", metric: mean over examples (corpus-level for cider), f"{metric}/{task}",
@@ -86,8 +87,9 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
   decoded metrics, then "teacher-forced" for loss / perplexity. With a `mesh`, each batch (rounded up to a multiple of
   the data x fsdp size) is split over its data axes; params are placed by the caller (`Model.shard`, or the
   training loop). In a multi-process run every process calls this with the same config and gets every result.
+  `source`: `make_source(eval_cfg.data)` built once by a caller that evaluates again and again (training).
   """
-  source = make_source(eval_cfg.data)
+  source = make_source(eval_cfg.data) if source is None else source
   n = len(source)
   if eval_cfg.get("num_examples"):
     n = min(n, int(eval_cfg.num_examples))
@@ -132,8 +134,11 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None) -
   else:
     records = [{"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0], "answers": answers_of(ex)}
                for ex in _examples(source, n)]
-  # A skip_bad source's counts after one pass (a second pass over the examples counts corrupt images again).
-  skipped = {k: v for k, v in getattr(source, "skipped", {}).items() if v}
+  # A skip_bad source's records dropped when it was built, and those of the first n it could not read now (a
+  # corrupt image: its own count grows with every read, over both passes and every evaluation).
+  skipped = {k: v for k, v in getattr(source, "skipped", {}).items() if v and k != CORRUPT_IMAGE}
+  if len(records) < n:
+    skipped[CORRUPT_IMAGE] = n - len(records)
   if not records:
     raise ValueError(f"evaluator {eval_cfg.get('name', 'eval')!r}: none of its {n} examples could be read "
                      f"({skipped}).")

@@ -153,8 +153,7 @@ def train(config, workdir: str, log=print) -> dict:
   base_cfg = build_model_config(config.model, tokenizer)
   for stage_cfg in config.stages:
     optim.make_optimizer(config.get("optim", {}), stage_cfg, set())
-  for eval_cfg in config.evals:
-    make_source(eval_cfg.data)
+  evals = [(eval_cfg, make_source(eval_cfg.data)) for eval_cfg in config.evals]  # read once, used by every eval
   saved, text = workdir_path / "config.json", config.to_json_best_effort(indent=2)
   if is_main:
     workdir_path.mkdir(parents=True, exist_ok=True)
@@ -201,8 +200,8 @@ def train(config, workdir: str, log=print) -> dict:
       log(f"{stage.label}: {stage_steps} steps at {stage.model_cfg.img.image_size}px, text_len "
           f"{stage_cfg.text_len}, batch {stage_cfg.batch_size}, {len(stage.frozen)} frozen / "
           f"{n_params - len(stage.frozen)} trainable param tensors")
-      params, global_step, stopped = _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts,
-                                                metrics_log, preempted, tokenizer, log)
+      params, global_step, stopped = _run_stage(config, evals, stage, params, opt_state, start, global_step, mesh,
+                                                ckpts, metrics_log, preempted, tokenizer, log)
       if stopped:
         raise Preempted(f"stopped by SIGTERM at step {global_step}; re-run to resume")
     ckpts.wait()
@@ -212,7 +211,8 @@ def train(config, workdir: str, log=print) -> dict:
       final_cfg = model_for_stage(base_cfg, config.stages[-1])
       checkpoint.save_model(str(export_dir), final_cfg, {"params": params}, tokenizer, replace=True)  # every process
       log(f"wrote {export_dir} (vlm_jax.load it)")
-    results = _final_eval(config, base_cfg, params, tokenizer, mesh, workdir_path, metrics_log, global_step, log)
+    results = _final_eval(config, evals, base_cfg, params, tokenizer, mesh, workdir_path, metrics_log, global_step,
+                          log)
     if is_main and (records := metrics_log.records()):
       png = io.BytesIO()
       plot(records, png)
@@ -284,7 +284,7 @@ def _global_batch(batch, mesh, batch_size):
           for k, v in batch.items()}
 
 
-def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts, metrics_log, preempted,
+def _run_stage(config, evals, stage, params, opt_state, start, global_step, mesh, ckpts, metrics_log, preempted,
                tokenizer, log):
   """Runs one stage from `start`; returns (params, global step, stopped by SIGTERM)."""
   from tqdm.auto import tqdm
@@ -345,7 +345,7 @@ def _run_stage(config, stage, params, opt_state, start, global_step, mesh, ckpts
       check_finite(_record(pending, stage, batch_size, t_last, n_last))  # never checkpoint a NaN state
       save(stage_step + 1)
     if eval_every and global_step % eval_every == 0 and not (at_end and stage.index == len(config.stages) - 1):
-      _periodic_eval(config, stage.model_cfg, merge_params(trainable, frozen), tokenizer, mesh, metrics_log,
+      _periodic_eval(evals, stage.model_cfg, merge_params(trainable, frozen), tokenizer, mesh, metrics_log,
                      global_step, stage.index, log)
   if pending is not None:
     record = _record(pending, stage, batch_size, t_last, n_last)
@@ -367,10 +367,10 @@ def _record(pending, stage, batch_size, t_last, n_last):
           "examples_per_sec": (stage_step - n_last) * batch_size / elapsed, "_log": should_log}
 
 
-def _run_evals(config, model_cfg, params, tokenizer, mesh, log):
+def _run_evals(evals, model_cfg, params, tokenizer, mesh, log):
   results = []
-  for eval_cfg in config.get("evals", []) or []:
-    res = evaluate.evaluate(model_cfg, {"params": params}, tokenizer, eval_cfg, mesh=mesh)
+  for eval_cfg, source in evals:
+    res = evaluate.evaluate(model_cfg, {"params": params}, tokenizer, eval_cfg, mesh=mesh, source=source)
     log(f"eval {res['name']}: {evaluate.summary(res)}")
     results.append(res)
   return results
@@ -382,13 +382,13 @@ def _eval_record(results, step, stage):
                                            if isinstance(v, float) and "/" not in k}}
 
 
-def _periodic_eval(config, model_cfg, params, tokenizer, mesh, metrics_log, step, stage, log):
-  metrics_log.write(_eval_record(_run_evals(config, model_cfg, params, tokenizer, mesh, log), step, stage))
+def _periodic_eval(evals, model_cfg, params, tokenizer, mesh, metrics_log, step, stage, log):
+  metrics_log.write(_eval_record(_run_evals(evals, model_cfg, params, tokenizer, mesh, log), step, stage))
 
 
-def _final_eval(config, base_cfg, params, tokenizer, mesh, workdir_path, metrics_log, step, log):
+def _final_eval(config, evals, base_cfg, params, tokenizer, mesh, workdir_path, metrics_log, step, log):
   model_cfg = model_for_stage(base_cfg, config.stages[-1])
-  results = _run_evals(config, model_cfg, params, tokenizer, mesh, log)
+  results = _run_evals(evals, model_cfg, params, tokenizer, mesh, log)
   if not results or jax.process_index() != 0:
     return {}
   out = {r["name"]: r for r in results}
