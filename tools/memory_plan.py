@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     config = config_util.load_with_overrides(args.config, overrides, ALLOWED_KEYS)
     check_config(config)
     if args.mesh is None:
-      sizes = {k: int(v) for k, v in (config.get("mesh") or {"data": -1}).items()}
+      sizes = sharding.check_axes(config.get("mesh") or {"data": -1}, "config.mesh")
       where = f"config.mesh {sizes}"
     elif set_keys := [k for k, _ in overrides if k.split(".")[0] == "mesh"]:
       raise ValueError(f"--mesh and --config.{set_keys[0]} both set the mesh: give one of them.")
