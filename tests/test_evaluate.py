@@ -83,8 +83,12 @@ def test_a_skip_bad_source_drops_unreadable_records_and_says_so(model, tmp_path)
   images = ["red.png", "bad.png", "red.png", "gone.png", "red.png"]
   (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(record(i, im)) for i, im in enumerate(images)))
   data = dict(kind="llava_json", json_path=str(tmp_path / "d.jsonl"), image_dir=str(tmp_path), skip_bad=True)
+  calls = []
   res = evaluate.evaluate(model.config, model.params, model.tokenizer,
-                          eval_cfg(data=data, metrics=["exact_match", "loss"], batch_size=2))
+                          eval_cfg(data=data, metrics=["exact_match", "loss"], batch_size=2),
+                          progress=lambda *a: calls.append(a))
+  # Progress counts the records read, unreadable ones included: each pass ends at all 4 the source holds.
+  assert calls == [("decode", 3, 4), ("decode", 4, 4), ("teacher-forced", 3, 4), ("teacher-forced", 4, 4)]
   assert res["num_examples"] == 3 and [r["id"] for r in res["predictions"]] == ["0", "2", "4"]
   assert all("nll" in r for r in res["predictions"])
   assert res["skipped"] == {"missing image": 1, "corrupt image": 1}

@@ -66,16 +66,18 @@ def _examples(source, n):
 
 
 def _batches(source, n, batch_size):
-  """(examples, number of real ones) per batch of `_examples`; the last batch is padded with repeats of its last
-  example."""
+  """(examples, number of real ones, how many of the first n records are read) per batch of the readable ones.
+  The last batch is padded with repeats of its last example and reports all n read."""
   batch = []
-  for ex in _examples(source, n):
-    batch.append(ex)
-    if len(batch) == batch_size:
-      yield batch, batch_size
+  for i in range(n):
+    if (ex := source[i]) is None:
+      continue
+    if len(batch) == batch_size:  # yielded once the next readable record is found: records before it are done
+      yield batch, batch_size, i
       batch = []
+    batch.append(ex)
   if batch:
-    yield batch + batch[-1:] * (batch_size - len(batch)), len(batch)
+    yield batch + batch[-1:] * (batch_size - len(batch)), len(batch), n
 
 
 def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None, source=None) -> dict:
@@ -116,7 +118,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None, s
   if decoded:
     sampling, seed = sampling_of(eval_cfg)
     prefix_len, max_new = int(eval_cfg.get("prefix_len", 32)), int(eval_cfg.get("max_new_tokens", 16))
-    for examples, real in _batches(source, n, batch_size):
+    for examples, real, read in _batches(source, n, batch_size):
       prefix = [tokenize_prefix(tokenizer, ex["turns"][0][0], prefix_len) for ex in examples]
       truncated["prompts"] += sum(p[2] for p in prefix[:real])
       # Example i samples with fold_in(key(seed), i): the same predictions whatever the batch size or mesh.
@@ -130,7 +132,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None, s
         records.append({"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0],
                         "answers": answers_of(ex), "prediction": tokenizer.decode(row)})
       if progress:
-        progress("decode", len(records), n)
+        progress("decode", read, n)
   else:
     records = [{"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0], "answers": answers_of(ex)}
                for ex in _examples(source, n)]
@@ -153,7 +155,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None, s
 
   if len(decoded) < len(metric_names):
     text_len, i = int(eval_cfg.get("text_len", 64)), 0
-    for examples, real in _batches(source, n, batch_size):
+    for examples, real, read in _batches(source, n, batch_size):
       tok = [tokenize_turns(tokenizer, ex["turns"], text_len) for ex in examples]
       truncated["texts"] += sum(t.truncated for t in tok[:real])
       arrays = [put(np.stack([getattr(t, f) for t in tok])) for f in ("tokens", "mask_ar", "mask_loss", "mask_input")]
@@ -162,7 +164,7 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None, s
         r["nll"], r["answer_tokens"] = float(s), int(c)
       i += real
       if progress:
-        progress("teacher-forced", i, n)
+        progress("teacher-forced", read, n)
 
   out = {"name": eval_cfg.get("name", "eval"), "num_examples": len(records)}
   if skipped:
