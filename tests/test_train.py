@@ -97,7 +97,8 @@ def test_extending_a_finished_run_replaces_its_exported_model(tmp_path):
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
   c = th.small_config(steps=(6, 1), checkpoint_every=1)
   c.stages[0]["lr"] = 1e30  # the first update blows the params up: the next loss is not finite
-  with pytest.raises(train_lib.TrainingError, match=r"loss is (nan|inf) at step \d+ .*last good checkpoint"):
+  with pytest.raises(train_lib.TrainingError,
+                     match=r"(loss|param_norm) is (nan|inf) at step \d+ .*last good checkpoint"):
     train_lib.train(c, str(tmp_path), log=QUIET)
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps, "the last good checkpoint was not kept"
@@ -107,6 +108,38 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
   c.checkpoint_every = 0
   with pytest.raises(train_lib.TrainingError, match=r"No checkpoint was saved before it \(checkpoint_every"):
     train_lib.train(c, str(tmp_path / "none"), log=QUIET)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_params_an_update_made_non_finite_are_never_checkpointed(tmp_path):
+  """The loss is computed before the update: an update that overflows the params leaves that step's loss
+  finite, and its param_norm (of the updated params) stops the run before they are saved."""
+  c = th.small_config(steps=(3, 1), checkpoint_every=1)
+  c.stages[0]["lr"] = 1e39  # inf in float32: the first update's params are not finite
+  c.stages[0]["schedule"] = dict(decay="constant")
+  with pytest.raises(train_lib.TrainingError, match=r"param_norm is (nan|inf) at step 1 .*No checkpoint was saved"):
+    train_lib.train(c, str(tmp_path), log=QUIET)
+  assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+
+
+def test_sigterm_where_a_checkpoint_exists_stops_without_saving_it_again(tmp_path, monkeypatch):
+  """SIGTERM seen at a step that has a checkpoint (a checkpoint step, a resumed run before its first step, the
+  start of the next stage) stops the run without saving that step again (Orbax refuses to); seen elsewhere it
+  saves, after checking and logging the last step's record. Resumed each time, the run logs every step once."""
+  stop_at = set()
+  monkeypatch.setattr(train_lib._PreemptionWatch, "should_stop", lambda self, step: step in stop_at)
+  c = th.small_config(steps=(5, 1), checkpoint_every=2)
+  saved = lambda: sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  logged = lambda: [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+  for stop, checkpoints in (({2}, [2]), ({2}, [2]), ({3}, [2, 3]), ({5}, [2, 3, 4, 5])):
+    stop_at.clear()
+    stop_at.update(stop)
+    with pytest.raises(train_lib.Preempted):
+      train_lib.train(c, str(tmp_path), log=QUIET)
+    assert saved() == checkpoints and logged() == list(range(1, max(stop) + 1))
+  stop_at.clear()
+  train_lib.train(c, str(tmp_path), log=QUIET)
+  assert logged() == [1, 2, 3, 4, 5, 6]
 
 
 def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):

@@ -81,7 +81,9 @@ def make_train_step(model_cfg, optimizer, schedule, grad_accum: int):
       loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss, "lr": schedule(step), "grad_norm": optax.tree.norm(grads)}
+    # param_norm: the updated params are finite (an update can overflow while the loss it came from is finite).
+    return trainable, opt_state, {"loss": loss, "lr": schedule(step), "grad_norm": optax.tree.norm(grads),
+                                  "param_norm": optax.tree.norm(trainable)}
 
   return step_fn
 
@@ -311,47 +313,49 @@ def _run_stage(config, evals, stage, params, opt_state, start, global_step, mesh
     ckpts.save(global_step, merge_params(trainable, frozen), opt_state, stage.data_iter, meta(stage_step))
     last_good = global_step
 
-  def check_finite(record):
-    if not np.isfinite(record["loss"]):
+  def flush():
+    """Checks and logs the last dispatched step's metrics: read one step late, so that reading them does not wait
+    for the step just dispatched; read at once before anything saves that step's state."""
+    nonlocal pending, t_last, n_last
+    if pending is None:
+      return
+    record, pending = _record(pending, stage, batch_size, t_last, n_last), None
+    if bad := [f"{k} is {record[k]}" for k in ("loss", "param_norm") if not np.isfinite(record[k])]:
       ckpts.wait()
       kept = (f"The last good checkpoint (step {last_good}) is kept in {ckpts.directory}." if last_good is not None
               else "No checkpoint was saved before it (checkpoint_every sets how often).")
-      raise TrainingError(f"loss is {record['loss']} at step {record['step']} ({stage.label}); stopping. "
-                          f"{kept} Lower the learning rate, or look for bad data near this step.")
+      raise TrainingError(f"{' and '.join(bad)} at step {record['step']} ({stage.label}); stopping. {kept} Lower "
+                          "the learning rate, or look for bad data near this step.")
+    if record.pop("_log"):
+      metrics_log.write(record)
+      bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                      ex_s=f"{record['examples_per_sec']:.1f}")
+      t_last, n_last = time.time(), record["stage_step"]
 
   for stage_step in range(start, steps):
     if preempted.should_stop(global_step):
-      save(stage_step)
+      flush()  # never checkpoint a non-finite state, nor lose the last step's record
+      if global_step != last_good:  # a resumed run, the next stage, or a checkpoint step: already saved
+        save(stage_step)
       ckpts.wait()
-      log(f"SIGTERM: saved checkpoint at step {global_step}; exiting.")
+      log(f"SIGTERM: checkpoint at step {global_step} saved; exiting.")
       bar.close()
       return merge_params(trainable, frozen), global_step, True
     batch = _global_batch(next(stage.data_iter), mesh, batch_size)
     trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, batch, jnp.asarray(stage_step))
     global_step += 1
-    if pending is not None:  # read the previous step's metrics: no host sync on the step just dispatched
-      record = _record(pending, stage, batch_size, t_last, n_last)
-      check_finite(record)
-      if record.pop("_log"):
-        metrics_log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                        ex_s=f"{record['examples_per_sec']:.1f}")
-        t_last, n_last = time.time(), record["stage_step"]
+    flush()  # the previous step's
     pending = (metrics, global_step, stage_step + 1,
                (stage_step + 1) % log_every == 0 or stage_step + 1 == steps)
     bar.update(1)
     at_end = stage_step + 1 == steps
     if (ckpt_every and global_step % ckpt_every == 0) or at_end:
-      check_finite(_record(pending, stage, batch_size, t_last, n_last))  # never checkpoint a NaN state
+      flush()
       save(stage_step + 1)
     if eval_every and global_step % eval_every == 0 and not (at_end and stage.index == len(config.stages) - 1):
       _periodic_eval(evals, stage.model_cfg, merge_params(trainable, frozen), tokenizer, mesh, metrics_log,
                      global_step, stage.index, log)
-  if pending is not None:
-    record = _record(pending, stage, batch_size, t_last, n_last)
-    check_finite(record)
-    if record.pop("_log"):
-      metrics_log.write(record)
+  flush()
   bar.close()
   if stats := stage.preprocess.stats():
     log(f"{stage.label} data (this process): {stats}")
@@ -362,8 +366,8 @@ def _record(pending, stage, batch_size, t_last, n_last):
   metrics, step, stage_step, should_log = pending
   values = jax.device_get(metrics)
   elapsed = max(time.time() - t_last, 1e-9)
-  return {"step": step, "stage": stage.index, "stage_step": stage_step, "loss": float(values["loss"]),
-          "lr": float(values["lr"]), "grad_norm": float(values["grad_norm"]),
+  return {"step": step, "stage": stage.index, "stage_step": stage_step,
+          **{k: float(values[k]) for k in ("loss", "lr", "grad_norm", "param_norm")},
           "examples_per_sec": (stage_step - n_last) * batch_size / elapsed, "_log": should_log}
 
 
