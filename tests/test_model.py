@@ -9,7 +9,7 @@ import pytest
 from vlm_jax import decode as decode_lib
 from vlm_jax.api import Model
 from vlm_jax.models.registry import get_model_config
-from vlm_jax.models.vit import ViT, resample_posemb, vit_config
+from vlm_jax.models.vit import resample_posemb, vit_config
 from vlm_jax.models.vlm import DecoderVLM, init_params
 
 

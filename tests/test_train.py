@@ -168,7 +168,11 @@ def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
     ("--config.evals[0].max_new_tokens=0", "max_new_tokens must be >= 1"),
     ("--config.model.llm.widht=64", r"config.model.llm.widht: .*did you mean 'width'"),
     ("--config.optim.name=adam", "Unknown optimizer 'adam'"),
-    ("--config.stages[1].schedule.decay=cosin", "Unknown schedule decay 'cosin'")])
+    ("--config.stages[1].schedule.decay=cosin", "Unknown schedule decay 'cosin'"),
+    ("--config.grad_accum=3", r"stages\[0\].batch_size 64 is not divisible by config.grad_accum 3"),
+    ("--config.grad_accum=0", r"config.grad_accum must be an integer >= 1, got 0"),
+    ("--config.stages[1].steps=0", r"config.stages\[1\].steps must be an integer >= 1, got 0"),
+    ("--config.stages[0].lr=-0.1", r"config.stages\[0\].lr must be a finite number >= 0, got -0.1")])
 def test_train_cli_refuses_a_bad_config_before_training_or_writing(tmp_path, capsys, override, match):
   """An evaluator, optimizer or model key that cannot work fails at start-up (not after the stages), leaving no
   workdir."""

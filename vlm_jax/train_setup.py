@@ -36,13 +36,27 @@ ALLOWED_KEYS = {
 REQUIRED_STAGE_KEYS = ("steps", "image_size", "text_len", "batch_size", "data", "lr")
 
 
+def _positive_int(value, key: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer)) or value != int(value) or value < 1:
+    raise ValueError(f"config.{key} must be an integer >= 1, got {value!r}.")
+  return int(value)
+
+
 def check_config(config):
   config_util.check_keys(config, ALLOWED_KEYS)
   if not config.get("stages"):
     raise ValueError("config.stages is empty: a run needs at least one stage.")
+  grad_accum = _positive_int(config.get("grad_accum", 1), "grad_accum")
   for i, stage in enumerate(config.stages):
     if missing := [k for k in REQUIRED_STAGE_KEYS if k not in stage]:
       raise ValueError(f"config.stages[{i}] is missing {missing}.")
+    for key in ("steps", "image_size", "text_len", "batch_size"):
+      _positive_int(stage[key], f"stages[{i}].{key}")
+    if int(stage["batch_size"]) % grad_accum:
+      raise ValueError(f"config.stages[{i}].batch_size {stage['batch_size']} is not divisible by config.grad_accum "
+                       f"{grad_accum} (the number of micro-batches it is split into).")
+    if not isinstance(stage["lr"], (int, float)) or not 0 <= stage["lr"] < float("inf"):
+      raise ValueError(f"config.stages[{i}].lr must be a finite number >= 0, got {stage['lr']!r}.")
   from vlm_jax import evaluate, sharding  # a bad evaluator or mesh is reported now, not after hours of training
   for key in ("mesh", "dcn_mesh"):
     sharding.check_axes(config.get(key), f"config.{key}")
