@@ -8,17 +8,20 @@ N_IMG = (IMAGE_SIZE // PATCH) ** 2
 VOCAB = 400
 
 
-def tiny_hf_config(text: str, vocab: int = VOCAB):
+def tiny_hf_config(text: str, vocab: int = VOCAB, vision_kw: dict | None = None, **text_kw):
+  """`text_kw` / `vision_kw` override the text / vision config's fields."""
   from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
-  vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False)
+  vision = SiglipVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH,
+                                        vision_use_head=False), **(vision_kw or {})})
   common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
                 vocab_size=vocab, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
   if text == "gemma":
-    text_cfg = GemmaConfig(num_key_value_heads=1, **common)
+    text_cfg = GemmaConfig(**{**common, "num_key_value_heads": 1, **text_kw})
   else:  # GQA, a query scale that is not head_dim, and a sliding window shorter than the sequence.
-    text_cfg = Gemma2Config(num_key_value_heads=2, query_pre_attn_scalar=24, sliding_window=4,
-                            attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **common)
+    text_cfg = Gemma2Config(**{**common, **dict(num_key_value_heads=2, query_pre_attn_scalar=24, sliding_window=4,
+                                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+                               **text_kw})
   return PaliGemmaConfig(vision_config=vision, text_config=text_cfg, projection_dim=64, image_token_index=vocab)
 
 

@@ -82,3 +82,27 @@ def test_bfloat16_export_and_load(hf_dir, pixels, tmp_path):
   logits = np.asarray(bf16.logits(pixels, TOKENS, MASK_AR))
   assert logits.dtype == np.float32
   assert rel_err(logits, np.asarray(model.logits(pixels, TOKENS, MASK_AR))) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------- config fields
+# Config fields transformers honours that the converter cannot: refused, naming the file and the field, instead of
+# loading a model with other logits. Checked on the dicts transformers' own config classes write.
+
+
+def hf_config_dict(text: str, vision_kw=None, **text_kw) -> dict:
+  return hf_models.tiny_hf_config(text, vision_kw=vision_kw, **text_kw).to_dict()
+
+
+@pytest.mark.parametrize("text", ["gemma", "gemma2"])
+@pytest.mark.parametrize("field, rope", [
+    ("rope_parameters", {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    ("rope_scaling", {"type": "linear", "factor": 4.0}),  # transformers 4's field, which 5 still reads
+])
+def test_rope_scaling_is_refused_not_dropped(text, field, rope):
+  c = hf_config_dict(text)
+  c["text_config"][field] = rope
+  with pytest.raises(ValueError, match=rf"cfg.json: text_config.{field} .* is not supported"):
+    hf.config_from_hf(c, source="cfg.json")
+  c["text_config"][field] = {"rope_type": "default", "rope_theta": 500.0}
+  assert hf.config_from_hf(c).llm.rope_base == 500.0

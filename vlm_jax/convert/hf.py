@@ -59,7 +59,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> VLMConfig:
   if act not in GELU_TANH:
     raise ValueError(f"{source}: text_config activation {act!r} is not tanh-GELU.")
   gemma2 = text_type == "gemma2"
-  rope = (t.get("rope_parameters") or {}).get("rope_theta", t.get("rope_theta", 10000.0))
+  rope = gemma_rope_base(t, source)
   sliding = None
   if gemma2:
     n_layers = t["num_hidden_layers"]
@@ -87,6 +87,22 @@ def config_from_hf(hf: dict, source: str = "config.json") -> VLMConfig:
                   image_size=v.get("image_size", 224), layernorm_eps=v.get("layer_norm_eps", 1e-6),
                   head_dim_out=width)
   return VLMConfig(img=img, llm=llm, name=hf.get("_name_or_path", ""), **special_ids_from_hf(hf))
+
+
+# What an unscaled RoPE dict of a Gemma text config may hold ("type" is rope_type's older name).
+PLAIN_ROPE_KEYS = ("rope_type", "type", "rope_theta")
+
+
+def gemma_rope_base(t: dict, source: str) -> float:
+  """The RoPE base of a Gemma text config. Our Gemma has no RoPE scaling, which transformers would apply, so a
+  rope type other than "default" or any other RoPE key is refused rather than dropped. transformers reads the
+  legacy `rope_scaling` before `rope_parameters`, and `rope_theta` outside them where they lack it."""
+  field = "rope_scaling" if t.get("rope_scaling") else "rope_parameters"
+  rope = t.get(field) or {}
+  if rope.get("rope_type", rope.get("type", "default")) != "default" or set(rope) - set(PLAIN_ROPE_KEYS):
+    raise ValueError(f"{source}: text_config.{field} {rope} is not supported (Gemma models here have plain RoPE: "
+                     f"rope_type 'default' and no keys but {', '.join(PLAIN_ROPE_KEYS)}).")
+  return float(rope.get("rope_theta", t.get("rope_theta", 10000.0)))
 
 
 def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> dict:
