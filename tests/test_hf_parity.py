@@ -1,4 +1,6 @@
 """vlm_jax against transformers' PaliGemma (an independent implementation) on tiny random models."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,36 @@ def test_rope_scaling_is_refused_not_dropped(text, field, rope):
     hf.config_from_hf(c, source="cfg.json")
   c["text_config"][field] = {"rope_type": "default", "rope_theta": 500.0}
   assert hf.config_from_hf(c).llm.rope_base == 500.0
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_a_vision_activation_other_than_tanh_gelu_is_refused(act):
+  with pytest.raises(ValueError, match=rf"cfg.json: vision_config.hidden_act '{act}' is not supported"):
+    hf.config_from_hf(hf_config_dict("gemma", vision_kw={"hidden_act": act}), source="cfg.json")
+
+
+def test_text_activation_is_read_from_the_field_transformers_reads():
+  """Gemma 2 applies `hidden_activation` (erf GELU for "gelu"), Gemma 1 `hidden_act`, whose legacy "gelu" is
+  tanh-GELU (test below); the other family's field is ignored, as transformers ignores it."""
+  c = hf_config_dict("gemma2", hidden_activation="gelu")
+  with pytest.raises(ValueError, match="cfg.json: text_config.hidden_activation 'gelu' is not supported"):
+    hf.config_from_hf(c, source="cfg.json")
+  c["text_config"].update(hidden_activation="gelu_pytorch_tanh", hidden_act="relu")
+  assert hf.config_from_hf(c).llm.post_norms
+  with pytest.raises(ValueError, match="cfg.json: text_config.hidden_act 'relu' is not supported"):
+    hf.config_from_hf(hf_config_dict("gemma", hidden_act="relu"), source="cfg.json")
+
+
+@pytest.mark.parametrize("hf_dir", ["gemma"], indirect=True)
+def test_gemma1_legacy_hidden_act_gelu_loads_as_tanh_gelu(hf_dir, pixels, tmp_path):
+  """The official Gemma 1 configs say hidden_act "gelu", which transformers' GemmaConfig maps to tanh-GELU."""
+  import shutil
+  from transformers import PaliGemmaForConditionalGeneration
+  path = shutil.copytree(hf_dir[0], tmp_path / "legacy")
+  config = json.loads((path / "config.json").read_text())
+  config["text_config"]["hidden_act"] = "gelu"
+  (path / "config.json").write_text(json.dumps(config))
+  theirs = PaliGemmaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+  assert theirs.config.text_config.hidden_act == "gelu_pytorch_tanh"
+  ours = vlm_jax.load(str(path)).logits(pixels, TOKENS, MASK_AR)
+  assert rel_err(ours, hf_models.hf_logits(theirs, pixels, TOKENS, MASK_AR)) < 1e-4

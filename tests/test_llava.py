@@ -229,3 +229,12 @@ def test_convert_cli_round_trips_llava(llava_dir, tmp_path):
   assert sorted(ours) == sorted(theirs)
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+
+
+def test_llava_vision_activation_other_than_tanh_gelu_is_refused(llava_dir):
+  path, _ = llava_dir
+  with open(f"{path}/config.json") as f:
+    cfg = json.load(f)
+  cfg["vision_config"]["hidden_act"] = "quick_gelu"
+  with pytest.raises(ValueError, match="cfg.json: vision_config.hidden_act 'quick_gelu' is not supported"):
+    hf_llava.config_from_hf(cfg, source="cfg.json")

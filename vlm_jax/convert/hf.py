@@ -55,10 +55,9 @@ def config_from_hf(hf: dict, source: str = "config.json") -> VLMConfig:
     raise ValueError(f"{source}: text_config.model_type {text_type!r} is not supported (gemma, gemma2).")
   if v.get("vision_use_head", False):
     raise ValueError(f"{source}: vision_config.vision_use_head=true is not a PaliGemma vision tower.")
-  act = t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh"
-  if act not in GELU_TANH:
-    raise ValueError(f"{source}: text_config activation {act!r} is not tanh-GELU.")
   gemma2 = text_type == "gemma2"
+  check_vision_activation(v, source)
+  check_text_activation(t, gemma2, source)
   rope = gemma_rope_base(t, source)
   sliding = None
   if gemma2:
@@ -87,6 +86,24 @@ def config_from_hf(hf: dict, source: str = "config.json") -> VLMConfig:
                   image_size=v.get("image_size", 224), layernorm_eps=v.get("layer_norm_eps", 1e-6),
                   head_dim_out=width)
   return VLMConfig(img=img, llm=llm, name=hf.get("_name_or_path", ""), **special_ids_from_hf(hf))
+
+
+def check_vision_activation(v: dict, source: str):
+  """SigLIP's MLP activation: our ViT always applies tanh-GELU, so a vision_config naming another (which
+  transformers would apply) is refused rather than silently run with the wrong one."""
+  if (act := v.get("hidden_act", "gelu_pytorch_tanh")) not in GELU_TANH:
+    raise ValueError(f"{source}: vision_config.hidden_act {act!r} is not supported (only tanh-GELU: "
+                     f"{', '.join(GELU_TANH)}).")
+
+
+def check_text_activation(t: dict, gemma2: bool, source: str):
+  """The Gemma MLP's activation, from the field transformers 5 reads: Gemma 2's `hidden_activation`, Gemma 1's
+  `hidden_act`, whose legacy value "gelu" (the official Gemma 1 configs) GemmaConfig maps to tanh-GELU."""
+  field = "hidden_activation" if gemma2 else "hidden_act"
+  act = t.get(field, "gelu_pytorch_tanh")
+  if act not in GELU_TANH and not (act == "gelu" and not gemma2):
+    raise ValueError(f"{source}: text_config.{field} {act!r} is not supported (only tanh-GELU: "
+                     f"{', '.join(GELU_TANH)}).")
 
 
 # What an unscaled RoPE dict of a Gemma text config may hold ("type" is rope_type's older name).

@@ -33,6 +33,7 @@ def config_from_hf(c: dict, source: str = "config.json") -> VLMConfig:
     raise ValueError(f"{source}: vision_config must be a SigLIP vision model (siglip_vision_model).")
   if missing := [k for k in hf.REQUIRED_VISION if k not in v]:
     raise ValueError(f"{source}: missing field(s) {', '.join('vision_config.' + k for k in missing)}.")
+  hf.check_vision_activation(v, source)
   for key, want in (("vision_feature_layer", -1), ("vision_feature_select_strategy", "full"),
                     ("projector_hidden_act", "gelu"), ("multimodal_projector_bias", True)):
     if c.get(key, want) != want:
