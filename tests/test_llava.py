@@ -231,6 +231,20 @@ def test_convert_cli_round_trips_llava(llava_dir, tmp_path):
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
 
 
+@pytest.mark.parametrize("field", ["vision_feature_layer", "vision_feature_select_strategy"])
+def test_an_omitted_llava_field_means_the_transformers_default(llava_dir, field):
+  """LlavaConfig's defaults (layer -2, strategy "default") are not what the converter supports: a config.json
+  without the field is refused, not read as the supported value."""
+  from transformers import LlavaConfig
+  path, _ = llava_dir
+  with open(f"{path}/config.json") as f:
+    cfg = json.load(f)
+  del cfg[field]
+  default = getattr(LlavaConfig.from_dict(cfg), field)
+  with pytest.raises(ValueError, match=rf"cfg.json: {field}={default!r} \(the default\) is not supported"):
+    hf_llava.config_from_hf(cfg, source="cfg.json")
+
+
 def test_llava_vision_activation_other_than_tanh_gelu_is_refused(llava_dir):
   path, _ = llava_dir
   with open(f"{path}/config.json") as f:

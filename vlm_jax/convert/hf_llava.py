@@ -19,6 +19,10 @@ from vlm_jax.models.vit import ViTConfig
 from vlm_jax.models.vlm import VLMConfig, check_image_token_id, special_ids
 
 PROJ = "multi_modal_projector."
+# LlavaConfig fields vlm_jax's LLaVA glue supports one value of: {field: (transformers' default, that value)}. A
+# config.json that leaves a field out means transformers' default, not the value supported here.
+FIXED_FIELDS = {"vision_feature_layer": (-2, -1), "vision_feature_select_strategy": ("default", "full"),
+                "projector_hidden_act": ("gelu", "gelu"), "multimodal_projector_bias": (True, True)}
 
 
 def is_llava(cfg: VLMConfig) -> bool:
@@ -34,10 +38,10 @@ def config_from_hf(c: dict, source: str = "config.json") -> VLMConfig:
   if missing := [k for k in hf.REQUIRED_VISION if k not in v]:
     raise ValueError(f"{source}: missing field(s) {', '.join('vision_config.' + k for k in missing)}.")
   hf.check_vision_activation(v, source)
-  for key, want in (("vision_feature_layer", -1), ("vision_feature_select_strategy", "full"),
-                    ("projector_hidden_act", "gelu"), ("multimodal_projector_bias", True)):
-    if c.get(key, want) != want:
-      raise ValueError(f"{source}: {key}={c[key]!r} is not supported (only {want!r}).")
+  for key, (default, want) in FIXED_FIELDS.items():
+    if (value := c.get(key, default)) != want:
+      raise ValueError(f"{source}: {key}={value!r}{'' if key in c else ' (the default)'} is not supported "
+                       f"(only {want!r}).")
   if not isinstance(c.get("text_config"), dict):
     raise ValueError(f"{source}: missing field 'text_config'.")
   llm = hf_llama.config_from_hf(c["text_config"], source=f"{source} (text_config)")
