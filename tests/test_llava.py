@@ -13,7 +13,8 @@ N_IMG = (IMAGE // PATCH) ** 2
 TOKENS = np.array([[2, 5, 6, 7, 10, 11, 12, 13], [2, 8, 9, 10, 11, 12, 13, 14]])
 
 
-def tiny_llava(seed=0):
+def tiny_llava(seed=0, tie=False):
+  """With `tie`, only the top-level tie_word_embeddings is set, as LlavaConfig(tie_word_embeddings=True) saves it."""
   from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
   vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=IMAGE, patch_size=PATCH, vision_use_head=False)
@@ -22,7 +23,8 @@ def tiny_llava(seed=0):
                      rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
   text.bos_token_id, text.eos_token_id, text.pad_token_id = 3, 4, 0  # not transformers' Llama defaults (1, 2)
   cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=VOCAB, vision_feature_layer=-1,
-                    vision_feature_select_strategy="full", projector_hidden_act="gelu", image_seq_length=N_IMG)
+                    vision_feature_select_strategy="full", projector_hidden_act="gelu", image_seq_length=N_IMG,
+                    tie_word_embeddings=tie)
   torch.manual_seed(seed)
   model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager")
   with torch.no_grad():
@@ -252,3 +254,14 @@ def test_llava_vision_activation_other_than_tanh_gelu_is_refused(llava_dir):
   cfg["vision_config"]["hidden_act"] = "quick_gelu"
   with pytest.raises(ValueError, match="cfg.json: vision_config.hidden_act 'quick_gelu' is not supported"):
     hf_llava.config_from_hf(cfg, source="cfg.json")
+
+
+def test_the_top_level_tie_flag_ties_the_head(pixels, tmp_path):
+  """LlavaConfig(tie_word_embeddings=True) leaves text_config's flag false and saves no lm_head: transformers ties
+  by the top-level flag, and so does the import."""
+  torch_model = tiny_llava(tie=True)
+  torch_model.save_pretrained(tmp_path)
+  assert "lm_head.weight" not in safetensors_io.read(str(tmp_path / "model.safetensors"))
+  model = vlm_jax.load(str(tmp_path))
+  assert model.config.llm.tie_embeddings
+  assert rel_err(model.logits(pixels, TOKENS, np.ones_like(TOKENS)), hf_logits(torch_model, pixels, TOKENS)) < 1e-4

@@ -6,6 +6,7 @@ LLaVA feeds the projector the vision tower's last hidden state before its post-l
 the matching vlm_jax config has `img.final_norm=False`, `adapter.kind="mlp"` and `causal=True`. Image tokens
 come first in our sequence: the same model in transformers takes input_ids [<image> x P][BOS prompt ...].
 """
+import dataclasses
 import os
 
 import jax
@@ -45,6 +46,9 @@ def config_from_hf(c: dict, source: str = "config.json") -> VLMConfig:
   if not isinstance(c.get("text_config"), dict):
     raise ValueError(f"{source}: missing field 'text_config'.")
   llm = hf_llama.config_from_hf(c["text_config"], source=f"{source} (text_config)")
+  # LlavaConfig ties the head when either flag says so (a true text_config flag overrides a false top-level
+  # one), and the model's tying follows the top-level flag.
+  llm = dataclasses.replace(llm, tie_embeddings=llm.tie_embeddings or bool(c.get("tie_word_embeddings", False)))
   img = ViTConfig(width=v["hidden_size"], depth=v["num_hidden_layers"], mlp_dim=v["intermediate_size"],
                   num_heads=v["num_attention_heads"], patch_size=v["patch_size"], image_size=v.get("image_size", 224),
                   layernorm_eps=v.get("layer_norm_eps", 1e-6), head_dim_out=None, final_norm=False)
