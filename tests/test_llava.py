@@ -256,6 +256,22 @@ def test_llava_vision_activation_other_than_tanh_gelu_is_refused(llava_dir):
     hf_llava.config_from_hf(cfg, source="cfg.json")
 
 
+@pytest.mark.parametrize("where", ["text_config", "top level"])
+def test_a_tie_flag_over_a_separate_head_keeps_the_head_as_transformers_does(llava_dir, pixels, tmp_path, where):
+  """A config that ties the head over a file whose lm_head differs from the embedding: transformers keeps the
+  file's head (and warns), so the import does too."""
+  import shutil
+  from transformers import LlavaForConditionalGeneration
+  path = shutil.copytree(llava_dir[0], tmp_path / "tied")
+  cfg = json.loads((path / "config.json").read_text())
+  (cfg["text_config"] if where == "text_config" else cfg)["tie_word_embeddings"] = True
+  (path / "config.json").write_text(json.dumps(cfg))
+  theirs = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+  model = vlm_jax.load(str(path))
+  assert not model.config.llm.tie_embeddings
+  assert rel_err(model.logits(pixels, TOKENS, np.ones_like(TOKENS)), hf_logits(theirs, pixels, TOKENS)) < 1e-4
+
+
 def test_the_top_level_tie_flag_ties_the_head(pixels, tmp_path):
   """LlavaConfig(tie_word_embeddings=True) leaves text_config's flag false and saves no lm_head: transformers ties
   by the top-level flag, and so does the import."""

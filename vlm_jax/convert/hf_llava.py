@@ -105,10 +105,21 @@ def load(path: str, config: VLMConfig | None = None):
   file = os.path.join(path, "config.json")
   config = config or config_from_hf(fileutil.read_json(file), source=file)
   sd = {k: v for k, v in hf.read_tensors(path).items() if not k.endswith("inv_freq")}  # old files' RoPE buffers
-  if config.llm.tie_embeddings:
-    sd.pop("lm_head.weight", None)
+  config, sd = follow_head(config, sd)
   return hf.convert_checked(path, config, sd, params_to_hf,
                             lambda sd, cfg: params_from_hf(sd, cfg, f"HF checkpoint {path}"))
+
+
+def follow_head(config: VLMConfig, sd: dict) -> tuple[VLMConfig, dict]:
+  """(config, tensors) of the model transformers builds from a tied `config` and the tensors `sd`: an
+  lm_head.weight equal to the embedding is the tied head (dropped), one that differs is kept as the model's own
+  head, whatever the tie flags say (transformers warns and unties; `hf_t5.load` follows the file the same way)."""
+  head = sd.get("lm_head.weight")
+  if not config.llm.tie_embeddings or head is None:
+    return config, sd
+  if np.array_equal(head, sd.get(hf.T + "embed_tokens.weight")):
+    return config, {k: v for k, v in sd.items() if k != "lm_head.weight"}
+  return dataclasses.replace(config, llm=dataclasses.replace(config.llm, tie_embeddings=False)), sd
 
 
 def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | None = None,
