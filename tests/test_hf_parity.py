@@ -141,3 +141,18 @@ def test_gemma1_legacy_hidden_act_gelu_loads_as_tanh_gelu(hf_dir, pixels, tmp_pa
   assert theirs.config.text_config.hidden_act == "gelu_pytorch_tanh"
   ours = vlm_jax.load(str(path)).logits(pixels, TOKENS, MASK_AR)
   assert rel_err(ours, hf_models.hf_logits(theirs, pixels, TOKENS, MASK_AR)) < 1e-4
+
+
+@pytest.mark.parametrize("change", [dict(causal=True), dict(final_norm=False)])
+def test_export_refuses_what_no_paligemma_config_expresses(change, tmp_path):
+  """transformers' PaliGemma always applies the prefix-LM mask and the vision post-layernorm."""
+  import dataclasses
+  from vlm_jax.models.registry import get_model_config
+  cfg = get_model_config("tiny")
+  if "final_norm" in change:
+    cfg = dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, **change))
+  else:
+    cfg = dataclasses.replace(cfg, **change)
+  with pytest.raises(ValueError, match="a PaliGemma export needs the prefix-LM mask"):
+    hf.save(str(tmp_path / "out"), cfg, params=None)  # the config is checked before params are read
+  assert not (tmp_path / "out").exists()

@@ -123,6 +123,11 @@ def gemma_rope_base(t: dict, source: str) -> float:
 
 
 def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> dict:
+  if cfg.causal or not cfg.img.final_norm:
+    # transformers' PaliGemma always masks image + prefix bidirectionally (token_type_ids) and applies the vision
+    # tower's post_layernorm: no config field turns either off, so such a model would export with other logits.
+    raise ValueError("a PaliGemma export needs the prefix-LM mask (causal=False) and ViT features after the final "
+                     "norm (img.final_norm=True): transformers' PaliGemma has no setting for either alternative.")
   img, llm = cfg.img, cfg.llm
   gemma2 = llm.post_norms
   text = {
