@@ -174,3 +174,15 @@ def test_encoder_decoder_converts_to_vlm_jax_and_refuses_hf_clearly(tmp_path):
   rc, _, err = run_cli("--from", "vlm_jax", tmp_path / "src", "--to", "hf", tmp_path / "hf")
   assert_user_error(rc, err)
   assert not (tmp_path / "hf").exists()
+
+
+def test_bad_attention_heads_are_a_clear_error(hf_gemma, tmp_path):
+  import shutil
+  src = shutil.copytree(hf_gemma[0], tmp_path / "src")
+  config = json.loads((src / "config.json").read_text())
+  config["text_config"]["num_key_value_heads"] = 3
+  (src / "config.json").write_text(json.dumps(config))
+  rc, _, err = run_cli("--from", "hf", src, "--to", "vlm_jax", tmp_path / "out")
+  assert_user_error(rc, err)
+  assert f"{src / 'config.json'}: text_config (num_attention_heads, num_key_value_heads" in err
+  assert "num_heads 4 is not a multiple of num_kv_heads 3" in err

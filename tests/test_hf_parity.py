@@ -143,6 +143,15 @@ def test_gemma1_legacy_hidden_act_gelu_loads_as_tanh_gelu(hf_dir, pixels, tmp_pa
   assert rel_err(ours, hf_models.hf_logits(theirs, pixels, TOKENS, MASK_AR)) < 1e-4
 
 
+@pytest.mark.parametrize("heads", [dict(num_key_value_heads=3), dict(head_dim=15)])
+def test_attention_shapes_are_checked_with_the_file_and_fields(heads):
+  c = hf_config_dict("gemma")
+  c["text_config"].update(heads)
+  with pytest.raises(ValueError, match=r"cfg.json: text_config \(num_attention_heads, num_key_value_heads, "
+                                       r"head_dim\): (num_heads 4 is not a multiple of num_kv_heads 3|head_dim 15)"):
+    hf.config_from_hf(c, source="cfg.json")
+
+
 @pytest.mark.parametrize("change", [dict(causal=True), dict(final_norm=False)])
 def test_export_refuses_what_no_paligemma_config_expresses(change, tmp_path):
   """transformers' PaliGemma always applies the prefix-LM mask and the vision post-layernorm."""

@@ -72,8 +72,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> VLMConfig:
   width = t["hidden_size"]
   if hf.get("projection_dim", width) != width:
     raise ValueError(f"{source}: projection_dim {hf['projection_dim']} != text hidden_size {width}.")
-  llm = GemmaConfig(
-      width=width, depth=t["num_hidden_layers"], mlp_dim=t["intermediate_size"],
+  llm = text_gemma_config(
+      source, width=width, depth=t["num_hidden_layers"], mlp_dim=t["intermediate_size"],
       num_heads=t["num_attention_heads"], num_kv_heads=t["num_key_value_heads"],
       head_dim=t.get("head_dim", 256), vocab_size=t["vocab_size"], rope_base=float(rope),
       norm_eps=t.get("rms_norm_eps", 1e-6),
@@ -120,6 +120,14 @@ def gemma_rope_base(t: dict, source: str) -> float:
     raise ValueError(f"{source}: text_config.{field} {rope} is not supported (Gemma models here have plain RoPE: "
                      f"rope_type 'default' and no keys but {', '.join(PLAIN_ROPE_KEYS)}).")
   return float(rope.get("rope_theta", t.get("rope_theta", 10000.0)))
+
+
+def text_gemma_config(source: str, **fields) -> GemmaConfig:
+  """`GemmaConfig(**fields)`, its refusal of the attention's shape naming the file and the HF fields."""
+  try:
+    return GemmaConfig(**fields)
+  except ValueError as e:
+    raise ValueError(f"{source}: text_config (num_attention_heads, num_key_value_heads, head_dim): {e}") from None
 
 
 def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> dict:

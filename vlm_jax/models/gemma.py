@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import (apply_rope, attend, dense, heads_matrix, layer_stack, project, run_layers, softcap,
-                                   update_cache)
+from vlm_jax.models.layers import (apply_rope, attend, check_heads, dense, heads_matrix, layer_stack, project,
+                                   run_layers, softcap, update_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,9 @@ class GemmaConfig:
   # False: one param subtree per layer (`layers.layer_stack`); the decode loop's layout, never a checkpoint's.
   stacked_layers: bool = True
   fuse_projections: bool | None = None  # q/k/v and gate/up as one GEMM each (None: on CPU only; `layers.project`)
+
+  def __post_init__(self):
+    check_heads(self.num_heads, self.num_kv_heads, self.head_dim)
 
   @property
   def query_scale(self) -> float:

@@ -197,6 +197,16 @@ def update_cache(cache, k_BTKH, v_BTKH, cache_index, dtype):
   return new, heads_major(new["k"]).astype(dtype), heads_major(new["v"]).astype(dtype)
 
 
+def check_heads(num_heads: int, num_kv_heads: int, head_dim: int):
+  """What every decoder's attention needs of its config: query heads in whole groups per kv head, and an even
+  head_dim for RoPE's split halves. Checked when a config is built, since a bad one otherwise fails deep inside
+  a traced reshape."""
+  if num_kv_heads < 1 or num_heads % num_kv_heads:
+    raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}.")
+  if head_dim % 2:
+    raise ValueError(f"head_dim {head_dim} must be even for RoPE.")
+
+
 def apply_rope(x_BTNH, positions_BT, inv_freq_h):
   """Rotary embedding, split-half convention (HF's rotate_half: the first half of H pairs with the second), at the
   inverse frequencies the model family defines (Gemma's from its base, Llama's rope_scaling too)."""

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.layers import (apply_rope, attend, dense, heads_matrix, layer_stack, project, run_layers,
-                                   update_cache)
+from vlm_jax.models.layers import (apply_rope, attend, check_heads, dense, heads_matrix, layer_stack, project,
+                                   run_layers, update_cache)
 
 # Keys each rope scaling type needs (besides "rope_type"); all values are numbers.
 ROPE_SCALING_KEYS = {
@@ -85,10 +85,7 @@ class LlamaConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "rope_scaling", _rope_scaling_tuple(self.rope_scaling))
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}.")
-    if self.head_dim % 2:
-      raise ValueError(f"head_dim {self.head_dim} must be even for RoPE.")
+    check_heads(self.num_heads, self.num_kv_heads, self.head_dim)
 
   @property
   def query_scale(self) -> float:
