@@ -176,6 +176,19 @@ def test_encoder_decoder_converts_to_vlm_jax_and_refuses_hf_clearly(tmp_path):
   assert not (tmp_path / "hf").exists()
 
 
+def test_hf_to_hf_keeps_a_bfloat16_source_bfloat16(tmp_path):
+  """Without --dtype, an HF source's stored dtype (its config.json's) is kept, not doubled to float32."""
+  import torch
+  src, out = tmp_path / "bf16", tmp_path / "out"
+  hf_models.tiny_paligemma("gemma").to(torch.bfloat16).save_pretrained(src)
+  assert json.loads((src / "config.json").read_text())["dtype"] == "bfloat16"
+  rc, _, err = run_cli("--from", "hf", src, "--to", "hf", out)
+  assert_ok(rc, err)
+  assert "in bfloat16" in err
+  assert safetensors_dtypes(out / "model.safetensors") == {"BF16"}
+  assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_bad_attention_heads_are_a_clear_error(hf_gemma, tmp_path):
   import shutil
   src = shutil.copytree(hf_gemma[0], tmp_path / "src")

@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "be empty (nothing is overwritten)")
   parser.add_argument("--dtype", choices=DTYPES, default=None,
                       help="dtype of the written params, and for vlm_jax output also the compute dtype in "
-                           "its config (default: the source's compute dtype: float32 for hf and big_vision, "
-                           "what a vlm_jax checkpoint was saved with)")
+                           "its config (default: from hf to hf, the dtype the source's config.json names; "
+                           "otherwise the source's compute dtype: float32 for hf and big_vision, what a vlm_jax "
+                           "checkpoint was saved with)")
   parser.add_argument("--config", metavar="NAME", default=None,
                       help="model config name (list below). Required with --from big_vision; with hf or "
                            "vlm_jax it replaces the config stored with the checkpoint")
@@ -94,10 +95,20 @@ def read_model(src: str, path: str, config):
   return vlm_jax.load(path, config=config)
 
 
-def output_dtype(model, dtype: str | None) -> str:
-  """--dtype, else the model's compute dtype: the HuggingFace and big_vision loaders restore params as float32
-  even from bfloat16 files, so the params' own dtype would silently double the output's size."""
-  return dtype or model.config.llm.dtype
+def output_dtype(model, dtype: str | None, stored: str | None = None) -> str:
+  """--dtype, else the `stored` dtype of a HuggingFace source written to HuggingFace, else the model's compute
+  dtype: the HuggingFace and big_vision loaders restore params as float32 even from bfloat16 files, so the
+  params' own dtype would silently double the output's size."""
+  return dtype or stored or model.config.llm.dtype
+
+
+def hf_stored_dtype(path: str) -> str | None:
+  """The dtype a HuggingFace directory's config.json says its weights are in (transformers 5's `dtype`, 4's
+  `torch_dtype`), if it is one --dtype offers; None otherwise (float16: float32 keeps it exactly)."""
+  from vlm_jax import fileutil
+  config = fileutil.read_json(os.path.join(path, "config.json"))
+  dtype = config.get("dtype") or config.get("torch_dtype")
+  return dtype if dtype in DTYPES else None
 
 
 def write_model(model, dst: str, out: str, dtype: str):
@@ -128,7 +139,7 @@ def convert(args):
   log(f"reading {args.src} checkpoint {args.path}" + (f" as config {args.config}" if config else ""))
   model = read_model(args.src, args.path, config)
   log(f"read in {time.time() - start:.1f}s; {describe(model)}")
-  dtype = output_dtype(model, args.dtype)
+  dtype = output_dtype(model, args.dtype, hf_stored_dtype(args.path) if args.src == args.dst == "hf" else None)
   log(f"writing {args.dst} checkpoint {args.out} in {dtype}")
   write_model(model, args.dst, args.out, dtype)
   log(f"done in {time.time() - start:.1f}s")
