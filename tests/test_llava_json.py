@@ -156,6 +156,7 @@ def test_conversation_starting_with_gpt(tmp_path, image_dir):
     {"id": "two_humans", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
     {"id": "no_value", "conversations": [{"from": "human"}, {"from": "gpt", "value": "b"}]},
     {"id": "many", "image": ["a/red.png"], "conversations": GOOD[2]["conversations"]},
+    {"id": "list_sender", "conversations": [{"from": ["human"], "value": "a"}, {"from": "gpt", "value": "b"}]},
 ])
 def test_bad_structure(tmp_path, image_dir, bad):
   with pytest.raises(DataError, match=rf"file\.jsonl:1 \(id '{bad['id']}'\)"):

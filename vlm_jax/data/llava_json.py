@@ -148,9 +148,10 @@ class LlavaJsonSource:
     for j, message in enumerate(conversations):
       if not isinstance(message, dict) or not isinstance(message.get("value"), str):
         raise DataError(f"{where}: conversations[{j}] must be an object with a string 'value'")
-      role, expected = _ROLES.get(message.get("from")), ("human" if j % 2 == 0 else "gpt")
+      sender = message.get("from")
+      role, expected = _ROLES.get(sender) if isinstance(sender, str) else None, ("human" if j % 2 == 0 else "gpt")
       if role != expected:
-        raise DataError(f"{where}: conversations[{j}] is from {message.get('from')!r} where {expected!r} was "
+        raise DataError(f"{where}: conversations[{j}] is from {sender!r:.80} where {expected!r} was "
                         "expected (turns must alternate human/gpt, starting with human)")
       if role == "human":
         prompt = _strip_placeholder(message["value"])
