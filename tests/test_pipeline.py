@@ -93,3 +93,15 @@ def test_over_long_text_is_truncated_and_counted(tok):
   b = next(it)
   assert b["tokens"].shape == (4, 6)
   assert pre.counts["truncated"] >= 1
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (dict(SYN, json_path="d.jsonl"), r"a synthetic data source takes no json_path \(its keys: kind, weight, "
+                                     r"skip_bad, num_examples, seed"),
+    (dict(kind="llava_json", image_dir="."), "a llava_json data source needs json_path"),
+    (dict(kind="tfds", split="train"), "a tfds data source needs name"),
+    (dict(kind="webdataset"), "Unknown data source kind 'webdataset'")])
+def test_a_source_config_names_the_key_its_kind_does_not_take_or_needs(cfg, match):
+  from vlm_jax.data.pipeline import make_source
+  with pytest.raises(ValueError, match=match):
+    make_source(cfg)

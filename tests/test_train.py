@@ -142,6 +142,23 @@ def test_sigterm_where_a_checkpoint_exists_stops_without_saving_it_again(tmp_pat
   assert logged() == [1, 2, 3, 4, 5, 6]
 
 
+def test_the_data_of_every_stage_still_to_run_is_read_before_anything_is_written(tmp_path):
+  """A later stage's missing file fails at start-up, not once the earlier stages have trained; a resumed run
+  does not read the data of the stages it has finished."""
+  c = th.small_config(steps=(2, 1))
+  good = dict(c.stages[0]["data"])
+  c.stages[1]["data"] = dict(kind="llava_json", json_path=str(tmp_path / "gone.json"), image_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="gone.json"):
+    train_lib.train(c, str(tmp_path / "run"), log=QUIET)
+  assert not (tmp_path / "run").exists()
+  c.stages[1]["data"] = good
+  train_lib.train(c, str(tmp_path / "run"), log=QUIET)
+  c.stages[0]["data"] = dict(good, json_path="x")  # no longer a valid synthetic source: stage 0 is done
+  c.stages[1]["steps"] = 2
+  train_lib.train(c, str(tmp_path / "run"), log=QUIET)
+  assert th.losses(str(tmp_path / "run"))[-1] > 0 and len(th.losses(str(tmp_path / "run"))) == 4
+
+
 def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
   c = th.small_config(steps=(2, 1), checkpoint_every=1, export_model=False)
   c.stages = c.stages[:1]
@@ -172,7 +189,9 @@ def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
     ("--config.grad_accum=3", r"stages\[0\].batch_size 64 is not divisible by config.grad_accum 3"),
     ("--config.grad_accum=0", r"config.grad_accum must be an integer >= 1, got 0"),
     ("--config.stages[1].steps=0", r"config.stages\[1\].steps must be an integer >= 1, got 0"),
-    ("--config.stages[0].lr=-0.1", r"config.stages\[0\].lr must be a finite number >= 0, got -0.1")])
+    ("--config.stages[0].lr=-0.1", r"config.stages\[0\].lr must be a finite number >= 0, got -0.1"),
+    ("--config.stages[1].data.fields=x", r"config.stages\[1\].data: a synthetic data source takes no fields"),
+    ("--config.evals[0].data.json_path=x", r"config.evals\[0\].data: a synthetic data source takes no json_path")])
 def test_train_cli_refuses_a_bad_config_before_training_or_writing(tmp_path, capsys, override, match):
   """An evaluator, optimizer or model key that cannot work fails at start-up (not after the stages), leaving no
   workdir."""

@@ -128,6 +128,16 @@ class TrainCheckpoints:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
+  @classmethod
+  def latest_meta(cls, directory: str, keep: int = 3):
+    """(latest step, its meta) of an existing checkpoint directory, or (None, None) where it holds none."""
+    ckpts = cls(directory, keep)
+    try:
+      latest = ckpts.latest_step()
+      return latest, ckpts.read_meta(latest) if latest is not None else None
+    finally:
+      ckpts.close()
+
   def latest_step(self):
     return self.manager.latest_step()
 

@@ -27,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vlm_jax import checkpoint, config_util, evaluate, fileutil, optim, sharding, treeutil
-from vlm_jax.data.pipeline import make_source, make_train_iterator, seek
+from vlm_jax.data.pipeline import make_source, make_sources, make_train_iterator, seek
 from vlm_jax.models.vit import resample_posemb
 from vlm_jax.models.vlm import abstract_params, teacher_forced_nll
 from vlm_jax.run_log import MetricsLog, plot
@@ -150,22 +150,25 @@ def train(config, workdir: str, log=print) -> dict:
   workdir_path = epath.Path(workdir)
   mesh = sharding.make_mesh(config.get("mesh"), dcn_mesh_cfg=config.get("dcn_mesh"))
   tokenizer = make_tokenizer(config)
-  # A bad model, optimizer or evaluator data (a missing image, a malformed record) fails now, before anything
-  # is written and not after hours of training.
+  # A bad model, optimizer, or data of a stage still to run or of an evaluator (a missing file or image, a
+  # malformed record) fails now, before anything is written and not after hours of training.
   base_cfg = build_model_config(config.model, tokenizer)
   for stage_cfg in config.stages:
     optim.make_optimizer(config.get("optim", {}), stage_cfg, set())
-  evals = [(eval_cfg, make_source(eval_cfg.data)) for eval_cfg in config.evals]  # read once, used by every eval
+  ckpt_dir, keep = workdir_path / checkpoint.TRAIN_CHECKPOINTS, config.get("keep_checkpoints", 3)
+  latest, resume = checkpoint.TrainCheckpoints.latest_meta(str(ckpt_dir), keep) if ckpt_dir.exists() else (None, None)
+  # Each source is read once, here: a stage's when it starts, an evaluator's at every evaluation.
+  stage_sources = {i: _read_data(f"config.stages[{i}].data", make_sources, stage_cfg.data)
+                   for i, stage_cfg in enumerate(config.stages) if i >= (resume["stage"] if resume else 0)}
+  evals = [(eval_cfg, _read_data(f"config.evals[{i}].data", make_source, eval_cfg.data))
+           for i, eval_cfg in enumerate(config.evals)]
   saved, text = workdir_path / "config.json", config.to_json_best_effort(indent=2)
   if is_main:
     workdir_path.mkdir(parents=True, exist_ok=True)
     if saved.exists() and (changed := config_util.changes(json.loads(saved.read_text()), json.loads(text))):
       # A resumed run takes the new config from where it stopped (a finished stage is not re-run): say what moved.
       log(f"the config differs from the one {workdir} last ran with: {'; '.join(changed)}")
-  ckpts = checkpoint.TrainCheckpoints(str(workdir_path / checkpoint.TRAIN_CHECKPOINTS),
-                                      keep=config.get("keep_checkpoints", 3))
-  latest = ckpts.latest_step()
-  resume = ckpts.read_meta(latest) if latest is not None else None
+  ckpts = checkpoint.TrainCheckpoints(str(ckpt_dir), keep=keep)
   global_step = first_step = resume["step"] if resume else 0
   metrics_log = MetricsLog(workdir, resume_step=global_step, enabled=is_main)
   if resume:
@@ -178,7 +181,7 @@ def train(config, workdir: str, log=print) -> dict:
       stage_steps = int(stage_cfg.steps)
       if resume and index < resume["stage"]:
         continue
-      stage = _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh)
+      stage = _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh, stage_sources.pop(index))
       for report in stage.preprocess.skip_reports():  # records dropped while reading the files: say which
         log(f"{stage.label} data: {report}")
       n_params = len(treeutil.flatten(stage.abstract))
@@ -248,7 +251,15 @@ def _place(params, stage, mesh):
   return jax.device_put(resample_for(params, stage.model_cfg), stage.param_sh)
 
 
-def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh) -> StageState:
+def _read_data(where: str, build, data_cfg):
+  """`build(data_cfg)` (sources read and checked), its errors naming the config key `where`."""
+  try:
+    return build(data_cfg)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from e
+
+
+def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh, sources) -> StageState:
   model_cfg = model_for_stage(base_cfg, stage_cfg)
   abstract = abstract_params(model_cfg)
   names = list(treeutil.flatten(abstract))
@@ -262,7 +273,7 @@ def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh) -> StageSt
   rows = sharding.process_batch_rows(mesh, batch_size)
   data_iter, preprocess = make_train_iterator(
       stage_cfg.data, tokenizer, model_cfg.img.image_size, int(stage_cfg.text_len), batch_size,
-      seed=int(config.seed) + 1000 * index, rows=rows)
+      seed=int(config.seed) + 1000 * index, rows=rows, sources=sources)
   flat = treeutil.flatten(abstract)
   param_sh = treeutil.unflatten(sharding.param_shardings(flat, mesh))
   trainable, _ = split_params(abstract, frozen)

@@ -7,6 +7,7 @@ A source is any random-access object (`__len__`, `__getitem__`) returning exampl
 that a `skip_bad` source already counted).
 """
 import collections
+import inspect
 
 import grain
 import numpy as np
@@ -16,21 +17,27 @@ from vlm_jax.data.text import tokenize_turns
 
 
 def make_source(src_cfg, skip_bad: bool = False):
-  """A source from its config dict: kind = synthetic | llava_json | tfds. `skip_bad` (here or in the source's
-  own config) makes sources that read files skip and count bad records instead of raising."""
+  """A source from its config dict: kind = synthetic | llava_json | tfds, the other keys the kind's arguments
+  (a key it does not take, or a missing one, is an error naming it). `skip_bad` (here or in the source's own
+  config) makes sources that read files skip and count bad records instead of raising."""
   kind = src_cfg.get("kind")
   kw = {k: v for k, v in dict(src_cfg).items() if k not in ("kind", "weight", "skip_bad")}
-  skip_bad = bool(src_cfg.get("skip_bad", skip_bad))
   if kind == "synthetic":
-    from vlm_jax.data.synthetic import SyntheticSource
-    return SyntheticSource(**kw)
-  if kind == "llava_json":
-    from vlm_jax.data.llava_json import LlavaJsonSource
-    return LlavaJsonSource(**kw, skip_bad=skip_bad)
-  if kind == "tfds":
-    from vlm_jax.data.tfds_source import TfdsSource
-    return TfdsSource(**kw)
-  raise ValueError(f"Unknown data source kind {kind!r}; use synthetic | llava_json | tfds.")
+    from vlm_jax.data.synthetic import SyntheticSource as source_class
+  elif kind == "llava_json":
+    from vlm_jax.data.llava_json import LlavaJsonSource as source_class
+    kw["skip_bad"] = bool(src_cfg.get("skip_bad", skip_bad))
+  elif kind == "tfds":
+    from vlm_jax.data.tfds_source import TfdsSource as source_class
+  else:
+    raise ValueError(f"Unknown data source kind {kind!r}; use synthetic | llava_json | tfds.")
+  params = inspect.signature(source_class).parameters
+  if unknown := sorted(set(kw) - set(params)):
+    raise ValueError(f"a {kind} data source takes no {', '.join(unknown)} (its keys: kind, weight, skip_bad, "
+                     f"{', '.join(k for k in params if k != 'skip_bad')}).")
+  if missing := [k for k, p in params.items() if p.default is p.empty and k not in kw]:
+    raise ValueError(f"a {kind} data source needs {', '.join(missing)}.")
+  return source_class(**kw)
 
 
 def source_configs(data_cfg):
@@ -39,6 +46,17 @@ def source_configs(data_cfg):
   if "sources" in data_cfg:
     return [dict(s) for s in data_cfg["sources"]]
   return [data_cfg]
+
+
+def make_sources(data_cfg) -> list:
+  """The sources of a training `data` config (`source_configs`), each checked to hold examples."""
+  skip_bad = bool(dict(data_cfg).get("skip_bad", False))
+  sources = []
+  for src_cfg in source_configs(data_cfg):
+    sources.append(make_source(src_cfg, skip_bad))
+    if len(sources[-1]) == 0:
+      raise ValueError(f"data source {src_cfg} has no examples.")
+  return sources
 
 
 class Preprocess:
@@ -98,7 +116,7 @@ class _BatchRows(grain.MapDataset):
 
 
 def make_train_iterator(data_cfg, tokenizer, image_size: int, text_len: int, batch_size: int, seed: int,
-                        num_threads: int = 4, rows=None):
+                        num_threads: int = 4, rows=None, sources=None):
   """(grain iterator of this process's host-local batches, Preprocess with its counts).
 
   Every process walks the same shuffled, mixed stream of examples, cut into global batches of `batch_size`,
@@ -106,19 +124,15 @@ def make_train_iterator(data_cfg, tokenizer, image_size: int, text_len: int, bat
   by default all of them. So the global batch of step s holds the same
   examples in the same order whatever the number of processes (examples a `skip_bad` source drops are
   replaced from the process's next rows, which makes that exact only when none are dropped).
+  `sources`: `make_sources(data_cfg)`, where the caller built them already.
   """
   rows = rows or (0, batch_size)
-  parts, weights, sources = [], [], []
-  skip_bad = bool(dict(data_cfg).get("skip_bad", False))
-  for i, src_cfg in enumerate(source_configs(data_cfg)):
-    sources.append(make_source(src_cfg, skip_bad))
-    if len(sources[-1]) == 0:
-      raise ValueError(f"data source {src_cfg} has no examples.")
-    parts.append(grain.MapDataset.source(sources[-1]).shuffle(seed=seed + 7919 * i).repeat(None))
-    weights.append(float(src_cfg.get("weight", 1.0)))
+  sources = make_sources(data_cfg) if sources is None else sources
+  parts = [grain.MapDataset.source(src).shuffle(seed=seed + 7919 * i).repeat(None) for i, src in enumerate(sources)]
+  weights = [float(src_cfg.get("weight", 1.0)) for src_cfg in source_configs(data_cfg)]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   ds = _BatchRows(ds, batch_size, *rows)
-  preprocess = Preprocess(tokenizer, image_size, text_len, skip_bad, sources)
+  preprocess = Preprocess(tokenizer, image_size, text_len, bool(dict(data_cfg).get("skip_bad", False)), sources)
   it_ds = ds.map(preprocess).to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8))
   it_ds = it_ds.filter(lambda x: x is not None).batch(rows[1], drop_remainder=True)
   return iter(it_ds), preprocess
