@@ -191,7 +191,11 @@ def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
     ("--config.stages[1].steps=0", r"config.stages\[1\].steps must be an integer >= 1, got 0"),
     ("--config.stages[0].lr=-0.1", r"config.stages\[0\].lr must be a finite number >= 0, got -0.1"),
     ("--config.stages[1].data.fields=x", r"config.stages\[1\].data: a synthetic data source takes no fields"),
-    ("--config.evals[0].data.json_path=x", r"config.evals\[0\].data: a synthetic data source takes no json_path")])
+    ("--config.evals[0].data.json_path=x", r"config.evals\[0\].data: a synthetic data source takes no json_path"),
+    ("--config.stages[1].frozen=['img/Transfomer']",
+     r"config.stages\[1\].frozen\[0\]: 'img/Transfomer' matches no param name \(closest: img/Transformer/"),
+    ("--config.stages[0].lr_mults=[('(img', 0.1)]", r"config.stages\[0\].lr_mults\[0\]: '\(img' is not a regex"),
+    ("--config.optim.wd_mults=[('vision/.*', 0.0)]", r"config.optim.wd_mults\[0\]: 'vision/\.\*' matches no param")])
 def test_train_cli_refuses_a_bad_config_before_training_or_writing(tmp_path, capsys, override, match):
   """An evaluator, optimizer or model key that cannot work fails at start-up (not after the stages), leaving no
   workdir."""
@@ -325,6 +329,22 @@ def test_shipped_configs_validate(name):
   assert sizes == sorted(sizes)
   if name == "paligemma_stages":
     assert sizes == [224, 448, 896] and c.stages[0]["frozen"] and not c.stages[1]["frozen"]
+
+
+@pytest.mark.parametrize("spec", ["tiny_synthetic", "paligemma_stages", "siglip_ul2.py:tiny=True,q_lr=0.5"])
+def test_shipped_configs_freeze_and_scale_params_that_exist(spec):
+  """Their frozen / lr_mults / wd_mults patterns each match some param of the model they build."""
+  from vlm_jax import config_util, optim, treeutil
+  from vlm_jax.models.vlm import abstract_params
+  name, _, arg = spec.partition(":")
+  c = normalize(config_util.load_config(os.path.join(th.REPO, "configs", name.removesuffix(".py") + ".py")
+                                        + (f":{arg}" if arg else "")))
+  if c.model.get("llm") is not None:
+    c.model.llm["vocab_size"] = 1024  # the tokenizer's, which these tests do not have
+  names = list(treeutil.flatten(abstract_params(build_model_config(c.model))))
+  for i, stage in enumerate(c.stages):
+    optim.check_patterns(names, stage, c.get("optim", {}), f"config.stages[{i}]")
+  assert any(stage.get("frozen") or stage.get("lr_mults") for stage in c.stages) or c.optim.get("wd_mults")
 
 
 def test_transfer_config_fine_tunes_a_local_hf_checkpoint(tmp_path, tokenizer_file):

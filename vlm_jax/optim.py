@@ -4,6 +4,7 @@ Every per-param policy (frozen, lr multipliers, weight decay) is an ordered rege
 param names; the first matching pattern wins. Frozen params are not given to the optimizer at all: they get
 no optimizer state and no gradient, and so stay bit-identical.
 """
+import difflib
 import re
 
 import jax
@@ -13,9 +14,14 @@ import optax
 from vlm_jax import treeutil
 
 
+def matches(pattern: str, name: str) -> bool:
+  """The whole name, or a leading run of its "/"-separated parts ("img" matches "img/embedding/kernel")."""
+  return bool(re.fullmatch(pattern, name) or re.match(pattern + "(/|$)", name))
+
+
 def first_match(name: str, table, default):
   for pattern, value in table:
-    if re.fullmatch(pattern, name) or re.match(pattern + "(/|$)", name):
+    if matches(pattern, name):
       return value
   return default
 
@@ -27,6 +33,21 @@ def as_table(spec, value=True):
   if isinstance(spec, str):
     return ((spec, value),)
   return tuple(tuple(x) if isinstance(x, (list, tuple)) else (x, value) for x in spec)
+
+
+def check_patterns(names, stage, optim_cfg, where: str):
+  """Every pattern of the stage's `frozen` and `lr_mults` and of `optim.wd_mults` must be a regex matching some
+  param name: a typo would otherwise freeze or scale nothing, silently. `where` names the stage's config key."""
+  for key, spec in ((f"{where}.frozen", stage.get("frozen")), (f"{where}.lr_mults", stage.get("lr_mults")),
+                    ("config.optim.wd_mults", optim_cfg.get("wd_mults"))):
+    for j, (pattern, _) in enumerate(as_table(spec)):
+      try:
+        matched = any(matches(pattern, n) for n in names)
+      except re.error as e:
+        raise ValueError(f"{key}[{j}]: {pattern!r} is not a regex ({e}).") from e
+      if not matched:
+        near = difflib.get_close_matches(pattern, names, n=3, cutoff=0.0)
+        raise ValueError(f"{key}[{j}]: {pattern!r} matches no param name (closest: {', '.join(near)}).")
 
 
 def frozen_names(names, frozen_spec) -> set:

@@ -153,8 +153,10 @@ def train(config, workdir: str, log=print) -> dict:
   # A bad model, optimizer, or data of a stage still to run or of an evaluator (a missing file or image, a
   # malformed record) fails now, before anything is written and not after hours of training.
   base_cfg = build_model_config(config.model, tokenizer)
-  for stage_cfg in config.stages:
+  param_names = list(treeutil.flatten(abstract_params(base_cfg)))  # the same in every stage
+  for i, stage_cfg in enumerate(config.stages):
     optim.make_optimizer(config.get("optim", {}), stage_cfg, set())
+    optim.check_patterns(param_names, stage_cfg, config.get("optim", {}), f"config.stages[{i}]")
   ckpt_dir, keep = workdir_path / checkpoint.TRAIN_CHECKPOINTS, config.get("keep_checkpoints", 3)
   latest, resume = checkpoint.TrainCheckpoints.latest_meta(str(ckpt_dir), keep) if ckpt_dir.exists() else (None, None)
   # Each source is read once, here: a stage's when it starts, an evaluator's at every evaluation.
