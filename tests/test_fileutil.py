@@ -78,3 +78,19 @@ def test_metrics_log_replaces_a_repeated_last_record(tmp_path):
   log.write({"step": 2, "eval/val/exact_match": 0.75})
   assert log.records() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0},
                            {"step": 2, "eval/val/exact_match": 0.75}]
+
+
+def test_metrics_log_resumes_past_a_torn_last_line_and_names_a_bad_one(tmp_path):
+  """A kill while appending can cut the last record short: a resumed run drops it. A malformed line elsewhere
+  is an error naming the file and line."""
+  log = MetricsLog(str(tmp_path))
+  for step in (1, 2):
+    log.write({"step": step, "loss": 1.0 / step})
+  path = tmp_path / "metrics.jsonl"
+  path.write_text(path.read_text() + '{"step": 3, "lo')
+  log = MetricsLog(str(tmp_path), resume_step=3)
+  log.write({"step": 3, "loss": 0.25})
+  assert [r["step"] for r in log.records()] == [1, 2, 3]
+  path.write_text("garbage\n" + path.read_text())
+  with pytest.raises(ValueError, match=r"metrics\.jsonl:1: not a JSON record"):
+    MetricsLog(str(tmp_path), resume_step=3)

@@ -17,8 +17,7 @@ class MetricsLog:
     self._local = not fileutil.is_remote(workdir)
     self._last = None  # the last record written: its step and keys
     if enabled and self.path.exists():
-      kept = [line + "\n" for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      kept = [json.dumps(r) + "\n" for r in self._read(drop_torn_end=True) if r.get("step", 0) <= resume_step]
       fileutil.write_file(self.path, "".join(kept))  # a crash here must not lose the kept records
       self._last = json.loads(kept[-1]) if kept else None
 
@@ -39,9 +38,23 @@ class MetricsLog:
       fileutil.write_file(self.path, (self.path.read_text() if self.path.exists() else "") + line)
 
   def records(self) -> list[dict]:
-    if not self.path.exists():
-      return []
-    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    return self._read() if self.path.exists() else []
+
+  def _read(self, drop_torn_end: bool = False) -> list[dict]:
+    """The file's records. A run killed while appending can leave its last line cut short: a resumed run drops
+    it (`drop_torn_end`); any other line that is not JSON is an error naming it."""
+    lines = self.path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+      if not line.strip():
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        if drop_torn_end and i == len(lines) - 1:
+          break
+        raise ValueError(f"{self.path}:{i + 1}: not a JSON record ({e}).") from e
+    return out
 
 
 def plot(records: list[dict], out_png):
