@@ -144,6 +144,18 @@ def test_config_from_hf(t5):
   assert cfg.tie_embeddings == (torch_model.lm_head.weight is torch_model.shared.weight)
 
 
+def test_the_config_follows_the_file_when_transformers_resaves_it(t5, tmp_path):
+  """transformers 5 writes tie_word_embeddings true when it saves an untied T5 and keeps its lm_head in the file:
+  the config read for `model.llm.init` (without the params) follows the file, as loading the params does."""
+  from vlm_jax.train_setup import _text_checkpoint
+  path, torch_model, cfg, _ = t5
+  torch_model.save_pretrained(str(tmp_path))
+  config_only, _ = _text_checkpoint(str(tmp_path))
+  with_params, _ = _text_checkpoint(str(tmp_path), with_params=True)
+  assert config_only == with_params == hf_t5.read_config(str(tmp_path))
+  assert config_only.tie_embeddings == cfg.tie_embeddings and config_only.scales_output == cfg.scales_output
+
+
 def test_logits_match_transformers(t5):
   """Encoder ids with padding and decoder ids -> the same logits as T5ForConditionalGeneration."""
   _, torch_model, cfg, params = t5

@@ -200,7 +200,7 @@ def _text_checkpoint(path: str, with_params: bool = False):
     raise FileNotFoundError(f"config.model.llm.init {path}: no config.json (expected a HF Llama/Qwen2/T5 directory).")
   if fileutil.read_json(file).get("model_type") in ("t5", "mt5"):
     if not with_params:
-      return hf_t5.config_from_hf(fileutil.read_json(file), source=file), None
+      return hf_t5.read_config(path), None
     cfg, params = hf_t5.load(path)
     return cfg, treeutil.flatten(params["params"])
   if not with_params:

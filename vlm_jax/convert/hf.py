@@ -335,13 +335,21 @@ def read_tensors(path: str) -> dict:
   return {canonical_name(k): v for k, v in tensors.items()}
 
 
+def has_own_head(tensors: dict, embedding: str) -> bool:
+  """Whether a HF checkpoint's tensors hold an output head of their own: an `lm_head.weight` that is not a copy
+  of the input embedding named `embedding`. transformers keeps such a head whatever the config's tie flags say
+  (its T5 config, for one, writes tie_word_embeddings true for untied models)."""
+  head = tensors.get("lm_head.weight")
+  return head is not None and not np.array_equal(head, tensors.get(embedding))
+
+
 def load(path: str, config: VLMConfig | None = None):
   """(config, params, tokenizer-or-None) from a HF PaliGemma directory; shapes checked key by key."""
   config = config or read_config(path)
   sd = read_tensors(path)
-  lm_head = sd.pop("lm_head.weight", None)
-  if lm_head is not None and not np.array_equal(lm_head, sd.get(T + "embed_tokens.weight")):
+  if has_own_head(sd, T + "embed_tokens.weight"):
     raise ValueError(f"{path}: lm_head.weight differs from the input embedding; only tied heads are supported.")
+  sd.pop("lm_head.weight", None)
   return convert_checked(path, config, sd, params_to_hf, params_from_hf)
 
 

@@ -114,10 +114,9 @@ def follow_head(config: VLMConfig, sd: dict) -> tuple[VLMConfig, dict]:
   """(config, tensors) of the model transformers builds from a tied `config` and the tensors `sd`: an
   lm_head.weight equal to the embedding is the tied head (dropped), one that differs is kept as the model's own
   head, whatever the tie flags say (transformers warns and unties; `hf_t5.load` follows the file the same way)."""
-  head = sd.get("lm_head.weight")
-  if not config.llm.tie_embeddings or head is None:
+  if not config.llm.tie_embeddings or "lm_head.weight" not in sd:
     return config, sd
-  if np.array_equal(head, sd.get(hf.T + "embed_tokens.weight")):
+  if not hf.has_own_head(sd, hf.T + "embed_tokens.weight"):
     return config, {k: v for k, v in sd.items() if k != "lm_head.weight"}
   return dataclasses.replace(config, llm=dataclasses.replace(config.llm, tie_embeddings=False)), sd
 

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from vlm_jax import fileutil, treeutil
-from vlm_jax.convert.hf import read_tensors
+from vlm_jax.convert.hf import has_own_head, read_tensors
 from vlm_jax.models.t5 import T5Config
 
 REQUIRED = ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size")
@@ -200,20 +200,27 @@ def params_to_hf(flat: dict, cfg: T5Config) -> dict:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def load(path: str):
-  """(T5Config, {"params": nested params}) from a HF T5ForConditionalGeneration directory.
-
-  Params are float32. Whether the head is tied follows the file: an `lm_head.weight` that differs
-  from `shared.weight` is the model's own head (T5 v1.1 / UL2), an absent or equal one is the tied embedding.
-  """
+def _read(path: str):
+  """(T5Config, tensors) of a HF T5ForConditionalGeneration directory. Whether the head is tied follows the file,
+  not its tie flag (`hf.has_own_head`: T5 v1.1 / UL2 hold their own). The tensors are memory-mapped: deciding
+  that reads the head and the embedding only."""
   file = os.path.join(path, "config.json")
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{path} has no config.json: not a HuggingFace model directory.")
   cfg = config_from_hf(fileutil.read_json(file), source=file)
   tensors = read_tensors(path)
-  head, shared = tensors.get("lm_head.weight"), tensors.get("shared.weight")
-  own_head = head is not None and not (shared is not None and np.array_equal(head, shared))
-  cfg = dataclasses.replace(cfg, tie_embeddings=not own_head, scale_decoder_output=cfg.scales_output)
+  own_head = has_own_head(tensors, "shared.weight")
+  return dataclasses.replace(cfg, tie_embeddings=not own_head, scale_decoder_output=cfg.scales_output), tensors
+
+
+def read_config(path: str) -> T5Config:
+  """The T5Config `load` builds for a HF directory, without converting its params."""
+  return _read(path)[0]
+
+
+def load(path: str):
+  """(T5Config, {"params": nested params}) from a HF T5ForConditionalGeneration directory; params are float32."""
+  cfg, tensors = _read(path)
   flat = params_from_hf(tensors, cfg, source=f"HF checkpoint {path}")
   params = {k: np.asarray(v, np.float32) for k, v in flat.items()}
   return cfg, {"params": treeutil.unflatten(params)}
