@@ -197,6 +197,19 @@ def test_bad_sentencepiece_files_are_named(tmp_path):
     make_tokenizer({"tokenizer": str(tmp_path / "gone.model")})
 
 
+def test_a_sentencepiece_model_without_eos_is_refused(tmp_path):
+  """Every answer ends with the EOS, and decoding stops at it: a model with none is named, not trained on id -1."""
+  import io
+
+  import sentencepiece as spm
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.Train(sentence_iterator=iter(["a red circle", "two blue squares"] * 50), model_writer=model,
+                                 vocab_size=30, eos_id=-1, minloglevel=2, hard_vocab_limit=False)
+  (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+  with pytest.raises(ValueError, match=r"tokenizer.model: the SentencePiece model has no eos piece"):
+    tokenizer.load(str(tmp_path / "tokenizer.model"))
+
+
 def test_image_token_may_be_a_special_added_token(json_tokenizer):
   """llava-hf's Qwen2 tokenizer.json holds its <image> as a special added token: a valid image id, as is one past
   the tokenizer; an ordinary text token, BOS, EOS or pad (special tokens too, but in every sequence) are not."""

@@ -57,6 +57,9 @@ class SentencePieceTokenizer(_Base):
     except (OSError, RuntimeError) as e:
       raise ValueError(f"{model_path} is not a valid SentencePiece model: {e}") from e
     self.pad_id, self.eos_id, self.bos_id = self.sp.pad_id(), self.sp.eos_id(), self.sp.bos_id()
+    if self.eos_id < 0:  # else -1 would be appended as every answer's supervised last token
+      raise ValueError(f"{model_path}: the SentencePiece model has no eos piece (eos_id -1); training and decoding "
+                       "need one.")
     self.prompt_start = (self.bos_id,) if self.bos_id >= 0 else ()
 
   @property
