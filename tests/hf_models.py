@@ -49,9 +49,10 @@ def hf_logits(model, pixels_BHWC, tokens_BT, mask_ar_BT):
   return out.logits[:, N_IMG:].float().numpy()
 
 
-def train_tokenizer(out_dir: str, vocab_size: int = VOCAB, llama: bool = False) -> str:
+def train_tokenizer(out_dir: str, vocab_size: int = VOCAB, llama: bool = False, dummy_prefix: bool = True) -> str:
   """Trains a SentencePiece BPE model like Gemma's: pad 0 / eos 1 / bos 2, no dummy prefix, <locNNNN> pieces;
-  with `llama`, like Llama's: unk 0 / bos 1 / eos 2, no pad, a dummy prefix, no <locNNNN>."""
+  with `llama`, like Llama's: unk 0 / bos 1 / eos 2, no pad, a dummy prefix (unless not `dummy_prefix`), no
+  <locNNNN>."""
   import sentencepiece as spm
   words = ["a", "red", "blue", "green", "circle", "square", "triangle", "caption", "en", "detect", "how", "many",
            "what", "colour", "is", "the", "shape", "left", "right", "top", "bottom", "answer", "there", "are"]
@@ -65,7 +66,7 @@ def train_tokenizer(out_dir: str, vocab_size: int = VOCAB, llama: bool = False) 
   spm.SentencePieceTrainer.Train(
       input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", byte_fallback=True, minloglevel=2,
       hard_vocab_limit=False,
-      **(dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True) if llama else
+      **(dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=dummy_prefix) if llama else
          dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, add_dummy_prefix=False, user_defined_symbols=loc)))
   return prefix + ".model"
 

@@ -128,6 +128,27 @@ def test_llava_export_carries_a_llama_tokenizer_transformers_reads(llava_dir, tm
   assert vlm_jax.load(str(tmp_path / "out")).tokenizer.encode(text) == model.tokenizer.encode(text)
 
 
+@pytest.mark.parametrize("dummy_prefix", [True, False])
+def test_llava_export_says_whether_its_sentencepiece_model_adds_a_prefix_space(llava_dir, tmp_path, dummy_prefix):
+  """LlamaTokenizer prepends "▁" unless add_prefix_space is false: the export says which its model does (Llama's
+  does, the synthetic data's Gemma-style one does not), so the class it names encodes as ours."""
+  import shutil
+  from transformers import AutoTokenizer, LlamaTokenizer
+  from tests.hf_models import train_tokenizer
+  path, _ = llava_dir
+  src = tmp_path / "src"
+  shutil.copytree(path, src)
+  shutil.copy(train_tokenizer(str(tmp_path), VOCAB, llama=True, dummy_prefix=dummy_prefix), src / "tokenizer.model")
+  model = vlm_jax.load(str(src))
+  model.save_hf(str(tmp_path / "out"))
+  with open(tmp_path / "out" / "tokenizer_config.json") as f:
+    assert json.load(f)["add_prefix_space"] is dummy_prefix
+  for cls in (AutoTokenizer, LlamaTokenizer):
+    hf_tok = cls.from_pretrained(str(tmp_path / "out"))
+    for text in ("what colour is the circle", "a red square"):
+      assert hf_tok(text)["input_ids"] == [model.tokenizer.bos_id] + model.tokenizer.encode(text), (cls, text)
+
+
 def test_a_llama3_tokenizer_json_is_loaded_kept_and_exported(llava_dir, pixels, tmp_path):
   """A LLaVA directory with a Llama 3-style tokenizer.json (no tokenizer.model): vlm_jax.load reads it (ids from
   its tokenizer_config.json), generate decodes text with it, and both the vlm_jax checkpoint and the HF export

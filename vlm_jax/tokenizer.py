@@ -81,6 +81,8 @@ class SentencePieceTokenizer(_Base):
     special = {f"{k}_token": self.sp.IdToPiece(v) for k, v in self.special().items()}
     config = {"tokenizer_class": sentencepiece_class, "add_bos_token": bool(self.prompt_start),
               "add_eos_token": False, **special}
+    if sentencepiece_class == "LlamaTokenizer":  # it prepends "▁" to the text unless told this model does not
+      config["add_prefix_space"] = self.sp.EncodeAsPieces("a")[0].startswith("\u2581")
     return {**self.files(), JSON_CONFIG_FILE: json.dumps(config, indent=2).encode()}
 
 
