@@ -261,7 +261,9 @@ def _read_data(where: str, build, data_cfg):
     raise ValueError(f"{where}: {e}") from e
 
 
-def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh, sources) -> StageState:
+def _build_stage(config, index, stage_cfg, base_cfg, tokenizer, mesh, sources=None) -> StageState:
+  """The stage's model, optimizer, shardings and data iterator (over `sources`, its data read by the caller; else
+  read here)."""
   model_cfg = model_for_stage(base_cfg, stage_cfg)
   abstract = abstract_params(model_cfg)
   names = list(treeutil.flatten(abstract))
