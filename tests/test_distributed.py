@@ -73,6 +73,19 @@ def test_mesh_sizes_fill_and_errors():
   assert dict(mesh.shape) == dict(data=1, fsdp=1, tensor=1)
 
 
+def test_a_jax_mesh_is_taken_over_the_vlm_jax_axes():
+  """A Mesh built by hand (jax.make_mesh's Explicit axis types, axes missing or in another order) becomes the
+  (data, fsdp, tensor) Auto mesh the rules expect; one with other axis names is refused, naming them."""
+  import jax
+  devices = np.array(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.make_mesh((1, 1), ("tensor", "data")))
+  assert mesh.axis_names == ("data", "fsdp", "tensor") and dict(mesh.shape) == dict(data=1, fsdp=1, tensor=1)
+  assert set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
+  assert sharding.make_mesh(jax.sharding.Mesh(devices, ("data",))).devices.shape == (1, 1, 1)
+  with pytest.raises(ValueError, match=r"mesh axes \['model'\]: \['model'\] are not vlm_jax axes"):
+    sharding.make_mesh(jax.sharding.Mesh(devices, ("model",)))
+
+
 def test_batch_ways_are_the_axes_batch_sharding_splits_over(monkeypatch):
   shape = dict(data=2, fsdp=4, tensor=3)
   assert sharding.batch_ways(shape) == 8

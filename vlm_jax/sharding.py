@@ -126,10 +126,11 @@ def make_mesh(mesh_cfg, dcn_mesh_cfg=None) -> Mesh:
   `mesh_cfg` sizes the axes within one granule (a TPU slice; on GPUs and CPUs, a process), `dcn_mesh_cfg`
   (optional) how many granules each axis spans over the data-centre network; a mesh axis is the product of
   both. Without `dcn_mesh_cfg` the mesh covers all devices with `mesh_cfg` alone. Either may use -1 once.
-  A `mesh_cfg` that already is a Mesh is returned as it is.
+  A `mesh_cfg` that already is a Mesh is taken as it is, over (data, fsdp, tensor) in that order (an axis it
+  lacks has size 1) with Auto axis types (the param and batch rules place arrays themselves).
   """
   if isinstance(mesh_cfg, Mesh):
-    return mesh_cfg
+    return _as_vlm_mesh(mesh_cfg)
   devices = jax.devices()
   from jax.experimental import mesh_utils
   dcn = dict(dcn_mesh_cfg or {})
@@ -145,6 +146,17 @@ def make_mesh(mesh_cfg, dcn_mesh_cfg=None) -> Mesh:
         [ici_sizes[a] for a in MESH_AXES], [dcn_sizes[a] for a in MESH_AXES], devices=devices,
         process_is_granule=not _is_multislice_tpu(devices), allow_split_physical_axes=True)
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _as_vlm_mesh(mesh: Mesh) -> Mesh:
+  names = tuple(mesh.axis_names)
+  if unknown := [a for a in names if a not in MESH_AXES]:
+    raise ValueError(f"mesh axes {list(names)}: {unknown} are not vlm_jax axes; name them from {', '.join(MESH_AXES)} "
+                     "(or give a dict of axis sizes).")
+  devices = mesh.devices.reshape(mesh.devices.shape + (1,) * (len(MESH_AXES) - len(names)))
+  names += tuple(a for a in MESH_AXES if a not in names)
+  devices = devices.transpose([names.index(a) for a in MESH_AXES])
+  return Mesh(devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def _is_multislice_tpu(devices) -> bool:
