@@ -140,6 +140,19 @@ def test_big_vision_without_config_fails_clearly(bv_npz, tmp_path):
   assert "--config" in err
 
 
+def test_integer_weights_in_an_npz_are_refused(bv_npz, tmp_path):
+  """bfloat16 bits stored as uint16 would load as numbers: garbage weights. The key and dtype are named."""
+  with np.load(bv_npz[0]) as npz:
+    arrays = dict(npz)
+  name = next(k for k in arrays if k.endswith("pos_embedding"))
+  arrays[name] = arrays[name].astype(np.float32).view(np.uint32)
+  np.savez(tmp_path / "ints.npz", **arrays)
+  rc, _, err = run_cli("--from", "big_vision", tmp_path / "ints.npz", "--to", "vlm_jax", tmp_path / "out",
+                       "--config", "tiny")
+  assert_user_error(rc, err)
+  assert "weights must be floating point" in err and f"'{name.removeprefix('params/')}': 'uint32'" in err
+
+
 def test_mismatched_config_names_key_and_shapes(bv_npz, tmp_path):
   out = tmp_path / "out"
   rc, _, err = run_cli("--from", "big_vision", bv_npz[0], "--to", "hf", out, "--config", "tiny_gemma2")
