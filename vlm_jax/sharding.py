@@ -236,8 +236,10 @@ def process_batch_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
   start, stop = rows[0][0], rows[-1][1]
   covered = sum(b - a for a, b in rows)
   if covered != stop - start or any(b0 > a1 for (a0, b0), (a1, b1) in zip(rows, rows[1:])):
-    raise ValueError(f"process {jax.process_index()} holds batch rows {rows}, not one contiguous block; "
-                     "order the mesh devices by process.")
+    raise ValueError(f"process {jax.process_index()} holds batch rows {rows}, not one contiguous block. Batches "
+                     "are split over (data, fsdp), data major: split the data axis across processes "
+                     "(dcn_mesh=dict(data=N)), or fsdp with config.mesh data 1; a Mesh built by hand must order "
+                     "its devices by process.")
   return start, stop - start
 
 
