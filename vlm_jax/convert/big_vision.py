@@ -41,7 +41,7 @@ def load(path: str, config):
   flat = read_npz(path)
   expected = treeutil.flatten(abstract_params(config))
   treeutil.check_shapes(expected, flat, f"big_vision checkpoint {path}")
-  if bad := {k: str(v.dtype) for k, v in flat.items() if not np.issubdtype(v.dtype, np.floating)}:
+  if bad := {k: str(v.dtype) for k, v in flat.items() if v.dtype.kind in "iub"}:  # bfloat16's kind is "V"
     # e.g. bfloat16 bits some dumpers store as uint16: read as numbers, they would be garbage weights
     raise ValueError(f"big_vision checkpoint {path}: weights must be floating point, got {bad}.")
   flat = {k: np.asarray(v, expected[k].dtype) for k, v in flat.items()}
