@@ -158,7 +158,10 @@ def train(config, workdir: str, log=print) -> dict:
     optim.make_optimizer(config.get("optim", {}), stage_cfg, set())
     optim.check_patterns(param_names, stage_cfg, config.get("optim", {}), f"config.stages[{i}]")
   ckpt_dir, keep = workdir_path / checkpoint.TRAIN_CHECKPOINTS, config.get("keep_checkpoints", 3)
-  latest, resume = checkpoint.TrainCheckpoints.latest_meta(str(ckpt_dir), keep) if ckpt_dir.exists() else (None, None)
+  # Opening the checkpoints runs collectives: every process must decide alike, on what process 0 saw before it
+  # created anything (another process may look after that).
+  has_checkpoints = bool(multihost_utils.broadcast_one_to_all(np.asarray(ckpt_dir.exists())))
+  latest, resume = checkpoint.TrainCheckpoints.latest_meta(str(ckpt_dir), keep) if has_checkpoints else (None, None)
   # Each source is read once, here: a stage's when it starts, an evaluator's at every evaluation.
   stage_sources = {i: _read_data(f"config.stages[{i}].data", make_sources, stage_cfg.data)
                    for i, stage_cfg in enumerate(config.stages) if i >= (resume["stage"] if resume else 0)}
