@@ -162,7 +162,7 @@ def train(config, workdir: str, log=print) -> dict:
   # created anything (another process may look after that).
   has_checkpoints = bool(multihost_utils.broadcast_one_to_all(np.asarray(ckpt_dir.exists())))
   latest, resume = checkpoint.TrainCheckpoints.latest_meta(str(ckpt_dir), keep) if has_checkpoints else (None, None)
-  # Each source is read once, here: a stage's when it starts, an evaluator's at every evaluation.
+  # Every source is read here, once: the stage's iterator and every evaluation reuse it.
   stage_sources = {i: _read_data(f"config.stages[{i}].data", make_sources, stage_cfg.data)
                    for i, stage_cfg in enumerate(config.stages) if i >= (resume["stage"] if resume else 0)}
   evals = [(eval_cfg, _read_data(f"config.evals[{i}].data", make_source, eval_cfg.data))
