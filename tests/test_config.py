@@ -71,6 +71,17 @@ def test_unknown_key_in_config_file():
     check_config(c)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 2.5, "8"])
+def test_check_config_names_a_stage_size_that_is_no_integer(value):
+  """Set in a config file (the CLI's overrides are typed already): a ValueError naming the key, never another
+  exception from the int conversion (inf gave an OverflowError)."""
+  c = config_util.load_config(TINY)
+  with c.unlocked():
+    c.stages[1]["steps"] = value
+  with pytest.raises(ValueError, match=r"config.stages\[1\].steps must be an integer >= 1, got "):
+    check_config(c)
+
+
 @pytest.mark.parametrize("key,sizes,match", [
     ("mesh", {"fsdpp": 2}, r"Unknown config.mesh axes \['fsdpp'\]"),
     ("mesh", {"data": 0}, r"config.mesh axis sizes must be positive or -1, got \{'data': 0\}"),

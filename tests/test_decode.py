@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vlm_jax import decode as decode_lib
+from vlm_jax import sharding
 from vlm_jax.api import Model
 from vlm_jax.models.registry import get_model_config
 from vlm_jax.models.vlm import init_params, model_for, per_layer
@@ -431,7 +432,7 @@ def test_decode_and_evaluate_on_a_mesh_equal_one_device():
   assert out["loaded"]["spec"] == out["loaded"]["load_spec"] == out["spec"] and out["loaded"]["devices"] == [8]
   assert out["loaded"]["dtypes"] == ["bfloat16"]
   # generate_ids (greedy, beam) and the evaluator (2 batches) decode on one device, then split over the mesh.
-  assert out["seen"] == ["one device"] * 4 + ["rows over ('data', 'fsdp')"] * 4
+  assert out["seen"] == ["one device"] * 4 + [f"rows over {sharding.LOGICAL_TO_MESH['batch']}"] * 4
   assert out["mesh"]["greedy"] == out["one"]["greedy"]
   assert out["mesh"]["beam"] == out["one"]["beam"]
   assert out["mesh"]["eval"]["predictions"] == out["one"]["eval"]["predictions"]

@@ -161,12 +161,14 @@ class Model:
     pad = ((0, 0), (0, width - prefix_tokens.shape[1]))
     rows = self._batch_rows(b)
     row_keys = jax.random.key_data(decode_lib.fold_rows(jax.random.key(seed), first_row + jnp.arange(rows)))
-    out = decode_lib.decode(
-        self.config, self.params, self._put(self._images(images, b), rows),
-        self._put(np.pad(prefix_tokens, pad, constant_values=pad_id).astype(np.int32), rows),
-        self._put(np.pad(prefix_mask, pad).astype(np.int32), rows), self._put(row_keys, rows),
-        max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
-        logits_mask_V=None if logits_mask is None else jnp.asarray(logits_mask, bool), return_scores=True)
+    from vlm_jax import sharding
+    with sharding.using(self.mesh):
+      out = decode_lib.decode(
+          self.config, self.params, self._put(self._images(images, b), rows),
+          self._put(np.pad(prefix_tokens, pad, constant_values=pad_id).astype(np.int32), rows),
+          self._put(np.pad(prefix_mask, pad).astype(np.int32), rows), self._put(row_keys, rows),
+          max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
+          logits_mask_V=None if logits_mask is None else jnp.asarray(logits_mask, bool), return_scores=True)
     ids, scores = out[0][:b], out[1][:b]
     return (ids, scores) if return_scores else ids
 

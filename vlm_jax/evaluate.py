@@ -19,6 +19,7 @@ import numpy as np
 
 from vlm_jax import decode as decode_lib
 from vlm_jax import metrics as metrics_lib
+from vlm_jax import sharding
 from vlm_jax.data.image import to_rgb_array
 from vlm_jax.data.llava_json import CORRUPT_IMAGE
 from vlm_jax.data.pipeline import make_source
@@ -104,7 +105,6 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None, s
   size = model_cfg.img.image_size
   put, fetch = jnp.asarray, np.asarray
   if mesh is not None:
-    from vlm_jax import sharding
     ways = sharding.batch_ways(mesh.shape)
     batch_size = -(-batch_size // ways) * ways  # padded rows, like the last batch's, are dropped
     # Every process reads the whole batch and places the rows its devices hold; outputs split over
@@ -124,10 +124,11 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None, s
       # Example i samples with fold_in(key(seed), i): the same predictions whatever the batch size or mesh.
       rows = np.asarray(jax.random.key_data(decode_lib.fold_rows(jax.random.key(seed),
                                                                  len(records) + jnp.arange(batch_size))))
-      ids = decode_lib.decode(model_cfg, params, put(_images(examples, size)), put(np.stack([p[0] for p in prefix])),
-                              put(np.stack([p[1] for p in prefix])), put(rows),
-                              max_new_tokens=max_new, sampling=sampling, eos_id=tokenizer.eos_id,
-                              pad_id=tokenizer.pad_id)
+      with sharding.using(mesh):
+        ids = decode_lib.decode(model_cfg, params, put(_images(examples, size)),
+                                put(np.stack([p[0] for p in prefix])), put(np.stack([p[1] for p in prefix])), put(rows),
+                                max_new_tokens=max_new, sampling=sampling, eos_id=tokenizer.eos_id,
+                                pad_id=tokenizer.pad_id)
       for ex, row in zip(examples[:real], fetch(ids)[:real]):
         records.append({"id": ex["id"], "task": ex.get("task", ""), "prompt": ex["turns"][0][0],
                         "answers": answers_of(ex), "prediction": tokenizer.decode(row)})
@@ -159,7 +160,8 @@ def evaluate(model_cfg, params, tokenizer, eval_cfg, progress=None, mesh=None, s
       tok = [tokenize_turns(tokenizer, ex["turns"], text_len) for ex in examples]
       truncated["texts"] += sum(t.truncated for t in tok[:real])
       arrays = [put(np.stack([getattr(t, f) for t in tok])) for f in ("tokens", "mask_ar", "mask_loss", "mask_input")]
-      nll, count = map(fetch, answer_nll(model_cfg, params, put(_images(examples, size)), *arrays))
+      with sharding.using(mesh):
+        nll, count = map(fetch, answer_nll(model_cfg, params, put(_images(examples, size)), *arrays))
       for r, s, c in zip(records[i:i + real], nll[:real], count[:real]):
         r["nll"], r["answer_tokens"] = float(s), int(c)
       i += real

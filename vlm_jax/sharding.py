@@ -5,6 +5,7 @@ that no rule matches is an error, not a silent replicate. A dim whose size the m
 stays replicated (tiny test models), so the same config runs on any device count. Specs depend on the mesh's
 axis sizes only, so layouts (and memory plans) can be computed without devices.
 """
+import contextlib
 import math
 import re
 
@@ -76,9 +77,13 @@ PARAM_RULES = (
     (r"adapter/.*(bias|scale)", ("embed",)),
 )
 
-# FSDP shards the embed dim of every weight; tensor parallelism splits heads, mlp and vocab.
+# FSDP shards the embed dim of every weight; tensor parallelism splits heads, mlp and vocab. Batches are split
+# over fsdp x data with fsdp major. The data-major order ("data", "fsdp") is miscompiled by XLA's SPMD partitioner
+# (jaxlib 0.10.2, Shardy and GSPMD alike) on meshes whose data, fsdp and tensor axes all exceed 1: for some
+# shapes a collective-permute swaps rows between (data, fsdp) blocks and every example's result comes from
+# another one's activations (tests/test_distributed.py::test_the_batch_order_avoids_an_xla_miscompile).
 LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor", "kv": None,
-                   "layers": None, "batch": ("data", "fsdp")}
+                   "layers": None, "batch": ("fsdp", "data")}
 
 
 def check_axes(sizes_cfg, what: str = "mesh") -> dict:
@@ -227,20 +232,25 @@ def opt_state_specs(abstract_opt_state, flat_params: dict, mesh_shape):
 
 
 def process_batch_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
-  """(first row, number of rows) of every global batch that this process's devices hold under
-  `batch_sharding`: the part of each batch it must read. Rows are contiguous for meshes built by
-  `make_mesh` (devices are grouped by process)."""
-  index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
-  rows = sorted({(idx[0].start or 0, batch_size if idx[0].stop is None else idx[0].stop)
-                 for idx in index_map.values()})
-  start, stop = rows[0][0], rows[-1][1]
-  covered = sum(b - a for a, b in rows)
-  if covered != stop - start or any(b0 > a1 for (a0, b0), (a1, b1) in zip(rows, rows[1:])):
-    raise ValueError(f"process {jax.process_index()} holds batch rows {rows}, not one contiguous block. Batches "
-                     "are split over (data, fsdp), data major: split the data axis across processes "
-                     "(dcn_mesh=dict(data=N)), or fsdp with config.mesh data 1; a Mesh built by hand must order "
-                     "its devices by process.")
-  return start, stop - start
+  """(first, count): this process reads rows [first, first + count) of every global batch of the example
+  stream. Its devices hold `count` rows of each global batch under `batch_sharding` (not always contiguous
+  ones: with data across processes they are strided, and `jax.make_array_from_process_local_data` places
+  them); processes whose devices hold the same rows (a replicated axis across processes) read the same ones.
+  Every row of a batch is read by some process, so a global batch holds the same examples whatever the
+  number of processes (their order over the devices may differ, which the batch-mean loss does not see)."""
+  rows_of = {}
+  for device, index in batch_sharding(mesh, 1).devices_indices_map((batch_size,)).items():
+    block = (index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+    rows_of.setdefault(device.process_index, set()).add(block)
+  groups = sorted({tuple(sorted(blocks)) for blocks in rows_of.values()})
+  counts = {sum(b - a for a, b in blocks) for blocks in groups}
+  every = sorted(block for blocks in groups for block in blocks)
+  if (len(counts) != 1 or sum(b - a for a, b in every) != batch_size
+      or any(stop > start for (_, stop), (start, _) in zip(every, every[1:]))):
+    raise ValueError(f"the processes' devices hold batch rows {groups}: not an equal, disjoint share each. "
+                     "Build the mesh from the config (make_mesh), or order a hand-built Mesh's devices by process.")
+  mine = tuple(sorted(rows_of[jax.process_index()]))
+  return groups.index(mine) * counts.pop(), sum(b - a for a, b in mine)
 
 
 def batch_ways(mesh_shape) -> int:
@@ -249,8 +259,14 @@ def batch_ways(mesh_shape) -> int:
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Leading (batch) dim split over data x fsdp, the rest replicated."""
+  """Leading (batch) dim split over fsdp x data (`LOGICAL_TO_MESH["batch"]`), the rest replicated."""
   return NamedSharding(mesh, P(LOGICAL_TO_MESH["batch"], *([None] * (ndim - 1))))
+
+
+def using(mesh: Mesh | None):
+  """The context to run jitted model code in: `jax.set_mesh(mesh)`, under which each block's input keeps the
+  batch split over the mesh (`layers.constrain_batch`); no mesh, no context."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

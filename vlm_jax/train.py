@@ -360,7 +360,8 @@ def _run_stage(config, evals, stage, params, opt_state, start, global_step, mesh
       bar.close()
       return merge_params(trainable, frozen), global_step, True
     batch = _global_batch(next(stage.data_iter), mesh, batch_size)
-    trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, batch, jnp.asarray(stage_step))
+    with sharding.using(mesh):
+      trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, batch, jnp.asarray(stage_step))
     global_step += 1
     flush()  # the previous step's
     pending = (metrics, global_step, stage_step + 1,

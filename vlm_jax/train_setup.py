@@ -37,7 +37,8 @@ REQUIRED_STAGE_KEYS = ("steps", "image_size", "text_len", "batch_size", "data", 
 
 
 def _positive_int(value, key: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer)) or value != int(value) or value < 1:
+  if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer)) or not np.isfinite(value)
+      or value != int(value) or value < 1):
     raise ValueError(f"config.{key} must be an integer >= 1, got {value!r}.")
   return int(value)
 

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import (apply_rope, attend, check_heads, dense, heads_matrix, layer_stack, project,
-                                   run_layers, softcap, update_cache)
+from vlm_jax.models.layers import (apply_rope, attend, check_heads, constrain_batch, dense, heads_matrix, layer_stack,
+                                   project, run_layers, softcap, update_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +131,7 @@ class Block(nn.Module):
   def __call__(self, x_BTD, scanned, positions_BT, mask_BTS, local_mask_BTS, cache_index):
     layer_idx, cache = scanned
     cfg = self.cfg
+    x_BTD = constrain_batch(x_BTD)
     if cfg.sliding_window:  # Gemma 2 alternates local (even layers) and global attention.
       mask_BTS = jnp.where(layer_idx % 2 == 0, local_mask_BTS, mask_BTS)
     y = RMSNorm(cfg.norm_eps, name="pre_attention_norm")(x_BTD)

@@ -54,6 +54,24 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   return dense(lhs, rhs, n)
 
 
+def constrain_batch(x):
+  """x with its leading (batch) dim split as the input batch is (`sharding.batch_sharding`), the other dims left
+  to XLA, when a mesh is set (`jax.set_mesh`: training, evaluation and a sharded `Model` set theirs) and its
+  batch axes divide the batch. Each block's input goes through this: left alone on an fsdp mesh, XLA gathers
+  the activations over fsdp and splits the weights' contraction instead, so that every device keeps the
+  activations of its whole fsdp group and FSDP saves no activation memory."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  from vlm_jax import sharding
+  axes = sharding.LOGICAL_TO_MESH["batch"]
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  if not set(axes) <= set(sizes) or x.shape[0] % sharding.axis_size(axes, sizes):
+    return x
+  P = jax.sharding.PartitionSpec
+  return jax.lax.with_sharding_constraint(x, P(axes, *[P.UNCONSTRAINED] * (x.ndim - 1)))
+
+
 def remat_block(block_cls, remat: str):
   if remat == "none":
     return block_cls

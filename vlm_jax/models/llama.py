@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.layers import (apply_rope, attend, check_heads, dense, heads_matrix, layer_stack, project,
-                                   run_layers, update_cache)
+from vlm_jax.models.layers import (apply_rope, attend, check_heads, constrain_batch, dense, heads_matrix, layer_stack,
+                                   project, run_layers, update_cache)
 
 # Keys each rope scaling type needs (besides "rope_type"); all values are numbers.
 ROPE_SCALING_KEYS = {
@@ -178,6 +178,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, cache, positions_BT, mask_BTS, cache_index):
     cfg = self.cfg
+    x_BTD = constrain_batch(x_BTD)
     y = RMSNorm(cfg.norm_eps, name="pre_attention_norm")(x_BTD)
     y, new_cache = Attention(cfg, name="attn")(y, positions_BT, mask_BTS, cache, cache_index)
     x_BTD = x_BTD + y

@@ -59,8 +59,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import (attend, dense, heads_matrix, kv_cache_shape, layer_stack, project, run_layers,
-                                   scan_stack, update_cache)
+from vlm_jax.models.layers import (attend, constrain_batch, dense, heads_matrix, kv_cache_shape, layer_stack, project,
+                                   run_layers, scan_stack, update_cache)
 
 ACTIVATIONS = {"gelu_new": lambda x: nn.gelu(x, approximate=True), "gelu": lambda x: nn.gelu(x, approximate=False),
                "silu": nn.silu, "relu": nn.relu}
@@ -203,6 +203,7 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, bias_BNTS, mask_BTS):
     cfg = self.cfg
+    x_BTD = constrain_batch(x_BTD)
     y, _ = SelfAttention(cfg, name="attn")(RMSNorm(cfg.norm_eps, name="pre_attention_norm")(x_BTD), bias_BNTS,
                                            mask_BTS)
     x_BTD = x_BTD + y
@@ -216,6 +217,7 @@ class DecoderBlock(nn.Module):
   def __call__(self, x_BTD, kv, bias_BNTS, mask_BTS, cross_mask_BTS, cache_index):
     """kv: this layer's {"cross_k", "cross_v"} and, when decoding with a cache, {"self_k", "self_v"}."""
     cfg = self.cfg
+    x_BTD = constrain_batch(x_BTD)
     cache = {"k": kv["self_k"], "v": kv["self_v"]} if "self_k" in kv else None
     y, cache = SelfAttention(cfg, name="attn")(RMSNorm(cfg.norm_eps, name="pre_attention_norm")(x_BTD), bias_BNTS,
                                                mask_BTS, cache, cache_index)

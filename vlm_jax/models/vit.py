@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.layers import attend, dense, dense_dot_general, project, scan_stack
+from vlm_jax.models.layers import attend, constrain_batch, dense, dense_dot_general, project, scan_stack
 
 # width, depth, mlp_dim, num_heads (big_vision's decode_variant table).
 VARIANTS = {
@@ -156,6 +156,7 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, _):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    x = constrain_batch(x)
     ln = lambda name: nn.LayerNorm(epsilon=cfg.layernorm_eps, dtype=dtype, name=name)
     y = ln("LayerNorm_0")(x)
     x = x + SelfAttention(cfg.num_heads, dtype, name="MultiHeadDotProductAttention_0")(y)
