@@ -228,6 +228,19 @@ def test_legacy_rope_fields_and_defaults():
   assert LlamaConfig(**{**cfg.__dict__, "rope_scaling": [list(p) for p in cfg.rope_scaling]}) == cfg
 
 
+def test_a_file_with_both_rope_fields_reads_as_transformers_reads_it():
+  """transformers 5 takes the legacy `rope_scaling` over `rope_parameters` when a config.json has both."""
+  from transformers import LlamaConfig as HFLlamaConfig
+  c = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "vocab_size": 32, "max_position_embeddings": 256,
+       "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+       "rope_scaling": {"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0}}
+  theirs = HFLlamaConfig.from_dict(c).rope_parameters
+  cfg = hf_llama.config_from_hf(c)
+  assert theirs["rope_type"] == "linear" and dict(cfg.rope_scaling) == {"rope_type": "linear", "factor": 4.0}
+  assert cfg.rope_base == theirs["rope_theta"] == 500000.0
+
+
 def test_works_as_the_vlm_language_model():
   """Llama in the decoder glue (prefill + extend read only the interface Gemma also has) = the full pass."""
   llm = LlamaConfig(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=2, head_dim=8, vocab_size=VOCAB,

@@ -56,8 +56,8 @@ def config_from_hf(hf_config: dict, source: str = "config.json") -> LlamaConfig:
 
 def _rope_from_hf(c: dict, source: str):
   """(rope_base, rope_scaling dict or None) from transformers 5's `rope_parameters` or the older
-  `rope_theta` + `rope_scaling` fields."""
-  rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+  `rope_theta` + `rope_scaling` fields; a file with both is read as transformers reads it, `rope_scaling` first."""
+  rope = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
   if any(isinstance(v, dict) for v in rope.values()):
     raise ValueError(f"{source}: per-layer-type rope_parameters are not supported.")
   base = float(rope.pop("rope_theta", c.get("rope_theta", 10_000.0)))
