@@ -66,3 +66,23 @@ def test_recover_dtype():
   x = np.arange(6, dtype=np.float32).astype(ml_dtypes.bfloat16)
   assert big_vision.recover_dtype(x.view(np.dtype("V2"))).dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(big_vision.recover_dtype(x.view(np.dtype("V2"))), x)
+
+
+def test_npz_of_another_resolution_resamples_the_position_embeddings(hf_model, tmp_path):
+  """A checkpoint for a coarser patch grid (big_vision's 224 px ones, for a 448 px model) loads with its
+  position embeddings resampled to the model's grid, as big_vision's loader does; the other params are as saved.
+  A grid that is not square is refused, naming the file."""
+  import dataclasses
+  from vlm_jax.models.vit import resample_posemb
+  flat = {k: np.asarray(v) for k, v in treeutil.flatten(hf_model.params["params"]).items()}
+  write_big_vision_npz(tmp_path / "low.npz", flat)
+  img = hf_model.config.img
+  bigger = dataclasses.replace(hf_model.config, img=dataclasses.replace(img, image_size=2 * img.image_size))
+  loaded = treeutil.flatten(big_vision.load(str(tmp_path / "low.npz"), bigger)["params"])
+  assert loaded["img/pos_embedding"].shape == (1, 4 * img.num_patches, img.width)
+  np.testing.assert_allclose(loaded["img/pos_embedding"], resample_posemb(flat["img/pos_embedding"], 2 * img.grid))
+  assert all(np.array_equal(loaded[k], v) for k, v in flat.items() if k != "img/pos_embedding")
+  flat["img/pos_embedding"] = flat["img/pos_embedding"][:, :-1]
+  write_big_vision_npz(tmp_path / "odd.npz", flat)
+  with pytest.raises(ValueError, match=r"odd.npz: img/pos_embedding of shape .*: pos_embedding has \d+ tokens, not"):
+    big_vision.load(str(tmp_path / "odd.npz"), bigger)

@@ -1,7 +1,8 @@
 """big_vision `.npz` checkpoints: flat "/"-joined keys (`params/img/...` or `img/...`), layers stacked on axis 0.
 
-Our param names mirror big_vision's, so import is a rename-free load plus two fixes: bfloat16 arrays come
-back from numpy as void (itemsize 2) and are viewed as bfloat16 again, and the `params/` prefix is optional.
+Our param names mirror big_vision's, so import is a rename-free load plus three fixes: bfloat16 arrays come
+back from numpy as void (itemsize 2) and are viewed as bfloat16 again, the `params/` prefix is optional, and
+position embeddings of another resolution are resampled.
 """
 import os
 import zipfile
@@ -11,6 +12,8 @@ import numpy as np
 
 from vlm_jax import treeutil
 from vlm_jax.progress import progress
+
+POSEMB = "img/pos_embedding"
 
 
 def recover_dtype(a: np.ndarray) -> np.ndarray:
@@ -36,10 +39,20 @@ def read_npz(path: str) -> dict:
 
 
 def load(path: str, config):
-  """Params {"params": {...}} for `config` from a big_vision .npz, checked key by key against the model."""
+  """Params {"params": {...}} for `config` from a big_vision .npz, checked key by key against the model (the
+  position embeddings of another image resolution resampled to the model's)."""
+  from vlm_jax.models.vit import resample_posemb
   from vlm_jax.models.vlm import abstract_params
   flat = read_npz(path)
   expected = treeutil.flatten(abstract_params(config))
+  posemb, want = flat.get(POSEMB), expected.get(POSEMB)
+  if posemb is not None and want is not None and posemb.ndim == 3 and posemb.shape[::2] == want.shape[::2]:
+    # Another resolution's checkpoint (a 224 px one for a 448 px model): resampled to the model's grid, as
+    # big_vision's own loader does.
+    try:
+      flat[POSEMB] = np.asarray(resample_posemb(posemb, config.img.grid))
+    except ValueError as e:
+      raise ValueError(f"big_vision checkpoint {path}: {POSEMB} of shape {posemb.shape}: {e}") from None
   treeutil.check_shapes(expected, flat, f"big_vision checkpoint {path}")
   if bad := {k: str(v.dtype) for k, v in flat.items() if v.dtype.kind in "iub"}:  # bfloat16's kind is "V"
     # e.g. bfloat16 bits some dumpers store as uint16: read as numbers, they would be garbage weights
