@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlm_jax
-from vlm_jax.convert import hf, safetensors_io
+from vlm_jax.convert import hf, hf_files, safetensors_io
 from tests import hf_models
 
 TOKENS = np.array([[2, 5, 6, 7, 10, 11, 12, 13, 1], [2, 8, 9, 10, 11, 12, 13, 14, 1]])
@@ -58,8 +58,8 @@ def test_export_gives_same_logits(hf_dir, pixels, tmp_path):
 def test_round_trip_identical_tensors(hf_dir, tmp_path):
   path, torch_model = hf_dir
   vlm_jax.load(path).save_hf(str(tmp_path))
-  ours = {hf.canonical_name(k): v for k, v in safetensors_io.read(str(tmp_path / "model.safetensors")).items()}
-  theirs = {hf.canonical_name(k): v.numpy() for k, v in torch_model.state_dict().items()}
+  ours = {hf_files.canonical_name(k): v for k, v in safetensors_io.read(str(tmp_path / "model.safetensors")).items()}
+  theirs = {hf_files.canonical_name(k): v.numpy() for k, v in torch_model.state_dict().items()}
   theirs.pop("lm_head.weight")  # tied to the input embedding
   assert sorted(ours) == sorted(theirs)
   for name in theirs:

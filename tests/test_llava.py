@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlm_jax
-from vlm_jax.convert import hf, hf_llava, safetensors_io
+from vlm_jax.convert import hf_files, hf_llava, safetensors_io
 
 IMAGE, PATCH, VOCAB = 28, 14, 300
 N_IMG = (IMAGE // PATCH) ** 2
@@ -84,8 +84,8 @@ def test_llava_export_round_trip_and_loads_in_transformers(llava_dir, pixels, tm
   model = vlm_jax.load(path)
   out = str(tmp_path / "export")
   model.save_hf(out)
-  theirs = {hf.canonical_name(k): v for k, v in safetensors_io.read(f"{path}/model.safetensors").items()}
-  ours = {hf.canonical_name(k): v for k, v in safetensors_io.read(f"{out}/model.safetensors").items()}
+  theirs = {hf_files.canonical_name(k): v for k, v in safetensors_io.read(f"{path}/model.safetensors").items()}
+  ours = {hf_files.canonical_name(k): v for k, v in safetensors_io.read(f"{out}/model.safetensors").items()}
   assert sorted(ours) == sorted(theirs)
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
@@ -247,8 +247,8 @@ def test_convert_cli_round_trips_llava(llava_dir, tmp_path):
                ["--from", "vlm_jax", str(tmp_path / "ckpt"), "--to", "hf", str(tmp_path / "hf")]):
     proc = subprocess.run([sys.executable, "tools/convert.py", *args], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-  theirs = {hf.canonical_name(k): v for k, v in safetensors_io.read(f"{path}/model.safetensors").items()}
-  ours = {hf.canonical_name(k): v for k, v in safetensors_io.read(f"{tmp_path}/hf/model.safetensors").items()}
+  theirs = {hf_files.canonical_name(k): v for k, v in safetensors_io.read(f"{path}/model.safetensors").items()}
+  ours = {hf_files.canonical_name(k): v for k, v in safetensors_io.read(f"{tmp_path}/hf/model.safetensors").items()}
   assert sorted(ours) == sorted(theirs)
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)

@@ -13,7 +13,7 @@ import torch
 from vlm_jax import decode as decode_lib
 from vlm_jax import treeutil
 from vlm_jax.convert import hf_t5, safetensors_io
-from vlm_jax.convert.hf import read_tensors
+from vlm_jax.convert.hf_files import read_tensors
 from vlm_jax.models.layers import unstack_layers
 from vlm_jax.models.t5 import T5, T5Config, init_params, relative_position_bucket
 

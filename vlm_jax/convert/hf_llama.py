@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from vlm_jax import fileutil, treeutil
-from vlm_jax.convert import hf
+from vlm_jax.convert import hf_files
 from vlm_jax.models.llama import ROPE_SCALING_KEYS, LlamaConfig
 
 MODEL_TYPES = ("llama", "qwen2")
@@ -211,5 +211,5 @@ def load_text_model(path: str) -> tuple[LlamaConfig, dict]:
   `Llama(config).apply({"params": params}, ...)`.
   """
   cfg = read_config(path)
-  flat = params_from_hf(hf.read_tensors(path), cfg, source=f"HF checkpoint {path}")
+  flat = params_from_hf(hf_files.read_tensors(path), cfg, source=f"HF checkpoint {path}")
   return cfg, treeutil.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from vlm_jax import fileutil, treeutil
-from vlm_jax.convert import hf, hf_llama
+from vlm_jax.convert import hf, hf_files, hf_llama
 from vlm_jax.models.adapters import AdapterConfig
 from vlm_jax.models.llama import LlamaConfig
 from vlm_jax.models.vit import ViTConfig
@@ -78,19 +78,20 @@ def config_to_hf(cfg: VLMConfig, dtype: str = "float32", tokenizer=None) -> dict
 
 
 def params_from_hf(sd: dict, cfg: VLMConfig, source: str = "HF checkpoint") -> dict:
-  """Flat {"img/...", "adapter/...", "llm/..."} params from canonical-named (`hf.canonical_name`) tensors."""
+  """Flat {"img/...", "adapter/...", "llm/..."} params from canonical-named (`hf_files.canonical_name`) tensors."""
   out = hf.vision_params_from_hf(sd, cfg.img)
   for layer in ("linear_1", "linear_2"):
     out[f"adapter/{layer}/kernel"] = sd[f"{PROJ}{layer}.weight"].T
     out[f"adapter/{layer}/bias"] = sd[f"{PROJ}{layer}.bias"]
-  text = {k: v for k, v in sd.items() if k.startswith(hf.T) or k == "lm_head.weight"}
+  text = {k: v for k, v in sd.items() if k.startswith(hf_files.T) or k == "lm_head.weight"}
   out.update({f"llm/{k}": v for k, v in hf_llama.params_from_hf(text, cfg.llm, source).items()})
   return out
 
 
 def params_to_hf(flat: dict, cfg: VLMConfig) -> dict:
   """Inverse of `params_from_hf`: transformers 5 state-dict names -> numpy arrays."""
-  out = {f"model.{k.replace(hf.V, 'vision_tower.', 1)}": v for k, v in hf.vision_params_to_hf(flat, cfg.img).items()}
+  out = {f"model.{k.replace(hf_files.V, 'vision_tower.', 1)}": v
+         for k, v in hf.vision_params_to_hf(flat, cfg.img).items()}
   for layer in ("linear_1", "linear_2"):
     out[f"model.{PROJ}{layer}.weight"] = flat[f"adapter/{layer}/kernel"].T
     out[f"model.{PROJ}{layer}.bias"] = flat[f"adapter/{layer}/bias"]
@@ -104,9 +105,9 @@ def load(path: str, config: VLMConfig | None = None):
   """(config, params, tokenizer-or-None) from a HF LLaVA directory; every tensor's shape checked by name."""
   file = os.path.join(path, "config.json")
   config = config or config_from_hf(fileutil.read_json(file), source=file)
-  sd = {k: v for k, v in hf.read_tensors(path).items() if not k.endswith("inv_freq")}  # old files' RoPE buffers
+  sd = {k: v for k, v in hf_files.read_tensors(path).items() if not k.endswith("inv_freq")}  # old files' RoPE buffers
   config, sd = follow_head(config, sd)
-  return hf.convert_checked(path, config, sd, params_to_hf,
+  return hf_files.convert_checked(path, config, sd, params_to_hf,
                             lambda sd, cfg: params_from_hf(sd, cfg, f"HF checkpoint {path}"))
 
 
@@ -116,7 +117,7 @@ def follow_head(config: VLMConfig, sd: dict) -> tuple[VLMConfig, dict]:
   head, whatever the tie flags say (transformers warns and unties; `hf_t5.load` follows the file the same way)."""
   if not config.llm.tie_embeddings or "lm_head.weight" not in sd:
     return config, sd
-  if not hf.has_own_head(sd, hf.T + "embed_tokens.weight"):
+  if not hf_files.has_own_head(sd, hf_files.T + "embed_tokens.weight"):
     return config, {k: v for k, v in sd.items() if k != "lm_head.weight"}
   return dataclasses.replace(config, llm=dataclasses.replace(config.llm, tie_embeddings=False)), sd
 
@@ -128,6 +129,6 @@ def save(out_dir: str, config: VLMConfig, params, tokenizer=None, dtype: str | N
   hf_config = config_to_hf(config, dtype, tokenizer)
   flat = {k: np.asarray(jax.device_get(v)) for k, v in treeutil.flatten(params["params"]).items()}
   with fileutil.atomic_dir(out_dir) as tmp:
-    hf.write_weights(tmp, params_to_hf(flat, config), dtype, max_shard_bytes)
+    hf_files.write_weights(tmp, params_to_hf(flat, config), dtype, max_shard_bytes)
     # Without a tokenizer or ids kept from an import none are written: transformers' Llama defaults apply.
-    hf.write_config_and_tokenizer(tmp, hf_config, tokenizer, special_ids(config, tokenizer), "LlamaTokenizer")
+    hf_files.write_config_and_tokenizer(tmp, hf_config, tokenizer, special_ids(config, tokenizer), "LlamaTokenizer")

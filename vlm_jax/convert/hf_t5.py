@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from vlm_jax import fileutil, treeutil
-from vlm_jax.convert.hf import has_own_head, read_tensors
+from vlm_jax.convert.hf_files import has_own_head, read_tensors
 from vlm_jax.models.t5 import T5Config
 
 REQUIRED = ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size")
@@ -202,7 +202,7 @@ def params_to_hf(flat: dict, cfg: T5Config) -> dict:
 
 def _read(path: str):
   """(T5Config, tensors) of a HF T5ForConditionalGeneration directory. Whether the head is tied follows the file,
-  not its tie flag (`hf.has_own_head`: T5 v1.1 / UL2 hold their own). The tensors are memory-mapped: deciding
+  not its tie flag (`hf_files.has_own_head`: T5 v1.1 / UL2 hold their own). The tensors are memory-mapped: deciding
   that reads the head and the embedding only."""
   file = os.path.join(path, "config.json")
   if not os.path.isfile(file):
