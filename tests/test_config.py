@@ -71,6 +71,23 @@ def test_unknown_key_in_config_file():
     check_config(c)
 
 
+def test_check_config_refuses_evaluators_sharing_a_name():
+  """Results (eval.json, tools/eval.py's JSON) and metrics.jsonl keys are per evaluator name: a second one of
+  the same name (two unnamed ones are both 'eval') would overwrite the first's results."""
+  c = config_util.load_config(TINY)
+  with c.unlocked():
+    c.evals = [dict(c.evals[0]), dict(c.evals[0], batch_size=50)]
+  with pytest.raises(ValueError, match=r"config.evals: the name\(s\) \['val'\] are used by more than one"):
+    check_config(c)
+  with c.unlocked():
+    c.evals = [{k: v for k, v in dict(e).items() if k != "name"} for e in c.evals]
+  with pytest.raises(ValueError, match=r"\['eval'\] are used by more than one evaluator \(an unnamed one is 'eval'\)"):
+    check_config(c)
+  with c.unlocked():
+    c.evals[1]["name"] = "val2"
+  check_config(c)
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), 2.5, "8"])
 def test_check_config_names_a_stage_size_that_is_no_integer(value):
   """Set in a config file (the CLI's overrides are typed already): a ValueError naming the key, never another

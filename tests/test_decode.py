@@ -283,6 +283,20 @@ def test_categorical_draws_each_token_with_its_probability():
   np.testing.assert_array_equal(decode_lib.invert_cdf(weights, u), [1, 3])
 
 
+def test_invert_cdf_never_lands_on_a_zero_weight_token_where_the_cumsum_moves():
+  """XLA's cumsum over a 32k row is not flat across zero weights (rounding in its blocked sum): a u that falls
+  in such a step must still pick a token the filters kept."""
+  rs = np.random.RandomState(0)
+  w = (rs.exponential(size=(1, 32000)) * (rs.rand(1, 32000) < 0.3)).astype(np.float32)  # 70% filtered out
+  cdf = np.asarray(jnp.cumsum(jnp.asarray(w), axis=-1))[0]
+  steps = [j for j in range(1, w.shape[1]) if w[0, j] == 0 and cdf[j] != cdf[j - 1]]
+  assert steps  # the hazard exists on this backend
+  us = np.concatenate([np.linspace(min(cdf[j - 1], cdf[j]), max(cdf[j - 1], cdf[j]), 5) for j in steps[:40]])
+  us = (us / cdf[-1]).astype(np.float32)
+  picks = np.asarray(jax.jit(decode_lib.invert_cdf)(np.repeat(w, len(us), 0), us))
+  assert np.all(w[0, picks] > 0), picks[w[0, picks] == 0]
+
+
 def test_gather_cache_takes_batch_rows_in_both_cache_layouts():
   """Beam search and best-of reorder cache rows: stacked [L, B, ...] "kv" leaves along axis 1, the decode loop's
   per-layer list of [B, ...] caches along axis 0, everything else along axis 0, scalars untouched."""
@@ -438,3 +452,66 @@ def test_decode_and_evaluate_on_a_mesh_equal_one_device():
   assert out["mesh"]["eval"]["predictions"] == out["one"]["eval"]["predictions"]
   assert out["mesh"]["eval"]["perplexity"] == pytest.approx(out["one"]["eval"]["perplexity"], rel=1e-5)
 
+
+
+def test_beam_search_equals_transformers_early_stopping_never():
+  """beam_loop against transformers' generate on the same next-token table (a Markov 'language model': the
+  log-probs depend on the last token only), with length penalties 0, 1 and 2: the same sequence and score as
+  transformers' early_stopping="never" (the exact stopping rule). On the last table its default rule stops too
+  soon and returns a lower-scoring answer."""
+  import torch
+  from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+  from transformers.modeling_outputs import CausalLMOutputWithPast
+
+  class Markov(PreTrainedModel, GenerationMixin):
+    config_class = PretrainedConfig
+
+    def __init__(self, config, table):
+      super().__init__(config)
+      self.table = torch.nn.Parameter(torch.tensor(table), requires_grad=False)
+
+    def _init_weights(self, module):
+      pass
+
+    def forward(self, input_ids=None, **kw):
+      return CausalLMOutputWithPast(logits=self.table[input_ids])
+
+    def prepare_inputs_for_generation(self, input_ids, **kw):
+      return {"input_ids": input_ids}
+
+  eos, pad = 1, 0
+
+  def both(table, w, n, lp):
+    v = table.shape[0]
+    model = Markov(PretrainedConfig(vocab_size=v), table).eval()
+    theirs = {}
+    for rule in ("never", False):
+      config = GenerationConfig(max_new_tokens=n, eos_token_id=eos, pad_token_id=pad, use_cache=False, num_beams=w,
+                                length_penalty=lp, early_stopping=rule, do_sample=False, return_dict_in_generate=True,
+                                output_scores=True)
+      out = model.generate(torch.tensor([[v - 1]]), generation_config=config)
+      seq = out.sequences[0, 1:].tolist()
+      theirs[rule] = (seq + [pad] * (n - len(seq)), float(out.sequences_scores[0]))
+    table_j = jnp.asarray(table)
+    tokens, score = decode_lib.beam_loop(lambda token_B, cache: (table_j[token_B], cache), table_j[v - 1][None],
+                                         {"c": jnp.zeros((1,))}, beam_size=w, max_new_tokens=n, length_penalty=lp,
+                                         eos_id=eos, pad_id=pad)
+    ours = (np.asarray(tokens[0]).tolist(), float(score[0]))
+    assert ours[0] == theirs["never"][0] and ours[1] == pytest.approx(theirs["never"][1], abs=1e-4), (w, n, lp)
+    return theirs
+
+  rs = np.random.RandomState(0)
+  for _ in range(16):
+    v = int(rs.choice([5, 7]))
+    logits = rs.randn(v, v).astype(np.float32) * rs.choice([1.0, 2.5])
+    logits[:, pad] = -30.0  # never generated
+    logits[:, eos] += rs.uniform(-2, 1)
+    both(np.asarray(jax.nn.log_softmax(jnp.asarray(logits)), np.float32), int(rs.choice([2, 3])),
+         int(rs.choice([3, 5, 7])), float(rs.choice([0.0, 1.0, 2.0])))
+  table = np.array([[-35.45, -3.337, -7.794, -5.412, -4.174, -0.057], [-34.67, -10.75, -6.625, -5.15, -2.319, -0.112],
+                    [-31.46, -0.783, -4.02, -4.277, -0.79, -2.861], [-33.3, -8.086, -5.786, -1.475, -2.904, -0.338],
+                    [-35.34, -8.929, -2.985, -0.113, -5.077, -2.996], [-33.74, -0.705, -1.494, -1.303, -4.671, -8.786]],
+                   np.float32)
+  theirs = both(table, 2, 6, 1.0)
+  assert theirs["never"][0] == [2, 4, 3, 5, 1, 0] and theirs[False][0] == [1, 0, 0, 0, 0, 0]
+  assert theirs["never"][1] > theirs[False][1]

@@ -84,10 +84,13 @@ def test_anls_values():
   assert anls("", ["a"]) == 0.0
 
 
-def test_anls_threshold_is_strict():
-  # "abcd" -> "abxy": 2 substitutions / 4 = NL 0.5, which is not < 0.5.
-  assert anls("abcd", ["abxy"]) == 0.0
-  assert anls("abcd", ["abxy"], threshold=0.6) == pytest.approx(0.5)
+def test_anls_keeps_a_similarity_at_the_threshold_as_the_docvqa_script_does():
+  # "abcd" -> "abxy": 2 substitutions / 4 = NL 0.5, similarity 0.5: not below 0.5, so kept (the DocVQA
+  # evaluation script: `if 1 - min(NL) < threshold: 0`); "ab" -> "ac" likewise. Below the threshold: 0.
+  assert anls("abcd", ["abxy"]) == pytest.approx(0.5)
+  assert anls("ab", ["ac"]) == pytest.approx(0.5)
+  assert anls("abcd", ["axyz"]) == 0.0  # similarity 0.25
+  assert anls("abcd", ["abxy"], threshold=0.6) == 0.0  # the threshold is on the similarity
 
 
 def test_anls_takes_best_answer():

@@ -124,11 +124,15 @@ def filter_logits(logits_BV, sampling: Sampling):
 
 
 def invert_cdf(weights_BV, u_B):
-  """int32 [B]: per row the first index whose cumulative weight exceeds u_B * total weight (u in [0, 1)), i.e.
-  index i with probability weights[i] / total; never a zero-weight index, even where u * total rounds up."""
+  """int32 [B]: per row the first positive-weight index whose cumulative weight exceeds u_B * total weight (u in
+  [0, 1)), i.e. index i with probability weights[i] / total; never a zero-weight index (a token top-k, top-p or
+  the logits mask removed): XLA's cumsum is not exactly flat across zero weights, so they are excluded by name,
+  and where u * total rounds up past the last cumulative value the last positive-weight index is taken."""
   cdf_BV = jnp.cumsum(weights_BV, axis=-1)
-  first_B = jnp.sum(cdf_BV <= (u_B * cdf_BV[:, -1])[:, None], axis=-1)
-  last_B = jnp.max(jnp.where(weights_BV > 0, jnp.arange(weights_BV.shape[-1]), 0), axis=-1)
+  index_V = jnp.arange(weights_BV.shape[-1])
+  hit_BV = (weights_BV > 0) & (cdf_BV > (u_B * cdf_BV[:, -1])[:, None])
+  first_B = jnp.min(jnp.where(hit_BV, index_V, weights_BV.shape[-1]), axis=-1)
+  last_B = jnp.max(jnp.where(weights_BV > 0, index_V, 0), axis=-1)
   return jnp.minimum(first_B, last_B).astype(jnp.int32)
 
 
@@ -250,7 +254,9 @@ def beam_loop(extend, logits_BV, cache, *, beam_size: int, max_new_tokens: int, 
   Keeps `beam_size` alive beams and the `beam_size` best finished hypotheses per row. As in transformers, an
   EOS candidate becomes a hypothesis only if it ranks within the top `beam_size` of the step's 2 * beam_size
   candidates (so beam size 1 is greedy), and a row stops once no alive beam can still beat its worst
-  hypothesis. Beams cut at max_new_tokens compete with the hypotheses at the end.
+  hypothesis: transformers' `early_stopping="never"`, the exact rule. Its default (`early_stopping=False`) stops
+  when the best alive beam scored at its current length is no better, which with length_penalty > 0 can end the
+  search before a better hypothesis appears. Beams cut at max_new_tokens compete with the hypotheses at the end.
   """
   b, v = logits_BV.shape
   w, n = beam_size, max_new_tokens

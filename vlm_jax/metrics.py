@@ -152,19 +152,20 @@ def _edit_distance(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
-  """DocVQA Average Normalized Levenshtein Similarity for one question: the best over the answers of
-  1 - NL if NL < threshold else 0, where NL = edit_distance / max(len(prediction), len(answer)) on lowercased,
-  stripped, whitespace-collapsed strings. The threshold keeps OCR-level slips ("helo") partly correct while a
-  wrong answer that happens to share letters scores 0. Two empty strings are a perfect match (NL = 0)."""
+  """DocVQA Average Normalized Levenshtein Similarity for one question, as the DocVQA evaluation script scores it:
+  the similarity 1 - NL to the closest answer, 0 if it is below `threshold`, where NL = edit_distance /
+  max(len(prediction), len(answer)) on lowercased, stripped, whitespace-collapsed strings. The threshold keeps
+  OCR-level slips ("helo") partly correct while a wrong answer that happens to share letters scores 0. At
+  exactly the threshold the script keeps the score (the paper's "NL < 0.5" would not): published numbers come
+  from the script. Two empty strings are a perfect match (NL = 0)."""
   _check_answers(answers)
   pred = normalize(prediction)
   best = 0.0
   for answer in answers:
     ans = normalize(answer)
     longest = max(len(pred), len(ans))
-    nl = _edit_distance(pred, ans) / longest if longest else 0.0
-    best = max(best, 1.0 - nl if nl < threshold else 0.0)
-  return best
+    best = max(best, 1.0 - (_edit_distance(pred, ans) / longest if longest else 0.0))
+  return best if best >= threshold else 0.0
 
 
 # ---------------------------------------------------------------------------------------------- ChartQA

@@ -63,6 +63,10 @@ def check_config(config):
     sharding.check_axes(config.get(key), f"config.{key}")
   for eval_cfg in config.get("evals") or []:
     evaluate.check_eval_config(eval_cfg)
+  names = [str(e.get("name", "eval")) for e in config.get("evals") or []]
+  if repeated := sorted({n for n in names if names.count(n) > 1}):
+    raise ValueError(f"config.evals: the name(s) {repeated} are used by more than one evaluator (an unnamed one is "
+                     "'eval'); results and metrics are keyed by name, so one would overwrite another: name each.")
 
 
 def normalize(config):
