@@ -61,3 +61,11 @@ def test_clear_errors(data_dir):
     TfdsSource("tiny_vqa", data_dir=data_dir, fields=dict(FIELDS, answer="caption"))
   with pytest.raises(ValueError, match="cannot open TFDS dataset 'nope'"):
     TfdsSource("nope", data_dir=data_dir)
+
+
+def test_a_dataset_not_prepared_is_an_error_not_a_download(tmp_path):
+  """mnist is a registered builder with nothing prepared in this data_dir: TFDS's default would download it
+  (here: retries against an unreachable server, and a half-written data_dir)."""
+  with pytest.raises(ValueError, match="cannot open TFDS dataset 'mnist' split 'train' in "):
+    TfdsSource("mnist", data_dir=str(tmp_path))
+  assert not (tmp_path / "downloads").exists()

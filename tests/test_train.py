@@ -211,8 +211,10 @@ def test_log_names_the_records_a_skip_bad_source_dropped(tmp_path):
   Image.new("RGB", (12, 12), (255, 0, 0)).save(tmp_path / "red.png")
   good = {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\ncolour"},
                                                 {"from": "gpt", "value": "red"}]}
-  (tmp_path / "d.jsonl").write_text("\n".join([json.dumps(good), "{oops", json.dumps(dict(good, image="gone.png"))]))
-  c = th.small_config(steps=(1,))
+  (tmp_path / "bad.png").write_bytes((tmp_path / "red.png").read_bytes()[:40])  # truncated: found when read
+  (tmp_path / "d.jsonl").write_text("\n".join([json.dumps(good), "{oops", json.dumps(dict(good, image="gone.png")),
+                                               json.dumps(dict(good, image="bad.png"))]))
+  c = th.small_config(steps=(2,))
   c.stages = c.stages[:1]
   c.stages[0]["name"] = ""  # unnamed: the logs say "stage 0"
   c.stages[0]["data"] = dict(kind="llava_json", json_path=str(tmp_path / "d.jsonl"), image_dir=str(tmp_path),
@@ -223,6 +225,9 @@ def test_log_names_the_records_a_skip_bad_source_dropped(tmp_path):
   assert report.startswith(f"stage 0 data: {tmp_path / 'd.jsonl'}: skipped 2 records (1 malformed JSON, 1 missing "
                            "image); first: ")
   assert "d.jsonl:2: malformed JSON" in report and "d.jsonl:3" in report and "gone.png" in report
+  # The corrupt image, read many times over 2 steps of 8 rows from 2 usable records: one record, named at the end.
+  (end,) = [line for line in lines if line.startswith("stage 0 data (this process): ") and "first:" in line]
+  assert "skipped 3 records (" in end and "1 corrupt image" in end and "d.jsonl:4" in end and "bad.png" in end
   # An evaluator reading the same file without skip_bad fails at start-up, before any training or writing.
   c.evals = [dict(name="val", data=dict(c.stages[0]["data"], skip_bad=False))]
   with pytest.raises(ValueError, match=r"d.jsonl:2: malformed JSON"):

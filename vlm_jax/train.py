@@ -309,6 +309,7 @@ def _run_stage(config, evals, stage, params, opt_state, start, global_step, mesh
   """Runs one stage from `start`; returns (params, global step, stopped by SIGTERM)."""
   from tqdm.auto import tqdm
   steps = int(stage.cfg.steps)
+  reported = stage.preprocess.skip_reports()  # logged at the start; records skipped from here on are named at the end
   trainable, frozen = split_params(params, stage.frozen)
   trainable_sh, _ = split_params(stage.param_sh, stage.frozen)
   jitted = jax.jit(stage.step_fn, donate_argnums=(0, 2),
@@ -378,6 +379,9 @@ def _run_stage(config, evals, stage, params, opt_state, start, global_step, mesh
   bar.close()
   if stats := stage.preprocess.stats():
     log(f"{stage.label} data (this process): {stats}")
+  for report in stage.preprocess.skip_reports():
+    if report not in reported:  # e.g. a corrupt image, found only when training read it
+      log(f"{stage.label} data (this process): {report}")
   return merge_params(trainable, frozen), global_step, False
 
 

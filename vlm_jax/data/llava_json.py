@@ -21,9 +21,12 @@ import json
 import operator
 import os
 import re
+import threading
 
 import numpy as np
 from PIL import Image
+
+from vlm_jax.data.image import pil_to_rgb
 
 # Reasons a record is skipped, the keys of `LlavaJsonSource.skipped`.
 MALFORMED_JSON = "malformed JSON"
@@ -49,11 +52,12 @@ class DataError(ValueError):
 
 
 def load_image(path: str) -> np.ndarray:
-  """Decodes an image file fully (truncated files fail here, not later) -> uint8 [H,W,3] RGB, native size."""
+  """Decodes an image file fully (truncated files fail here, not later) -> uint8 [H,W,3] RGB, native size,
+  upright (`image.pil_to_rgb`)."""
   try:
     with Image.open(path) as im:
       im.load()
-      return np.array(im.convert("RGB"), dtype=np.uint8)
+      return pil_to_rgb(im)
   except Exception as e:  # PIL's plugins raise many types for bad bytes (OSError, SyntaxError, struct.error...)
     raise DataError(f"cannot load image {path} ({type(e).__name__}: {e})") from e
 
@@ -77,6 +81,8 @@ class LlavaJsonSource:
     self.json_path, self.image_dir, self.skip_bad = json_path, image_dir, skip_bad
     self.skipped: dict[str, int] = {}
     self.skipped_examples: list[str] = []
+    self._bad_images: set[int] = set()  # records whose image failed to decode: skipped, counted once
+    self._lock = threading.Lock()  # grain's reader threads may fail on one record at once
     self._is_list = self._sniff_list()
     blob, offsets, positions = bytearray(), array.array("q", [0]), array.array("q")
     for pos, record in (self._read_list() if self._is_list else self._read_lines()):
@@ -204,6 +210,8 @@ class LlavaJsonSource:
     if not -len(self) <= i < len(self):
       raise IndexError(f"index {i} out of range for {len(self)} records of {self.json_path}")
     i %= len(self)
+    if i in self._bad_images:  # found corrupt on an earlier read (another epoch, or the evaluator's other pass)
+      return None
     rid, image, turns = json.loads(self._blob[self._offsets[i]:self._offsets[i + 1]])
     pos = int(self._positions[i])
     if image is not None:
@@ -215,10 +223,20 @@ class LlavaJsonSource:
         error = DataError(f"{self._where(pos, rid)}: {e}", reason)
         if not self.skip_bad:
           raise error from e
-        self._skip(error)
+        with self._lock:
+          if i not in self._bad_images:
+            self._bad_images.add(i)
+            self._skip(error)
         return None
     return {"id": rid if rid is not None else self._where(pos), "image": image,
             "turns": [tuple(t) for t in turns], "task": "llava"}
+
+  def __getstate__(self):  # pickled into grain worker processes: a lock does not pickle
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   def __repr__(self) -> str:
     extra = f", {self.skipped_summary()}" if self.skipped else ""

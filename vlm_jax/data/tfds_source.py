@@ -27,7 +27,8 @@ class TfdsSource:
       raise ImportError("the tfds source needs tensorflow-datasets: pip install -e '.[tfds]'") from e
     self.name, self.split, self.fields = name, split, {**DEFAULT_FIELDS, **dict(fields or {})}
     try:
-      self._src = tfds.data_source(name, split=split, data_dir=data_dir)
+      # download=False: nothing is fetched at run time; a dataset not prepared in data_dir is an error here.
+      self._src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises several types (DatasetNotFoundError, FileNotFoundError, ...)
       raise ValueError(f"cannot open TFDS dataset {name!r} split {split!r} in {data_dir}: {e}") from e
     features = set(self._src.dataset_info.features.keys())
