@@ -195,7 +195,14 @@ def test_resuming_a_workdir_of_another_config_names_what_does_not_fit(tmp_path):
     ("--config.stages[1].frozen=['img/Transfomer']",
      r"config.stages\[1\].frozen\[0\]: 'img/Transfomer' matches no param name \(closest: img/Transformer/"),
     ("--config.stages[0].lr_mults=[('(img', 0.1)]", r"config.stages\[0\].lr_mults\[0\]: '\(img' is not a regex"),
-    ("--config.optim.wd_mults=[('vision/.*', 0.0)]", r"config.optim.wd_mults\[0\]: 'vision/\.\*' matches no param")])
+    ("--config.optim.wd_mults=[('vision/.*', 0.0)]", r"config.optim.wd_mults\[0\]: 'vision/\.\*' matches no param"),
+    ("--config.stages[0].frozen=[1]", r"config.stages\[0\].frozen\[0\]: 1 is not a regex string"),
+    ("--config.stages[0].lr_mults=[('img/.*',)]",
+     r"config.stages\[0\].lr_mults\[0\]: \('img/\.\*',\) is not a \(regex, multiplier\) pair"),
+    ("--config.stages[0].lr_mults=[('img/.*', -1.0)]", r"the multiplier of 'img/\.\*' must be a finite number >= 0"),
+    ("--config.stages[1].data={'sources': []}", r"config.stages\[1\].data: sources must be a non-empty list"),
+    ("--config.stages[1].data={'sources': [{'kind': 'synthetic', 'split': 'train', 'weight': -1.0}]}",
+     r"config.stages\[1\].data: sources\[0\].weight must be a finite number > 0, got -1.0")])
 def test_train_cli_refuses_a_bad_config_before_training_or_writing(tmp_path, capsys, override, match):
   """An evaluator, optimizer or model key that cannot work fails at start-up (not after the stages), leaving no
   workdir."""
@@ -204,6 +211,14 @@ def test_train_cli_refuses_a_bad_config_before_training_or_writing(tmp_path, cap
   assert train_cli.main(["--config", th.TINY, "--workdir", str(workdir), override]) != 0
   assert re.search(match, capsys.readouterr().err)
   assert not workdir.exists()
+
+
+def test_train_cli_refuses_a_workdir_that_is_a_file(tmp_path, capsys):
+  from tools import train as train_cli
+  (tmp_path / "taken").write_text("")
+  for workdir in (tmp_path / "taken", tmp_path / "taken" / "run"):
+    assert train_cli.main(["--config", th.TINY, "--workdir", str(workdir)]) == 2
+    assert f"error: --workdir {workdir}: {tmp_path / 'taken'} is a file, not a directory." in capsys.readouterr().err
 
 
 def test_log_names_the_records_a_skip_bad_source_dropped(tmp_path):

@@ -43,6 +43,19 @@ def parse_args(argv):
   return args, override_pairs(parser, rest)
 
 
+def check_workdir(path: str):
+  """A local workdir must be a directory or creatable as one: a file there (or in the way of its parents) is a
+  usage error now, not an OSError traceback after start-up."""
+  from vlm_jax import fileutil
+  if fileutil.is_remote(path):
+    return
+  here = os.path.abspath(path)
+  while not os.path.exists(here):
+    here = os.path.dirname(here)
+  if not os.path.isdir(here):
+    raise ValueError(f"--workdir {path}: {here} is a file, not a directory.")
+
+
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   from vlm_jax import config_util, distributed
@@ -51,6 +64,7 @@ def main(argv=None) -> int:
   try:
     config = config_util.load_with_overrides(args.config, overrides, ALLOWED_KEYS)
     check_config(config)
+    check_workdir(args.workdir)
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -43,9 +43,16 @@ def make_source(src_cfg, skip_bad: bool = False):
 def source_configs(data_cfg):
   """`data` is one source config, or {"sources": [...]} for a weighted mixture."""
   data_cfg = dict(data_cfg)
-  if "sources" in data_cfg:
-    return [dict(s) for s in data_cfg["sources"]]
-  return [data_cfg]
+  if "sources" not in data_cfg:
+    return [data_cfg]
+  sources = data_cfg["sources"]
+  if not isinstance(sources, (list, tuple)) or not sources or not all(hasattr(s, "keys") for s in sources):
+    raise ValueError(f"sources must be a non-empty list of source configs (dicts), got {sources!r:.200}.")
+  for i, src in enumerate(sources):
+    weight = dict(src).get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+      raise ValueError(f"sources[{i}].weight must be a finite number > 0, got {weight!r}.")
+  return [dict(s) for s in sources]
 
 
 def make_sources(data_cfg) -> list:
