@@ -23,6 +23,15 @@ def test_unknown_config_argument():
     config_util.load_config(f"{TINY}:stepz=4")
 
 
+def test_a_bare_config_argument_is_only_a_bool_switch():
+  """`:lr` used to set lr=True (a learning rate of 1.0): a bare key is True only where the default is a bool."""
+  with pytest.raises(ValueError, match=r"Config argument 'lr' needs a value \(lr=\.\.\.\)"):
+    config_util.load_config(f"{TINY}:steps1=3,lr")
+  with pytest.raises(ValueError, match=r"Config argument 'init' needs a value"):
+    config_util.parse_arg("init", init="checkpoints/pg")
+  assert config_util.parse_arg("tiny,steps=3", tiny=False, steps=1).to_dict() == dict(tiny=True, steps=3)
+
+
 @pytest.mark.parametrize("name, arg, bad", [
     ("siglip_llama", "llm=/ckpt/llama,steps1=3", "llm"),
     ("siglip_llama", "tiny=False,llm=/ckpt/llama,steps1=3,steps2=2", "steps1, steps2"),

@@ -13,13 +13,16 @@ import ml_collections
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """"a=1,b=x" -> ConfigDict(a=1, b="x") typed like `defaults`; a key not in `defaults` is an error."""
+  """"a=1,b=x" -> ConfigDict(a=1, b="x") typed like `defaults`; a key not in `defaults` is an error. A bare key
+  ("a,b=x") sets a bool default to True; any other bare key is an error."""
   out = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, eq, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
       raise ValueError(f"Unknown config argument {key!r}; known: {', '.join(sorted(defaults)) or 'none'}.")
+    if not eq and not isinstance(defaults[key], bool):  # a bare key means True: only a switch may be bare
+      raise ValueError(f"Config argument {key!r} needs a value ({key}=...); only a bool one may be given bare.")
     out[key] = _parse_value(value.strip(), defaults[key], f"config argument {key}") if eq else True
   return ml_collections.ConfigDict(out)
 
