@@ -94,3 +94,25 @@ def test_metrics_log_resumes_past_a_torn_last_line_and_names_a_bad_one(tmp_path)
   path.write_text("garbage\n" + path.read_text())
   with pytest.raises(ValueError, match=r"metrics\.jsonl:1: not a JSON record"):
     MetricsLog(str(tmp_path), resume_step=3)
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"[]", r"expected a JSON object, got \[\]"),
+    (b'{"model_type": "gemma\xff"}', r"not UTF-8 text"),
+    (b'{"a": ', r"malformed JSON")])
+def test_read_json_names_the_file_whatever_is_wrong_in_it(tmp_path, data, error):
+  """A config that is not a JSON object, or not UTF-8, used to fail later and elsewhere: an AttributeError in
+  the caller's .get, or a UnicodeDecodeError naming no file."""
+  file = tmp_path / "config.json"
+  file.write_bytes(data)
+  with pytest.raises(ValueError, match=rf"^{file}: {error}"):
+    fileutil.read_json(str(file))
+  file.write_text('{"model_type": "gemma"}')
+  assert fileutil.read_json(str(file)) == {"model_type": "gemma"}
+
+
+def test_a_checkpoint_config_that_is_not_an_object_is_named(tmp_path):
+  from vlm_jax import checkpoint
+  (tmp_path / checkpoint.CONFIG_FILE).write_text("[1, 2]")
+  with pytest.raises(ValueError, match=rf"{checkpoint.CONFIG_FILE}: expected a JSON object"):
+    checkpoint.load_config(str(tmp_path))

@@ -39,12 +39,19 @@ def write_file(path, data: str | bytes):
     raise
 
 
-def read_json(file: str):
-  """The JSON object in `file` (a local path or a remote one such as gs://..., read through etils.epath)."""
+def read_json(file: str) -> dict:
+  """The JSON object in `file` (a local path or a remote one such as gs://..., read through etils.epath). Every
+  caller reads a config (config.json, vlm_config.json, tokenizer_config.json): another top-level value, or text
+  that is not UTF-8, is a ValueError naming the file, not an AttributeError or UnicodeDecodeError later."""
   try:
-    return json.loads(epath.Path(file).read_text())
+    value = json.loads(epath.Path(file).read_bytes().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{file}: not UTF-8 text ({e}).") from e
   except json.JSONDecodeError as e:
     raise ValueError(f"{file}: malformed JSON ({e}).") from e
+  if not isinstance(value, dict):
+    raise ValueError(f"{file}: expected a JSON object, got {value!r:.80}.")
+  return value
 
 
 def check_new_dir(path: str, what: str = ""):

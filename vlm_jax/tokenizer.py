@@ -221,9 +221,7 @@ def _tag_added_tokens(value):
 
 
 def _read_object(path) -> dict:
-  if not isinstance(value := fileutil.read_json(path), dict):
-    raise ValueError(f"{path}: expected a JSON object, got {value!r:.80}.")
-  return value
+  return fileutil.read_json(path)  # which refuses any other top-level value, naming the file
 
 
 def _read(path, what: str) -> bytes:
