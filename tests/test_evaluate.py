@@ -238,6 +238,15 @@ def test_cli_errors_are_clear(checkpoint, tmp_path):
     assert proc.returncode == 0 and "--checkpoint" in proc.stdout
 
 
+def test_eval_cli_refuses_an_out_directory_before_evaluating(checkpoint, tmp_path, capsys):
+  """--out naming a directory used to pass the start-up check and fail writing, after the whole evaluation."""
+  from tools import eval as eval_cli
+  code = eval_cli.main(["--config", os.path.join(REPO, "configs/tiny_synthetic.py"), "--checkpoint", checkpoint,
+                        "--out", str(tmp_path), "--config.evals[0].num_examples=2"])
+  err = capsys.readouterr().err
+  assert code == 2 and f"error: --out {tmp_path}: is a directory" in err and "eval val" not in err
+
+
 def test_eval_cli_selects_each_named_evaluator_once():
   from tools import eval as eval_cli
   config = ml_collections.ConfigDict(dict(evals=[dict(name="val"), dict(name="test")]))

@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     out_dir = os.path.dirname(os.path.abspath(out_path))
     if not fileutil.is_remote(out_path) and not os.path.isdir(out_dir):  # known now, not after the evaluation
       raise FileNotFoundError(f"--out {out_path}: there is no directory {out_dir} to write it in.")
+    if not fileutil.is_remote(out_path) and os.path.isdir(out_path):  # else IsADirectoryError after the evaluation
+      raise ValueError(f"--out {out_path}: is a directory (name the results file, e.g. {out_path}/eval.json).")
     import jax
     mesh = None
     if jax.device_count() > 1:  # params read straight into their shards: no device holds them all
