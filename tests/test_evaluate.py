@@ -255,6 +255,38 @@ def test_eval_cli_selects_each_named_evaluator_once():
     eval_cli.select_evals(config, "vall")
 
 
+@pytest.fixture
+def predict_cli(checkpoint, tmp_path, monkeypatch, capsys):
+  """tools/predict.py's main in this process, on `stdin` bytes, with Model.generate replaced by a recorder (these
+  tests are about the prompts and rows the tool hands it): returns (exit status, stdout, stderr, calls)."""
+  import io
+  from PIL import Image
+  from tools import predict
+  image = tmp_path / "red.png"
+  Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+  calls = []
+
+  def generate(self, images, prompts, max_new_tokens, return_scores=False, **kw):
+    calls.append(dict(kw, prompts=list(prompts), images=len(images)))
+    return [f"answer {p}" for p in prompts], [0.0] * len(prompts)
+  monkeypatch.setattr(Model, "generate", generate)
+
+  def run(*args, stdin=b""):
+    # as the real sys.stdin is here: "\r\n" kept, undecodable bytes as surrogates
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), "utf-8", "surrogateescape", "\n"))
+    code = predict.main(["--checkpoint", checkpoint, "--image", str(image), *args])
+    out, err = capsys.readouterr()
+    return code, out, err, calls
+  return run
+
+
+def test_predict_reads_crlf_stdin_prompts_without_the_cr(predict_cli):
+  code, out, err, calls = predict_cli("--json", stdin=b"caption en\r\nhow many shapes\r\n")
+  assert code == 0, err
+  assert calls[0]["prompts"][:2] == ["caption en", "how many shapes"]  # a "\r" would change the tokens
+  assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["caption en", "how many shapes"]
+
+
 def test_a_big_vision_npz_needs_the_model_config_flag(tmp_path):
   """The CLIs' error names their flag, --model_config, not vlm_jax.load's config= argument."""
   import argparse

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
   add_sampling_flags(parser)
   args = parser.parse_args(argv)
 
-  prompts = args.prompt if args.prompt else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+  prompts = args.prompt if args.prompt else [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
   if not prompts:
     print("error: no prompts (pass --prompt or write them to standard input)", file=sys.stderr)
     return 2
