@@ -287,6 +287,15 @@ def test_predict_reads_crlf_stdin_prompts_without_the_cr(predict_cli):
   assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["caption en", "how many shapes"]
 
 
+def test_predict_names_a_prompt_that_is_not_utf8_before_decoding(predict_cli):
+  """A bad byte used to reach the tokenizer, at its batch: a RuntimeError traceback and exit status 1."""
+  code, out, err, calls = predict_cli(stdin=b"caption en\n\ncaption \xff en\n")
+  assert code == 2 and not calls and not out, err
+  assert "error: stdin line 3: the prompt b'caption \\xff en' is not UTF-8 text." in err and "Traceback" not in err
+  code, out, err, calls = predict_cli("--prompt", "caption en", "--prompt", "cap\udcfftion")  # argv's decoding of \xff
+  assert code == 2 and not calls and "error: --prompt 2: the prompt b'cap\\xfftion' is not UTF-8 text." in err
+
+
 def test_a_big_vision_npz_needs_the_model_config_flag(tmp_path):
   """The CLIs' error names their flag, --model_config, not vlm_jax.load's config= argument."""
   import argparse

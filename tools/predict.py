@@ -76,6 +76,28 @@ def load_model(args, default_tokenizer=None, mesh=None):
   return model
 
 
+def read_prompts(args) -> list[str]:
+  """--prompt's values, else stdin's non-blank lines; one that is not UTF-8 is a ValueError naming it (the
+  tokenizer would fail on it only at its batch, with a traceback)."""
+  if args.prompt:
+    named = [(f"--prompt {i}", p) for i, p in enumerate(args.prompt, 1)]
+  else:
+    # Bytes, decoded here: a text stdin in a strict locale would fail on a bad byte without naming its line.
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    named = []
+    for number, line in enumerate(stream, 1):
+      line = line.decode("utf-8", "surrogateescape") if isinstance(line, bytes) else line
+      if line.strip():
+        named.append((f"stdin line {number}", line.rstrip("\r\n")))
+  for where, prompt in named:
+    try:
+      prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv and our stdin decoding keep a bad byte as a lone surrogate
+      raw = prompt.encode("utf-8", "surrogateescape")
+      raise ValueError(f"{where}: the prompt {raw!r} is not UTF-8 text.") from None
+  return [prompt for _, prompt in named]
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,7 +109,11 @@ def main(argv=None) -> int:
   add_sampling_flags(parser)
   args = parser.parse_args(argv)
 
-  prompts = args.prompt if args.prompt else [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+  try:
+    prompts = read_prompts(args)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if not prompts:
     print("error: no prompts (pass --prompt or write them to standard input)", file=sys.stderr)
     return 2
