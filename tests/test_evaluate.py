@@ -296,6 +296,15 @@ def test_predict_names_a_prompt_that_is_not_utf8_before_decoding(predict_cli):
   assert code == 2 and not calls and "error: --prompt 2: the prompt b'cap\\xfftion' is not UTF-8 text." in err
 
 
+def test_predict_warns_of_the_blank_stdin_lines_it_skips(predict_cli):
+  """They were dropped without a word, so output line i silently stopped answering input line i."""
+  code, out, err, calls = predict_cli(stdin=b"caption en\n\n  \r\nhow many shapes\n")
+  assert code == 0 and out.splitlines() == ["answer caption en", "answer how many shapes"], err
+  assert "warning: skipped blank stdin lines 2, 3; the output has a line per non-blank one." in err
+  code, out, err, calls = predict_cli(stdin=b"caption en\n")
+  assert code == 0 and "warning" not in err
+
+
 def test_a_big_vision_npz_needs_the_model_config_flag(tmp_path):
   """The CLIs' error names their flag, --model_config, not vlm_jax.load's config= argument."""
   import argparse

@@ -8,8 +8,10 @@
 
 --checkpoint takes anything `vlm_jax.load` reads (a vlm_jax model directory, a HuggingFace PaliGemma
 directory, a big_vision .npz with --model_config) or a training workdir (its exported model/). Without
---prompt, prompts are read from standard input, one per line. Each answer is printed on one line (a newline
-in it as \\n), in prompt order; with --json, one JSON object per line with the prompt, prediction and score.
+--prompt, prompts are read from standard input, one per line (UTF-8, LF or CRLF endings); blank lines are
+skipped with a warning on stderr naming them: output line i answers the i-th non-blank line. Each
+answer is printed on one line (a newline in it as \\n), in prompt order; with --json, one JSON object per line
+with the prompt, prediction and score.
 """
 import argparse
 import json
@@ -77,18 +79,24 @@ def load_model(args, default_tokenizer=None, mesh=None):
 
 
 def read_prompts(args) -> list[str]:
-  """--prompt's values, else stdin's non-blank lines; one that is not UTF-8 is a ValueError naming it (the
-  tokenizer would fail on it only at its batch, with a traceback)."""
+  """--prompt's values, else stdin's non-blank lines (a warning names the blank ones); one that is not UTF-8 is a
+  ValueError naming it (the tokenizer would fail on it only at its batch, with a traceback)."""
   if args.prompt:
     named = [(f"--prompt {i}", p) for i, p in enumerate(args.prompt, 1)]
   else:
     # Bytes, decoded here: a text stdin in a strict locale would fail on a bad byte without naming its line.
     stream = getattr(sys.stdin, "buffer", sys.stdin)
-    named = []
+    named, blank = [], []
     for number, line in enumerate(stream, 1):
       line = line.decode("utf-8", "surrogateescape") if isinstance(line, bytes) else line
       if line.strip():
         named.append((f"stdin line {number}", line.rstrip("\r\n")))
+      else:
+        blank.append(number)
+    if blank:  # skipped, but said: output lines then no longer match input lines one for one
+      shown = ", ".join(map(str, blank[:10])) + (f", ... ({len(blank)} in all)" if len(blank) > 10 else "")
+      print(f"warning: skipped blank stdin line{'s' * (len(blank) > 1)} {shown}; the output has a line per "
+            "non-blank one.", file=sys.stderr)
   for where, prompt in named:
     try:
       prompt.encode("utf-8")
