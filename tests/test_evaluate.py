@@ -305,6 +305,17 @@ def test_predict_warns_of_the_blank_stdin_lines_it_skips(predict_cli):
   assert code == 0 and "warning" not in err
 
 
+def test_predict_pads_batches_only_up_to_the_number_of_prompts(predict_cli):
+  """One prompt was padded to --batch_size rows (8 by default; 32 beams with --beam_size 4)."""
+  code, out, err, calls = predict_cli("--prompt", "caption en", "--sampler", "beam", "--beam_size", "4")
+  assert code == 0 and out == "answer caption en\n", err
+  assert [(c["images"], len(c["prompts"]), c["beam_size"]) for c in calls] == [(1, 1, 4)]
+  calls.clear()
+  code, out, err, calls = predict_cli("--batch_size", "2", stdin=b"a\nb\nc\n")
+  assert code == 0 and out.splitlines() == ["answer a", "answer b", "answer c"], err
+  assert [len(c["prompts"]) for c in calls] == [2, 2] and [c["first_row"] for c in calls] == [0, 2]  # one width
+
+
 def test_a_big_vision_npz_needs_the_model_config_flag(tmp_path):
   """The CLIs' error names their flag, --model_config, not vlm_jax.load's config= argument."""
   import argparse

@@ -134,8 +134,9 @@ def main(argv=None) -> int:
               disable=len(prompts) <= args.batch_size) as bar:
       for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
-        # Pad the chunk to the batch size, so every batch reuses one compiled program.
-        padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
+        # Every batch padded to one width, so all reuse one compiled program; no wider than the prompts, so a
+        # single prompt decodes one row, not --batch_size of them (times the beams, with --sampler beam).
+        padded = chunk + [chunk[-1]] * (min(args.batch_size, len(prompts)) - len(chunk))
         preds, scores = model.generate([image] * len(padded), padded, args.max_new_tokens, return_scores=True,
                                        first_row=start, **sampling_kwargs(args))  # samples whatever --batch_size
         for prompt, pred, score in zip(chunk, preds, scores):
