@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from vlm_jax import config_util
-from vlm_jax.train_setup import check_config
+from vlm_jax.train_setup import ALLOWED_KEYS, check_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny_synthetic.py")
@@ -61,6 +61,15 @@ def test_overrides_are_typed_and_reach_nested_fields():
       config_util.apply_override(c, key, text)
   with pytest.raises(ValueError, match="config argument res: 'big' is not an int"):
     config_util.load_config(f"{TINY}:res=big")
+
+
+def test_an_override_of_the_wrong_type_and_a_config_file_returning_nothing_are_named(tmp_path):
+  c = config_util.load_config(TINY)
+  with pytest.raises(ValueError, match=r"--config.stages=3: .*cannot be casted to type <class 'list'>"):
+    config_util.apply_override(c, "stages", "3", ALLOWED_KEYS)
+  (tmp_path / "empty.py").write_text("def get_config(arg=None):\n  pass\n")
+  with pytest.raises(ValueError, match=r"empty.py: get_config returned NoneType, not an ml_collections.ConfigDict"):
+    config_util.load_config(str(tmp_path / "empty.py"))
 
 
 @pytest.mark.parametrize("key,match", [("sed", "Unknown config key config.sed \\(did you mean 'seed'\\?\\)"),
@@ -138,7 +147,6 @@ def test_train_cli_help():
 
 
 def test_override_may_add_a_key_the_schema_knows_but_not_a_typo():
-  from vlm_jax.train_setup import ALLOWED_KEYS
   c = config_util.load_config(TINY)
   config_util.apply_override(c, "evals[0].sampler", "beam", ALLOWED_KEYS)
   config_util.apply_override(c, "dcn_mesh", "{'data': 2}", ALLOWED_KEYS)

@@ -213,6 +213,19 @@ def test_train_cli_refuses_a_bad_config_before_training_or_writing(tmp_path, cap
   assert not workdir.exists()
 
 
+def test_train_cli_reports_a_missing_optional_extra_without_a_traceback(tmp_path, capsys, monkeypatch):
+  """The tfds source without tensorflow-datasets raises an ImportError that says what to install: the CLI
+  prints it as an error (exit status 1) instead of a traceback."""
+  from tools import train as train_cli
+  from vlm_jax import train as train_mod
+
+  def needs_tfds(*a, **k):
+    raise ImportError("the tfds source needs tensorflow-datasets: pip install -e '.[tfds]'")
+  monkeypatch.setattr(train_mod, "train", needs_tfds)
+  assert train_cli.main(["--config", th.TINY, "--workdir", str(tmp_path / "w")]) == 1
+  assert capsys.readouterr().err == "error: the tfds source needs tensorflow-datasets: pip install -e '.[tfds]'\n"
+
+
 def test_train_cli_refuses_a_workdir_that_is_a_file(tmp_path, capsys):
   from tools import train as train_cli
   (tmp_path / "taken").write_text("")

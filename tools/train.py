@@ -74,7 +74,7 @@ def main(argv=None) -> int:
   except Preempted as e:
     print(str(e), file=sys.stderr)
     return 143
-  except (TrainingError, ValueError, FileNotFoundError) as e:
+  except (TrainingError, ValueError, FileNotFoundError, ImportError) as e:  # ImportError: an optional extra missing
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -68,7 +68,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ValueError(f"{path} defines no get_config(arg=None).")
-  return module.get_config(arg or None)
+  config = module.get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"{path}: get_config returned {type(config).__name__}, not an ml_collections.ConfigDict.")
+  return config
 
 
 def override_pairs(parser, rest: list[str]) -> list[tuple[str, str]]:
@@ -113,7 +116,11 @@ def apply_override(config, dotted: str, text: str, allowed: dict | None = None):
       hint = difflib.get_close_matches(part, keys + [k for k in schema if k not in keys], n=1)
       raise ValueError(f"Unknown config key {where}.{part}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + ".")
     if last:
-      node[part] = _parse_value(text, node[part], f"--config.{dotted}") if part in keys else _parse_new(text)
+      value = _parse_value(text, node[part], f"--config.{dotted}") if part in keys else _parse_new(text)
+      try:
+        node[part] = value
+      except TypeError as e:  # ml_collections keeps a field's type: e.g. a number for the stages list
+        raise ValueError(f"--config.{dotted}={text}: {e}") from None
     free = free or (part in schema and schema[part] is None)
     node, where, allowed = node[part], f"{where}.{part}", schema.get(part)
 

@@ -118,7 +118,7 @@ class JSONTokenizer(_Base):
     self.tok.no_padding()
     config_path = epath.Path(json_path).parent / JSON_CONFIG_FILE
     model_config_path = epath.Path(json_path).parent / "config.json"
-    named = [(path, _read_object(path)) for path in (config_path, config_path.parent / SPECIAL_MAP_FILE)
+    named = [(path, fileutil.read_json(path)) for path in (config_path, config_path.parent / SPECIAL_MAP_FILE)
              if path.is_file()]
     # One tokenizer_config.json holding what both files say (exports write it alone), where a token written as a
     # dict needs the type tag special_tokens_map.json leaves out.
@@ -129,7 +129,7 @@ class JSONTokenizer(_Base):
     elif default_special:
       ids, source = {k: v for k, v in default_special.items() if v is not None}, "the model's config"
     elif model_config_path.is_file():
-      ids, source = special_from_hf_config(_read_object(model_config_path)), model_config_path
+      ids, source = special_from_hf_config(fileutil.read_json(model_config_path)), model_config_path
     else:
       ids, source = {}, f"{config_path}, {SPECIAL_MAP_FILE} or {model_config_path} (none exists)"
     self.bos_id, self.eos_id, self.pad_id = (ids.get(k, -1) for k in ("bos", "eos", "pad"))
@@ -218,10 +218,6 @@ def _tag_added_tokens(value):
   if isinstance(value, dict) and "content" in value:
     return {"__type": "AddedToken", **value}
   return value
-
-
-def _read_object(path) -> dict:
-  return fileutil.read_json(path)  # which refuses any other top-level value, naming the file
 
 
 def _read(path, what: str) -> bytes:
