@@ -39,10 +39,10 @@ def check_patterns(names, stage, optim_cfg, where: str):
   """Every pattern of the stage's `frozen` and `lr_mults` and of `optim.wd_mults` must be a regex matching some
   param name (a typo would otherwise freeze or scale nothing, silently), every multiplier a finite number >= 0.
   `where` names the stage's config key."""
-  for key, spec in ((f"{where}.frozen", stage.get("frozen")), (f"{where}.lr_mults", stage.get("lr_mults")),
-                    ("config.optim.wd_mults", optim_cfg.get("wd_mults"))):
+  for key, spec, scaled in ((f"{where}.frozen", stage.get("frozen"), False),
+                            (f"{where}.lr_mults", stage.get("lr_mults"), True),
+                            ("config.optim.wd_mults", optim_cfg.get("wd_mults"), True)):
     for j, entry in enumerate(as_table(spec)):
-      scaled = "mults" in key
       if len(entry) != 2 or not isinstance(entry[0], str):
         raise ValueError(f"{key}[{j}]: {entry if scaled else entry[0]!r} is not "
                          f"{'a (regex, multiplier) pair' if scaled else 'a regex string'}.")
