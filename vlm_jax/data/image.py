@@ -10,14 +10,18 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
   clips every value above 255, which turns a 16-bit image white)."""
   image = ImageOps.exif_transpose(image)
   if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-    gray = np.round(np.clip(np.asarray(image, np.float64), 0, 65535) / 257).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=-1)
+    return np.repeat(_from_16_bits(np.clip(np.asarray(image), 0, 65535))[..., None], 3, axis=-1)
   if image.mode == "RGB":
     return np.asarray(image, np.uint8)
   if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
     rgba = image.convert("RGBA")
     image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba)
   return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def _from_16_bits(values) -> np.ndarray:
+  """[0, 65535] -> uint8 [0, 255], 65535 / 255 = 257 to a level."""
+  return np.round(np.asarray(values, np.float64) / 257).astype(np.uint8)
 
 
 def to_rgb_array(image, size: int) -> np.ndarray:
@@ -30,7 +34,7 @@ def to_rgb_array(image, size: int) -> np.ndarray:
   if image.dtype.kind not in "uif":
     raise ValueError(f"an image array must hold numbers, got dtype {image.dtype}.")
   if image.dtype == np.uint16:
-    image = np.round(image / 257).astype(np.uint8)
+    image = _from_16_bits(image)
   elif image.dtype.kind in "ui":
     if image.size and (image.min() < 0 or image.max() > 255):
       raise ValueError(f"an integer image must hold values in [0, 255] (uint16: [0, 65535]); got {image.dtype} "
